@@ -1,0 +1,151 @@
+"""Backbones, projection head and torchvision export.
+
+The torchvision reference is tests/data/torchvision_resnet_keys.json, dumped from the torchvision 0.29.1 wheel
+(tests/data/README.md says how); torchvision itself does not import with our torch, and a reference derived from
+our own model could not fail.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from model import ProjectionHead, build_backbone, expected_torchvision_keys, export_backbone
+
+TORCHVISION_SHAPES = json.loads((Path(__file__).parent / "data" / "torchvision_resnet_keys.json").read_text())
+# Parameter counts (with the 1000-way fc) published in torchvision's model documentation.
+TORCHVISION_PARAMETERS = {"resnet18": 11_689_512, "resnet50": 25_557_032}
+FEATURE_DIM_AT_WIDTH_64 = {"resnet18": 512, "resnet50": 2048}
+
+
+def with_torchvision_fc(backbone, num_classes=1000):
+    """Our backbone plus an `fc` submodule, i.e. torchvision's module tree (forward still returns features)."""
+    backbone.fc = nn.Linear(backbone.feature_dim, num_classes)
+    return backbone
+
+
+def shapes_of(state_dict):
+    return {key: list(tensor.shape) for key, tensor in state_dict.items()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("width", [16, 64])
+@pytest.mark.parametrize("small_stem, image_size", [(True, 32), (False, 64)])
+def test_forward_gives_pooled_features(name, width, small_stem, image_size):
+    torch.manual_seed(0)
+    backbone = build_backbone(name, small_stem=small_stem, width=width)
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, image_size, image_size))
+    assert backbone.feature_dim == FEATURE_DIM_AT_WIDTH_64[name] * width // 64
+    assert features.shape == (2, backbone.feature_dim)
+    assert torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_channels_last_input_matches_contiguous(name):
+    torch.manual_seed(0)
+    backbone = build_backbone(name, small_stem=True, width=16)
+    images = torch.randn(3, 3, 32, 32)
+    expected = backbone(images)
+    channels_last = images.to(memory_format=torch.channels_last).requires_grad_()
+    features = backbone.to(memory_format=torch.channels_last)(channels_last)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+    features.square().sum().backward()
+    assert channels_last.grad.shape == images.shape
+
+
+def test_bfloat16_autocast_through_backbone_and_head():
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", small_stem=True, width=16)
+    head = ProjectionHead(backbone.feature_dim, 64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeddings = head(backbone(torch.randn(4, 3, 32, 32)))
+    assert embeddings.shape == (4, 32)
+    assert torch.isfinite(embeddings.float()).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_backbone_keys_and_shapes_are_torchvision_minus_fc(name):
+    backbone_shapes = shapes_of(build_backbone(name).state_dict())
+    torchvision = TORCHVISION_SHAPES[name]
+    torchvision_without_fc = {key: shape for key, shape in torchvision.items() if not key.startswith("fc.")}
+    assert backbone_shapes == torchvision_without_fc
+
+
+@pytest.mark.parametrize("name, depth", [("resnet18", 18), ("resnet50", 50)])
+def test_export_matches_torchvision_keys_order_and_shapes(name, depth):
+    exported = export_backbone(build_backbone(name).state_dict())
+    assert list(exported) == list(TORCHVISION_SHAPES[name])
+    assert shapes_of(exported) == TORCHVISION_SHAPES[name]
+    assert expected_torchvision_keys(depth) == list(TORCHVISION_SHAPES[name])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_parameter_count_with_fc_matches_torchvision(name):
+    model = with_torchvision_fc(build_backbone(name))
+    assert sum(parameter.numel() for parameter in model.parameters()) == TORCHVISION_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_export_round_trips_with_strict_loading(name):
+    torch.manual_seed(0)
+    trained = build_backbone(name, zero_init_residual=True)
+    with torch.no_grad():  # make every tensor distinguishable from a fresh init, buffers included
+        for tensor in trained.state_dict().values():
+            tensor.copy_(torch.randint(0, 1000, tensor.shape))
+    exported = export_backbone(trained.state_dict(), num_classes=10)
+
+    reloaded = with_torchvision_fc(build_backbone(name), num_classes=10)
+    reloaded.load_state_dict(exported, strict=True)
+    for key, tensor in trained.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], tensor), key
+    assert not reloaded.fc.weight.any() and not reloaded.fc.bias.any()
+
+
+@pytest.mark.parametrize(
+    "small_stem, width, message",
+    [
+        (True, 64, "cannot export to torchvision resnet18: the backbone uses the small-image stem"),
+        (False, 16, "cannot export to torchvision resnet18: the backbone uses width 16"),
+        (True, 32, "small-image stem .* and width 32"),
+    ],
+)
+def test_export_refuses_shapes_torchvision_cannot_load(small_stem, width, message):
+    state_dict = build_backbone("resnet18", small_stem=small_stem, width=width).state_dict()
+    with pytest.raises(ValueError, match=message) as error:
+        export_backbone(state_dict)
+    assert "\n" not in str(error.value)
+
+
+def test_export_refuses_foreign_keys():
+    prefixed = {f"module.{key}": tensor for key, tensor in build_backbone("resnet18", width=16).state_dict().items()}
+    with pytest.raises(ValueError, match=r"not a torchvision-layout .* unexpected e\.g\. \['module\."):
+        export_backbone(prefixed)
+    with_fc = with_torchvision_fc(build_backbone("resnet18")).state_dict()
+    with pytest.raises(ValueError, match=r"0 missing keys .* 2 unexpected e\.g\. \['fc\.bias', 'fc\.weight'\]"):
+        export_backbone(with_fc)
+
+
+def test_torchvision_initialization_and_zero_init_residual():
+    torch.manual_seed(0)
+    default = build_backbone("resnet50")
+    conv = default.layer4[0].conv2  # fan_out = 512 * 3 * 3
+    assert conv.weight.std().item() == pytest.approx((2 / (512 * 9)) ** 0.5, rel=0.02)
+    assert all(default.layer1[0].bn3.weight == 1) and not default.layer1[0].bn3.bias.any()
+    zero_init = build_backbone("resnet50", zero_init_residual=True)
+    assert not zero_init.layer1[0].bn3.weight.any() and all(zero_init.layer1[0].bn2.weight == 1)
+    assert not build_backbone("resnet18", zero_init_residual=True).layer2[1].bn2.weight.any()
+
+
+def test_projection_head_shape_and_layers():
+    head = ProjectionHead(in_dim=512, hidden_dim=2048)
+    assert [type(layer) for layer in head.mlp] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert head(torch.randn(5, 512)).shape == (5, 128)
+
+
+def test_unknown_backbone_and_width_are_refused():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet34'"):
+        build_backbone("resnet34")
+    with pytest.raises(ValueError, match="width must be a positive int"):
+        build_backbone("resnet18", width=0)
