@@ -46,4 +46,4 @@ MAKEFLAGS=-j$(nproc) "$python" -m pip wheel -q --no-deps --no-build-isolation -w
 mkdir -p "$cache"
 cp "$work"/dist/horovod-*.whl "$cache"/
 "$python" -m pip install -q "$cache"/horovod-*.whl
-"$python" -c 'import horovod.torch as hvd; print("horovod", hvd.__version__, "built with gloo:", hvd.gloo_built())'
+"$python" -c 'import horovod, horovod.torch as hvd; print("horovod", horovod.__version__, "built with gloo:", hvd.gloo_built())'

@@ -1,0 +1,151 @@
+"""The hybrid-parallel classifier against the float64 single-process oracle, in real Horovod jobs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import merge_shard_stats, pack_shard_stats, reference
+from model.classifier import random_unit_rows, shard_rows
+from tests.classifier_problems import CASES, SGD_STEP, make_problem, tiny_backbone
+from tests.conftest import WORKERS, run_horovod
+
+BACKENDS = ["reference"]
+
+
+def relative_error(actual, expected):
+    """max |a - e| / max |e|: one scale per tensor, so tiny entries do not dominate."""
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+
+
+def oracle(case):
+    features, weight, labels = make_problem(case)
+    features.requires_grad_(True)
+    weight.requires_grad_(True)
+    loss = reference.topk_smoothed_xent(features, weight, labels, temperature=case["temperature"],
+                                        k=case["k"], alpha=case["alpha"])
+    loss.backward()
+    return loss.detach(), features.grad, weight.grad
+
+
+@pytest.fixture(scope="module", params=[None, 2, 3], ids=["plain-python", "np2", "np3"])
+def ranks(request, tmp_path_factory):
+    """Results of every rank of one job: P = 1 as a plain python process, then P = 2 and 3."""
+    out = tmp_path_factory.mktemp(f"classifier-{request.param}")
+    run_horovod(request.param, WORKERS / "classifier_cases.py", out, *BACKENDS)
+    return [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_and_gradients_match_oracle(ranks, name, backend):
+    case = CASES[name]
+    loss, features_grad, weight_grad = oracle(case)
+    got = [rank[(backend, name)] for rank in ranks]
+    assert sum(r["stop"] - r["start"] for r in got) == case["instances"]
+    for r in got:
+        assert torch.equal(r["loss"], got[0]["loss"]), "loss must be bit-identical across ranks"
+    assert relative_error(got[0]["loss"], loss) < 1e-6
+    assert relative_error(torch.cat([r["features_grad"] for r in got]), features_grad) < 1e-6
+    assert relative_error(torch.cat([r["weight_grad"] for r in got]), weight_grad) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merged_topk_equals_dense_topk(ranks, backend):
+    case = CASES["smooth"]
+    features, weight, labels = make_problem(case)
+    logits = F.normalize(features) @ F.normalize(weight).T / case["temperature"]
+    logits[torch.arange(len(labels)), labels] = float("-inf")
+    expected = torch.topk(logits, case["k"], dim=1).indices
+    for rank in ranks:
+        assert torch.equal(rank[(backend, "smooth")]["hardest"], expected)
+
+
+def test_k_zero_and_alpha_zero_are_cross_entropy():
+    for name in ["plain_k0", "plain_alpha0"]:
+        case = CASES[name]
+        features, weight, labels = make_problem(case)
+        logits = F.normalize(features) @ F.normalize(weight).T / case["temperature"]
+        assert relative_error(oracle(case)[0], F.cross_entropy(logits, labels)) < 1e-12
+
+
+def test_oracle_smoothing_changes_the_loss():
+    """Guards the comparison above: with K > 0 and alpha > 0 the loss is NOT plain cross-entropy."""
+    case = CASES["smooth"]
+    features, weight, labels = make_problem(case)
+    logits = F.normalize(features) @ F.normalize(weight).T / case["temperature"]
+    assert relative_error(oracle(case)[0], F.cross_entropy(logits, labels)) > 1e-3
+
+
+def test_seed_writes_exactly_the_owned_rows(ranks):
+    case = CASES["smooth"]
+    features, _, labels = make_problem(case)
+    expected_rows = {int(i): F.normalize(features[j], dim=0) for j, i in enumerate(labels)}
+    total = 0
+    for rank in ranks:
+        seed, start = rank["seed"], rank["seed"]["start"]
+        for row in range(len(seed["after"])):
+            if start + row in expected_rows:
+                assert torch.allclose(seed["after"][row], expected_rows[start + row], rtol=0, atol=1e-15)
+            else:
+                assert torch.equal(seed["after"][row], seed["before"][row])
+        total += seed["written"]
+    assert total == len(expected_rows)
+
+
+def test_one_sgd_step_equals_single_process(ranks):
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    weight = torch.nn.Parameter(random_unit_rows(0, SGD_STEP["instances"], SGD_STEP["dim"], seed=0).double())
+    optimizer = torch.optim.SGD([*backbone.parameters(), weight], lr=SGD_STEP["lr"], momentum=0.9)
+    loss = reference.topk_smoothed_xent(backbone(SGD_STEP["inputs"]()), weight, SGD_STEP["labels"](),
+                                        temperature=0.2, k=3, alpha=0.2)
+    loss.backward()
+    optimizer.step()
+    for rank in ranks:
+        for key, value in backbone.state_dict().items():
+            assert relative_error(rank["sgd"]["backbone"][key], value) < 1e-10, key
+    shards = torch.cat([rank["sgd"]["weight"] for rank in ranks])
+    assert relative_error(shards, weight.detach()) < 1e-10
+
+
+def test_merge_of_simulated_shards_is_exact():
+    """The merge alone, on shards of very different sizes (one smaller than K)."""
+    case = dict(instances=23, dim=8, batch=6, k=5, alpha=0.2, temperature=0.1)
+    features, weight, labels = make_problem(case)
+    features_n = reference.normalize_rows(features)
+    bounds = [0, 3, 15, 23]
+    gathered = torch.stack([pack_shard_stats(*reference.shard_forward_stats(
+        features_n, weight[a:b], labels, a, temperature=0.1, k=5)) for a, b in zip(bounds, bounds[1:])])
+    merged = merge_shard_stats(gathered, 5, 0.1)
+    logits = features_n @ reference.normalize_rows(weight).T / 0.1
+    assert relative_error(merged.lse, torch.logsumexp(logits, 1)) < 1e-14
+    assert torch.equal(merged.topk_indices, reference.hardest_classes(logits, labels, 5))
+
+
+@pytest.mark.parametrize("num_instances,num_shards", [(1001, 2), (1001, 3), (10, 4), (3, 5)])
+def test_shard_rows_balanced_and_contiguous(num_instances, num_shards):
+    bounds = [shard_rows(num_instances, num_shards, r) for r in range(num_shards)]
+    sizes = [stop - start for start, stop in bounds]
+    assert bounds[0][0] == 0 and bounds[-1][1] == num_instances
+    assert all(bounds[r][1] == bounds[r + 1][0] for r in range(num_shards - 1))
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_random_init_does_not_depend_on_sharding():
+    full = random_unit_rows(0, 70000, 4, seed=3)
+    parts = torch.cat([random_unit_rows(*shard_rows(70000, 3, r), 4, seed=3) for r in range(3)])
+    assert torch.equal(full, parts)
+    assert torch.allclose(full.norm(dim=1), torch.ones(70000))
+
+
+@pytest.mark.parametrize("features,ids,message", [
+    (torch.randn(4, 16), torch.tensor([0, 1, 2, 1001]), "instance ids must be in [0, 1001)"),
+    (torch.randn(4, 16), torch.tensor([0, -1, 2, 3]), "instance ids must be in [0, 1001)"),
+    (torch.randn(4, 9), torch.tensor([0, 1, 2, 3]), "features must be [batch, 16]"),
+    (torch.tensor([[float("nan")] * 16] * 4), torch.tensor([0, 1, 2, 3]), "features contain NaN or Inf"),
+    (torch.randn(4, 16), torch.tensor([0, 1, 2]), "ids must be [4]"),
+])
+def test_bad_input_is_a_clear_error(features, ids, message):
+    from model.classifier import ShardedInstanceClassifier
+    classifier = ShardedInstanceClassifier(1001, 16)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        classifier(features, ids)
