@@ -1,9 +1,10 @@
 """Backbones, projection head and torchvision export.
 
-The torchvision reference is tests/data/torchvision_resnet_keys.json, dumped from the torchvision 0.29.1 wheel
-(tests/data/README.md says how); torchvision itself does not import with our torch, and a reference derived from
-our own model could not fail.
+The torchvision references are tests/data/torchvision_resnet_{keys,features}.json, dumped from the torchvision
+0.29.1 wheel (tests/data/README.md says how); torchvision itself does not import with our torch, and a reference
+derived from our own model could not fail.
 """
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from torch import nn
 
 from model import ProjectionHead, build_backbone, expected_torchvision_keys, export_backbone
 
-TORCHVISION_SHAPES = json.loads((Path(__file__).parent / "data" / "torchvision_resnet_keys.json").read_text())
+DATA = Path(__file__).parent / "data"
+TORCHVISION_SHAPES = json.loads((DATA / "torchvision_resnet_keys.json").read_text())
+TORCHVISION_FEATURES = json.loads((DATA / "torchvision_resnet_features.json").read_text())
+# The generator of the features fixture, for the weights and images it used; importing it does not run it.
+_spec = importlib.util.spec_from_file_location("reference", DATA / "dump_torchvision_resnet_reference.py")
+reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference)
 # Parameter counts (with the 1000-way fc) published in torchvision's model documentation.
 TORCHVISION_PARAMETERS = {"resnet18": 11_689_512, "resnet50": 25_557_032}
 FEATURE_DIM_AT_WIDTH_64 = {"resnet18": 512, "resnet50": 2048}
@@ -79,6 +86,19 @@ def test_export_matches_torchvision_keys_order_and_shapes(name, depth):
     assert list(exported) == list(TORCHVISION_SHAPES[name])
     assert shapes_of(exported) == TORCHVISION_SHAPES[name]
     assert expected_torchvision_keys(depth) == list(TORCHVISION_SHAPES[name])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_forward_matches_torchvision_on_reference_weights(name):
+    """Keys and shapes cannot see stride placement, padding or ReLU order; the features torchvision computed can."""
+    backbone = build_backbone(name)
+    reference.fill_reference_weights(backbone)
+    with torch.no_grad():
+        features = backbone.eval()(reference.reference_images())  # [B, C]
+    expected = TORCHVISION_FEATURES[name]
+    first = features[:, : reference.FEATURES_KEPT]
+    torch.testing.assert_close(first, torch.tensor(expected["first"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(features.norm(dim=1), torch.tensor(expected["norm"]), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
