@@ -1,0 +1,178 @@
+"""DALI input pipelines over an instance index, sharded per Horovod rank; the label they yield is the instance id.
+
+Reading. `fn.readers.file` over the index's file list with shard_id = rank, num_shards = world size and
+pad_last_batch=True, consumed by `DALIGenericIterator(reader_name=..., last_batch_policy=PARTIAL)`: padding
+gives every shard the same number of batches and the iterator strips the padded repeats, so across all ranks
+every instance comes exactly once per epoch, in a last batch smaller than batch_size where the shard does not
+divide (checked at P=2 over several epochs by tests/test_data_pipelines.py). Training loaders reshuffle the
+whole dataset each epoch (shuffle_after_epoch) with a seed that all ranks share, because they must agree on
+the permutation they cut into disjoint shards; `random_shuffle` would only mix a 1024-image window of the
+class-sorted list, and each rank would keep seeing a fixed subset of classes. Evaluation loaders read their
+shard in id order.
+
+Devices. "gpu" decodes with nvJPEG (`device="mixed"`) on the current CUDA device (call
+`torch.cuda.set_device(hvd.local_rank())` first) and augments on the GPU; "cpu" decodes and augments on
+the CPU with `device_id=None`, which DALI runs without a driver. "auto" is "gpu" when torch sees CUDA.
+
+Seeds. The shuffle seed is `seed` itself, equal on all ranks; the augmentation seed is derived from
+(seed, rank), so ranks draw different augmentations and a rerun with the same seed draws the same ones.
+
+A loader is iterable once per epoch: `for views, ids in loader` runs one epoch and the next `for` the next one.
+"""
+import contextlib
+import re
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from data import augment
+
+READER_NAME = "instances"
+DEVICES = ("auto", "cpu", "gpu")
+# Preallocated nvJPEG buffers (bytes), from NVIDIA's ResNet-50 DALI example: they stop the decoder from
+# reallocating as it meets ever larger ImageNet images during the first epoch.
+MIXED_DECODER_MEMORY = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512)
+DECODE_FAILURE = re.compile(r"Failed to decode sample #\d+ : (.+)")
+
+
+def pretrain_loader(index, *, batch_size, image_size, views=2, rank=0, world_size=1, device="auto", threads=2,
+                    seed=0, min_scale=0.2):
+    """Epochs of (views: `views` x [b, 3, S, S] float32, ids: [b] int64), shuffled, augmented for pretraining.
+
+    The views of one image are independent augmentations of a single decode.
+    """
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 or 2, got {views!r}")
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale!r}")
+    view_names = [f"view{number}" for number in range(views)]
+    return InstanceLoader(
+        pretrain_pipeline, view_names, index, shuffle=True, group_views=True, batch_size=batch_size, rank=rank,
+        world_size=world_size, device=device, threads=threads, seed=seed, image_size=image_size, views=views,
+        min_scale=min_scale)
+
+
+def eval_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, crop_ratio=0.875):
+    """One pass of (images [b, 3, S, S] float32, ids [b] int64) per `for`: center crops, id order per rank."""
+    check_crop_ratio(crop_ratio)
+    return InstanceLoader(
+        eval_pipeline, ["images"], index, shuffle=False, batch_size=batch_size, rank=rank, world_size=world_size,
+        device=device, threads=threads, seed=0, image_size=image_size, crop_ratio=crop_ratio)
+
+
+def linear_train_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, seed=0):
+    """Epochs of (images [b, 3, S, S] float32, ids [b] int64), shuffled, random-resized-crop + flip."""
+    return InstanceLoader(
+        linear_train_pipeline, ["images"], index, shuffle=True, batch_size=batch_size, rank=rank, world_size=world_size,
+        device=device, threads=threads, seed=seed, image_size=image_size)
+
+
+@pipeline_def(enable_conditionals=True)
+def pretrain_pipeline(index, rank, world_size, decoder, shuffle_seed, image_size, views, min_scale):
+    images, ids = read_and_decode(index, rank, world_size, decoder, shuffle_seed)
+    return (*[augment.pretrain_view(images, image_size, min_scale) for _ in range(views)], ids)
+
+
+@pipeline_def
+def linear_train_pipeline(index, rank, world_size, decoder, shuffle_seed, image_size):
+    images, ids = read_and_decode(index, rank, world_size, decoder, shuffle_seed)
+    return augment.linear_train_view(images, image_size), ids
+
+
+@pipeline_def
+def eval_pipeline(index, rank, world_size, decoder, shuffle_seed, image_size, crop_ratio):
+    images, ids = read_and_decode(index, rank, world_size, decoder, shuffle_seed)
+    return augment.center_view(images, image_size, crop_ratio), ids
+
+
+def read_and_decode(index, rank, world_size, decoder, shuffle_seed):
+    """This rank's shard as (decoded HWC uint8 RGB images, instance ids); reshuffled per epoch unless the seed is None."""
+    order = (dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed) if shuffle_seed is not None
+             else dict(stick_to_shard=True))
+    encoded, ids = fn.readers.file(file_root=str(index.root), file_list=str(index.file_list), shard_id=rank,
+                                   num_shards=world_size, pad_last_batch=True, name=READER_NAME, **order)
+    memory = MIXED_DECODER_MEMORY if decoder == "mixed" else {}
+    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **memory), ids
+
+
+class InstanceLoader:
+    """Batches of one DALI pipeline as torch tensors with int64 instance ids; each `for` over it is one epoch."""
+
+    def __init__(self, pipeline_function, output_names, index, *, shuffle, group_views=False, batch_size, rank, world_size,
+                 device, threads, seed, **pipeline_arguments):
+        check_positive(batch_size=batch_size, image_size=pipeline_arguments["image_size"], threads=threads)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+        if index.file_list is None:
+            raise ValueError("the instance index has no file list yet: save it (build_index does) first")
+        on_gpu = resolve_device(device) == "gpu"
+        pipeline = pipeline_function(
+            index, rank, world_size, "mixed" if on_gpu else "cpu", seed if shuffle else None, **pipeline_arguments,
+            batch_size=batch_size, num_threads=threads, seed=augmentation_seed(seed, rank),
+            device_id=torch.cuda.current_device() if on_gpu else None)
+        self.root = index.root
+        self.output_names = output_names
+        self.group_views = group_views
+        self.epoch_unfinished = False
+        with decode_errors_explained(self.root):  # the iterator decodes its first batch while being built
+            self.iterator = DALIGenericIterator(pipeline, [*output_names, "ids"], reader_name=READER_NAME,
+                                                last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+
+    def __len__(self):
+        """Batches per epoch on this rank."""
+        return len(self.iterator)
+
+    def __iter__(self):
+        if self.epoch_unfinished:  # DALI cannot reset mid-epoch: finish it, so this epoch starts at its beginning
+            for _ in self.iterator:
+                pass
+        self.epoch_unfinished = True
+        with decode_errors_explained(self.root):
+            for (batch,) in self.iterator:  # one pipeline per rank
+                images = [batch[name] for name in self.output_names]
+                ids = batch["ids"].squeeze(1).to(images[0].device, torch.int64)  # [b, 1] int32 -> [b] int64
+                yield (images if self.group_views else images[0]), ids
+        self.epoch_unfinished = False
+
+
+@contextlib.contextmanager
+def decode_errors_explained(root):
+    """Turn DALI's pipeline-killing decoder error into a one-line ValueError naming the file where DALI names it."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "decoders.image" not in str(error):
+            raise
+        named = DECODE_FAILURE.search(str(error))
+        image = named.group(1).strip() if named else "an image (DALI does not say which)"
+        raise ValueError(f"DALI cannot decode {image} in {root} (truncated or corrupt); remove or replace it and "
+                         f"rebuild the index") from error
+
+
+def resolve_device(device):
+    """'cpu' or 'gpu' for a device flag of auto|cpu|gpu."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ValueError("device gpu was asked for, but torch sees no CUDA device")
+    return device
+
+
+def augmentation_seed(seed, rank):
+    """A 31-bit DALI seed, different per rank, the same for the same (seed, rank)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def check_positive(**values):
+    for name, value in values.items():
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_crop_ratio(crop_ratio):
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio!r}")
