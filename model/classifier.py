@@ -92,6 +92,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
         self.start, self.stop = shard_rows(num_instances, hvd.size(), hvd.rank())
         self.weight = torch.nn.Parameter(random_unit_rows(self.start, self.stop, dim, seed))
         self.last_hardest = None  # merged top-K ids [B, K] of the last forward, for monitoring/tests
+        self.last_global_rows = 0  # B of the last forward: rows of all ranks together
 
     def extra_repr(self):
         return (f"instances={self.num_instances}, rows=[{self.start}, {self.stop}), dim={self.dim}, "
@@ -117,6 +118,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
 
     def forward(self, features, ids):
         features_n, ids = self._gather(features, ids, differentiable=True)
+        self.last_global_rows = len(ids)
         loss, self.last_hardest = sharded_topk_xent(
             features_n, self.weight, ids, self.start, self.num_instances, temperature=self.temperature,
             k=self.smooth_k, alpha=self.smooth_alpha, exchange=_exchange_stats, backend=self.backend)
