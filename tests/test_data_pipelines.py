@@ -1,0 +1,170 @@
+"""DALI loaders: exact per-epoch permutations across P=2 Horovod ranks, tensors, seeds, eval crops, bad images."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.augment import IMAGENET_MEAN, IMAGENET_STD
+from data.index import build_index
+from data.pipelines import augmentation_seed, eval_loader, linear_train_loader, pretrain_loader
+from tests.conftest import WORKERS, run_horovod
+from tests.workers.data_images import image_bytes, write_images
+
+NUM_IMAGES = 53  # not a multiple of ranks x batch size, so shards and last batches are uneven
+NUM_RANKS = 2
+BATCH_SIZE = 4  # as in tests/workers/data_epochs.py
+EPOCHS = 3
+NORMALIZED_RANGE = (-0.485 / 0.229, (1 - 0.406) / 0.225)  # where 0..255 pixels land after normalization
+
+
+def quiet(message):
+    pass
+
+
+@pytest.fixture(scope="module")
+def two_rank_record(tmp_path_factory):
+    """What each of 2 Horovod ranks saw from each loader over EPOCHS epochs."""
+    folder, out = tmp_path_factory.mktemp("images"), tmp_path_factory.mktemp("out")
+    write_images(folder, NUM_IMAGES, classes=3)
+    run_horovod(NUM_RANKS, WORKERS / "data_epochs.py", folder, out, EPOCHS, timeout=300)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(NUM_RANKS)]
+
+
+@pytest.mark.parametrize("loader", ["pretrain", "linear", "eval"])
+def test_each_epoch_is_a_permutation_of_all_ids_across_ranks(two_rank_record, loader):
+    for epoch in range(EPOCHS):
+        shards = [record[loader]["epoch_ids"][epoch] for record in two_rank_record]
+        assert sorted(shards[0] + shards[1]) == list(range(NUM_IMAGES)), f"epoch {epoch}: duplicates or drops"
+    batches = math.ceil(math.ceil(NUM_IMAGES / NUM_RANKS) / BATCH_SIZE)
+    for record in two_rank_record:
+        assert record[loader]["batches_per_epoch"] == batches
+        assert len(record[loader]["batches"]) == batches * EPOCHS
+
+
+def test_ranks_index_the_same_files(two_rank_record):
+    assert two_rank_record[0]["files"] == two_rank_record[1]["files"]
+
+
+@pytest.mark.parametrize("loader", ["pretrain", "linear"])
+def test_training_shards_are_reshuffled_every_epoch(two_rank_record, loader):
+    first_rank_sets = [frozenset(ids) for ids in two_rank_record[0][loader]["epoch_ids"]]
+    assert len(set(first_rank_sets)) == EPOCHS
+
+
+def test_eval_shards_are_in_id_order_and_fixed(two_rank_record):
+    shards = [record["eval"]["epoch_ids"] for record in two_rank_record]
+    boundary = NUM_IMAGES // NUM_RANKS  # DALI's shard r holds ids [N r // P, N (r + 1) // P)
+    assert shards[0] == [list(range(boundary))] * EPOCHS
+    assert shards[1] == [list(range(boundary, NUM_IMAGES))] * EPOCHS
+
+
+@pytest.mark.parametrize("loader, views", [("pretrain", 2), ("linear", 1), ("eval", 1)])
+def test_batches_have_the_promised_shapes_types_and_values(two_rank_record, loader, views):
+    for record in two_rank_record:
+        sizes = [batch["shapes"][0][0] for batch in record[loader]["batches"]]
+        assert sizes[: record[loader]["batches_per_epoch"] - 1] == [BATCH_SIZE] * (len(sizes) // EPOCHS - 1)
+        for batch in record[loader]["batches"]:
+            assert batch["shapes"] == [[batch["shapes"][0][0], 3, 16, 16]] * views
+            assert batch["dtypes"] == ["torch.float32"] * views + ["torch.int64"]
+            assert batch["finite"] and NORMALIZED_RANGE[0] - 1e-4 <= batch["min"] <= batch["max"] <= NORMALIZED_RANGE[1] + 1e-4
+            if loader == "pretrain":
+                assert batch["view_difference"] > 0.05, "the two views of an image should be augmented apart"
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small")
+    write_images(folder, 10, seed=1)
+    return build_index(folder, out_dir=folder / "out", log=quiet)
+
+
+def one_epoch(loader):
+    return [(torch.cat(views) if isinstance(views, list) else views, ids) for views, ids in loader]
+
+
+def test_same_seed_gives_the_same_epochs_and_another_seed_does_not(small_index):
+    arguments = dict(batch_size=4, image_size=16, device="cpu", threads=2)
+    first, again = (pretrain_loader(small_index, seed=7, **arguments) for _ in range(2))
+    other = pretrain_loader(small_index, seed=8, **arguments)
+    for _ in range(2):
+        expected = one_epoch(first)
+        for (views, ids), (same_views, same_ids) in zip(expected, one_epoch(again)):
+            assert torch.equal(ids, same_ids) and torch.equal(views, same_views)
+        assert not all(torch.equal(views, other_views) for (views, _), (other_views, _) in zip(expected, one_epoch(other)))
+
+
+def test_ranks_draw_different_augmentation_seeds():
+    assert augmentation_seed(0, 0) == augmentation_seed(0, 0) != augmentation_seed(0, 1)
+
+
+def test_an_epoch_left_early_is_finished_before_the_next(small_index):
+    loader = linear_train_loader(small_index, batch_size=4, image_size=16, device="cpu")
+    assert len(loader) == 3
+    for _ in loader:
+        break
+    ids = torch.cat([ids for _, ids in loader])
+    assert sorted(ids.tolist()) == list(range(10))
+
+
+def test_one_view(small_index):
+    (views, ids), *_ = one_epoch_raw = list(pretrain_loader(small_index, batch_size=4, image_size=8, views=1,
+                                                            device="cpu"))
+    assert len(views) == 1 and views[0].shape == (4, 3, 8, 8) and len(one_epoch_raw) == 3
+
+
+def test_eval_resizes_the_shorter_side_and_crops_the_center(tmp_path):
+    (tmp_path / "wide.png").write_bytes(image_bytes(np.random.default_rng(0), "PNG", height=32, width=48))
+    index = build_index(tmp_path, out_dir=tmp_path / "out", log=quiet)
+    (images, ids), = list(eval_loader(index, batch_size=2, image_size=32, device="cpu", crop_ratio=1.0))
+    pixels = torch.from_numpy(np.array(Image.open(tmp_path / "wide.png"))[:, 8:40]).float()  # [32, 32, 3]
+    expected = ((pixels - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).permute(2, 0, 1)
+    torch.testing.assert_close(images[0], expected, atol=1e-4, rtol=0)
+    (half_size, _), = list(eval_loader(index, batch_size=2, image_size=8, device="cpu", crop_ratio=0.5))
+    assert half_size.shape == (1, 3, 8, 8)  # shorter side to 16, then the central 8 x 8
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(views=3), "views must be 1 or 2"),
+    (dict(min_scale=0.0), "min_scale must be in"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(threads=1.5), "threads must be a positive integer"),
+    (dict(rank=2, world_size=2), "rank must be in"),
+    (dict(device="tpu"), "device must be one of auto, cpu, gpu"),
+])
+def test_bad_arguments_are_one_line_errors(small_index, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain_loader(small_index, **{"batch_size": 4, "image_size": 16, **arguments})
+
+
+def test_bad_crop_ratio_and_missing_gpu_are_errors(small_index):
+    with pytest.raises(ValueError, match="crop_ratio must be in"):
+        eval_loader(small_index, batch_size=4, image_size=16, crop_ratio=1.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            eval_loader(small_index, batch_size=4, image_size=16, device="gpu")
+
+
+@pytest.fixture
+def damaged_index(tmp_path):
+    """An index of 16 images whose last one was cut in half (inside its compressed data) after indexing."""
+    generator = np.random.default_rng(3)
+    for number in range(16):
+        (tmp_path / f"image{number:02d}.jpg").write_bytes(image_bytes(generator, height=64, width=64))
+    index = build_index(tmp_path, out_dir=tmp_path / "out", strict=True, log=quiet)
+    damaged = index.root / index.files[-1]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    return index
+
+
+def test_a_damaged_image_is_a_one_line_error_naming_it(damaged_index):
+    with pytest.raises(ValueError, match=r"DALI cannot decode .*image15.jpg in .* \(truncated or corrupt\)"):
+        for _ in eval_loader(damaged_index, batch_size=4, image_size=16, device="cpu"):
+            pass
+
+
+def test_a_damaged_image_ends_a_horovod_job_instead_of_hanging(damaged_index):
+    with pytest.raises(pytest.fail.Exception, match=r"<stdout>:error: DALI cannot decode .*image15.jpg"):
+        run_horovod(NUM_RANKS, WORKERS / "data_decode_failure.py", damaged_index.path, timeout=120)
