@@ -88,7 +88,7 @@ def eval_pipeline(index, rank, world_size, decoder, shuffle_seed, image_size, cr
 
 
 def read_and_decode(index, rank, world_size, decoder, shuffle_seed):
-    """This rank's shard as (decoded HWC uint8 RGB images, instance ids); reshuffled per epoch unless the seed is None."""
+    """This rank's shard as (decoded HWC uint8 RGB images, ids), reshuffled every epoch unless shuffle_seed is None."""
     order = (dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed) if shuffle_seed is not None
              else dict(stick_to_shard=True))
     encoded, ids = fn.readers.file(file_root=str(index.root), file_list=str(index.file_list), shard_id=rank,
@@ -100,8 +100,8 @@ def read_and_decode(index, rank, world_size, decoder, shuffle_seed):
 class InstanceLoader:
     """Batches of one DALI pipeline as torch tensors with int64 instance ids; each `for` over it is one epoch."""
 
-    def __init__(self, pipeline_function, output_names, index, *, shuffle, group_views=False, batch_size, rank, world_size,
-                 device, threads, seed, **pipeline_arguments):
+    def __init__(self, pipeline_function, output_names, index, *, shuffle, group_views=False, batch_size, rank,
+                 world_size, device, threads, seed, **pipeline_arguments):
         check_positive(batch_size=batch_size, image_size=pipeline_arguments["image_size"], threads=threads)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")

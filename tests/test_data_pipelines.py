@@ -61,15 +61,25 @@ def test_eval_shards_are_in_id_order_and_fixed(two_rank_record):
     assert shards[1] == [list(range(boundary, NUM_IMAGES))] * EPOCHS
 
 
+@pytest.mark.parametrize("loader", ["pretrain", "linear", "eval"])
+def test_only_the_last_batch_of_an_epoch_is_partial(two_rank_record, loader):
+    for rank, record in enumerate(two_rank_record):
+        shard_size = (NUM_IMAGES * (rank + 1)) // NUM_RANKS - (NUM_IMAGES * rank) // NUM_RANKS  # 26, then 27
+        sizes = [batch["shapes"][0][0] for batch in record[loader]["batches"]]
+        per_epoch = record[loader]["batches_per_epoch"]
+        for epoch in range(EPOCHS):
+            *full, last = sizes[epoch * per_epoch: (epoch + 1) * per_epoch]
+            assert full == [BATCH_SIZE] * (per_epoch - 1) and last == shard_size - BATCH_SIZE * (per_epoch - 1)
+
+
 @pytest.mark.parametrize("loader, views", [("pretrain", 2), ("linear", 1), ("eval", 1)])
 def test_batches_have_the_promised_shapes_types_and_values(two_rank_record, loader, views):
     for record in two_rank_record:
-        sizes = [batch["shapes"][0][0] for batch in record[loader]["batches"]]
-        assert sizes[: record[loader]["batches_per_epoch"] - 1] == [BATCH_SIZE] * (len(sizes) // EPOCHS - 1)
         for batch in record[loader]["batches"]:
             assert batch["shapes"] == [[batch["shapes"][0][0], 3, 16, 16]] * views
             assert batch["dtypes"] == ["torch.float32"] * views + ["torch.int64"]
-            assert batch["finite"] and NORMALIZED_RANGE[0] - 1e-4 <= batch["min"] <= batch["max"] <= NORMALIZED_RANGE[1] + 1e-4
+            assert batch["finite"]
+            assert NORMALIZED_RANGE[0] - 1e-4 <= batch["min"] <= batch["max"] <= NORMALIZED_RANGE[1] + 1e-4
             if loader == "pretrain":
                 assert batch["view_difference"] > 0.05, "the two views of an image should be augmented apart"
 
@@ -93,7 +103,8 @@ def test_same_seed_gives_the_same_epochs_and_another_seed_does_not(small_index):
         expected = one_epoch(first)
         for (views, ids), (same_views, same_ids) in zip(expected, one_epoch(again)):
             assert torch.equal(ids, same_ids) and torch.equal(views, same_views)
-        assert not all(torch.equal(views, other_views) for (views, _), (other_views, _) in zip(expected, one_epoch(other)))
+        other_epoch = one_epoch(other)
+        assert not all(torch.equal(views, other_views) for (views, _), (other_views, _) in zip(expected, other_epoch))
 
 
 def test_ranks_draw_different_augmentation_seeds():
@@ -110,9 +121,9 @@ def test_an_epoch_left_early_is_finished_before_the_next(small_index):
 
 
 def test_one_view(small_index):
-    (views, ids), *_ = one_epoch_raw = list(pretrain_loader(small_index, batch_size=4, image_size=8, views=1,
-                                                            device="cpu"))
-    assert len(views) == 1 and views[0].shape == (4, 3, 8, 8) and len(one_epoch_raw) == 3
+    batches = list(pretrain_loader(small_index, batch_size=4, image_size=8, views=1, device="cpu"))
+    views, ids = batches[0]
+    assert len(batches) == 3 and len(views) == 1 and views[0].shape == (4, 3, 8, 8) and ids.shape == (4,)
 
 
 def test_eval_resizes_the_shorter_side_and_crops_the_center(tmp_path):
