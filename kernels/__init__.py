@@ -8,8 +8,33 @@ Shard level (what model.classifier uses across ranks): `sharded_topk_xent` with 
 collective, built on a backend's `shard_forward_stats` / `shard_backward` pair (kernels.reference,
 kernels.chunked, kernels.triton_topk_xent) and `merge_shard_stats`. `kernels.reference` is the
 float64 oracle.
+
+Backends: 'triton' (CUDA, or CPU under TRITON_INTERPRET=1 set before triton is imported) takes fp32
+or bf16 features and weight, K <= 32 and D <= 256, accumulates and returns statistics in fp32;
+'chunked' (plain torch, no [B, C] buffer) and 'reference' (dense) take any float dtype and compute in
+promote(dtype, fp32). 'auto' is Triton on CUDA and chunked elsewhere. Weight seeding: `seed_rows_`.
 """
 from kernels.topk_xent import (merge_shard_stats, pack_shard_stats, shard_ops, sharded_topk_xent,
                                topk_smoothed_xent)
 
-__all__ = ["merge_shard_stats", "pack_shard_stats", "shard_ops", "sharded_topk_xent", "topk_smoothed_xent"]
+
+def seed_rows_(weight, features, ids, shard_start, *, backend="auto"):
+    """Raw-feature init: weight[id - shard_start] = features / |features| for the ids this shard owns.
+
+    weight [C, D] is written in place; features [B, D]; ids [B] global ids; duplicate ids: the last
+    occurrence wins. Returns the number of rows written. backend: 'auto' (the Triton kernel on CUDA,
+    the reference torch code elsewhere), 'triton' or 'reference'.
+    """
+    if backend == "auto":
+        backend = "triton" if weight.is_cuda else "reference"
+    if backend == "reference":
+        from kernels.reference import seed_rows_ as seed
+    elif backend == "triton":
+        from kernels.triton_seed import seed_rows_ as seed
+    else:
+        raise ValueError(f"unknown seeding backend {backend!r}; expected auto, reference or triton")
+    return seed(weight, features, ids, shard_start)
+
+
+__all__ = ["merge_shard_stats", "pack_shard_stats", "seed_rows_", "shard_ops", "sharded_topk_xent",
+           "topk_smoothed_xent"]

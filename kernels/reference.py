@@ -134,14 +134,20 @@ def seed_rows_(weight, features, ids, shard_start):
     weight [C, D] is written in place; features [B, D]; ids [B]. With duplicate ids in one call the
     last occurrence wins (deterministic, unlike a plain index_copy_). Returns the number of rows written.
     """
-    local = ids.to(weight.device) - shard_start
-    owned = (local >= 0) & (local < weight.shape[0])
-    rows = local[owned]
+    sources, rows = last_writers(ids.to(weight.device), shard_start, weight.shape[0])
     compute_dtype = torch.promote_types(features.dtype, torch.float32)
-    values = normalize_rows(features.to(weight.device)[owned].to(compute_dtype)).to(weight.dtype)
-    position = torch.arange(len(rows), device=weight.device)
-    last = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
-    last.scatter_reduce_(0, rows, position, reduce="amax")
-    written = last >= 0
-    weight[written] = values[last[written]]
-    return int(written.sum())
+    weight[rows] = normalize_rows(features.to(weight.device)[sources].to(compute_dtype)).to(weight.dtype)
+    return len(rows)
+
+
+def last_writers(ids, shard_start, num_rows):
+    """Which batch position writes which local row in a seeding: the LAST occurrence of every id in
+    [shard_start, shard_start + num_rows). Returns (sources [M] long positions in ids, rows [M] long
+    local rows), rows distinct and ascending, so the writes can run in parallel without a race."""
+    local = ids - shard_start
+    owned = (local >= 0) & (local < num_rows)
+    position = torch.arange(len(ids), device=ids.device)
+    last = torch.full((num_rows,), -1, dtype=torch.long, device=ids.device)
+    last.scatter_reduce_(0, local[owned], position[owned], reduce="amax")
+    rows = (last >= 0).nonzero()[:, 0]
+    return last[rows], rows

@@ -5,6 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter, which has to be
+# chosen before triton is first imported (torch does not import it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ROOT / "tests" / "workers"
