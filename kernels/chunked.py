@@ -1,0 +1,112 @@
+"""Chunked plain-torch backend of the sharded smoothed cosine-softmax cross-entropy (CPU path).
+
+Same local-stats / local-backward pair as `kernels.reference` (see there for the math), computed over
+chunks of classifier rows so that no [B, C] buffer ever exists: peak extra memory is a few [B, chunk]
+blocks whatever C is. The forward streams over chunks (fixed-shift sum of exp, target logit, running
+exact top-K); the backward recomputes each chunk's logits from the merged statistics instead of
+storing them, and forms G in place on that one block.
+
+This is what runs on machines without CUDA (the 'auto' backend). Inputs may be fp32, bf16 or
+float64; everything is computed in promote(dtype, fp32), statistics are returned in that dtype and
+gradients in the inputs' dtypes.
+"""
+import torch
+
+from kernels import reference
+from kernels.reference import normalize_rows
+from kernels.topk_xent import select_topk
+
+# Elements of one [B, chunk] block: 2^22 fp32 = 16 MiB. Large enough that the [B, D] x [D, chunk]
+# product runs at full speed and the per-chunk overhead vanishes; at most a few such blocks are alive
+# at once (the forward's logits, exp and top-K temporaries), so the peak stays near 100 MiB.
+CHUNK_ELEMENTS = 2**22
+
+
+def chunk_bounds(batch, num_rows, chunk_elements=None):
+    """Consecutive [start, stop) row ranges of at most max(1, chunk_elements // batch) rows
+    (chunk_elements defaults to CHUNK_ELEMENTS, read at call time so tests can shrink it)."""
+    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(batch, 1))
+    return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+
+
+def exact_topk(logits, k):
+    """k largest entries per row, ties to the lower column (the candidates' order is left to select_topk).
+
+    torch.topk returns an arbitrary member of a group of equal values that straddles the k-th place,
+    so the rows that have such a group are redone with a stable sort (rare: never in random data).
+    logits [B, c], 1 <= k <= c -> values [B, k], columns [B, k] long
+    """
+    values, columns = logits.topk(k, dim=1)
+    kth = values[:, -1:]
+    straddling = torch.count_nonzero(logits == kth, dim=1) > torch.count_nonzero(values == kth, dim=1)
+    if straddling.any():
+        stable = torch.sort(logits[straddling], dim=1, descending=True, stable=True)
+        values[straddling], columns[straddling] = stable.values[:, :k], stable.indices[:, :k]
+    return values, columns
+
+
+@torch.no_grad()
+def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k, chunk_elements=None):
+    """Local statistics of rows [shard_start, shard_start + C) of W; see kernels.reference.
+
+    features_n [B, D] normalized, weight [C, D] raw, labels [B] global ids. Returns sum_exp [B],
+    target_logit [B], topk_values [B, k] (descending, -inf padded), topk_indices [B, k] (global, -1
+    padded), all in promote(features_n.dtype, fp32) except the long ids.
+    """
+    compute_dtype = torch.promote_types(features_n.dtype, torch.float32)
+    features_n = features_n.to(compute_dtype)
+    batch, rows = features_n.shape[0], torch.arange(features_n.shape[0], device=features_n.device)
+    sum_exp = features_n.new_zeros(batch)
+    target_logit = features_n.new_zeros(batch)
+    topk_values = features_n.new_full((batch, k), float("-inf"))
+    topk_indices = torch.full((batch, k), -1, dtype=torch.long, device=features_n.device)
+    shift = torch.tensor(-1.0 / temperature, dtype=compute_dtype, device=features_n.device)
+    for start, stop in chunk_bounds(batch, weight.shape[0], chunk_elements):
+        weight_n = normalize_rows(weight[start:stop].to(compute_dtype))
+        # z - 1/tau in one pass over the block (the top-K does not care about the shift).
+        shifted = torch.addmm(shift, features_n, weight_n.T, alpha=1.0 / temperature)  # [B, c]
+        sum_exp += torch.exp(shifted).sum(dim=1)
+        local = labels - (shard_start + start)
+        owned = (local >= 0) & (local < stop - start)
+        target_logit[owned] = shifted[rows[owned], local[owned]] + 1.0 / temperature
+        if k > 0:
+            shifted[rows[owned], local[owned]] = float("-inf")  # the target is never a smoothing class
+            values, columns = exact_topk(shifted, min(k, stop - start))
+            # Running candidates first: they have the lower ids, which select_topk's tie rule needs.
+            topk_values, topk_indices = select_topk(torch.cat([topk_values, values + 1.0 / temperature], dim=1),
+                                                    torch.cat([topk_indices, columns + shard_start + start], dim=1), k)
+    # -inf entries are padding or the masked target: not a class, as the exchange format says.
+    topk_indices = torch.where(topk_values > float("-inf"), topk_indices, -1)
+    return sum_exp, target_logit, topk_values, topk_indices
+
+
+@torch.no_grad()
+def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_rows, *, temperature, alpha,
+                   chunk_elements=None):
+    """(dE_n [B, D], dW [C, D]) of sum_i grad_rows_i loss_i, from the merged lse [B] and top-K ids [B, K].
+
+    Per chunk: G = grad_rows / tau (exp(z - lse) - q) with the sparse q subtracted in place (B (K + 1)
+    entries, no dense q block), dE_n += G W_n, and the chunk's dW rows through the Jacobian of the
+    row normalisation (reference.normalize_backward). Gradients in the dtypes of features_n and weight.
+    """
+    compute_dtype = torch.promote_types(features_n.dtype, torch.float32)
+    features_c = features_n.to(compute_dtype)
+    neg_lse = -lse.to(compute_dtype)[:, None]  # [B, 1]
+    row_scale = (grad_rows.to(compute_dtype) / temperature)[:, None]  # [B, 1]
+    k = topk_indices.shape[1]
+    # q as targets: local ids of y_i (weight 1 - alpha) then of the top-K (alpha / K); -1 padding and
+    # other shards' ids fall outside every chunk.
+    targets = torch.cat([labels[:, None], topk_indices.to(labels.device)], dim=1) - shard_start  # [B, 1 + K]
+    q = torch.tensor([1.0 - alpha] + [alpha / max(k, 1)] * k, dtype=compute_dtype, device=features_n.device)
+    grad_features_n = torch.zeros_like(features_c)
+    grad_weight = torch.empty_like(weight)
+    for start, stop in chunk_bounds(len(labels), weight.shape[0], chunk_elements):
+        weight_c = weight[start:stop].to(compute_dtype)
+        weight_n = normalize_rows(weight_c)
+        grad = torch.addmm(neg_lse, features_c, weight_n.T, alpha=1.0 / temperature).exp_()  # softmax [B, c]
+        rows, slots = ((targets >= start) & (targets < stop)).nonzero(as_tuple=True)
+        grad.index_put_((rows, targets[rows, slots] - start), -q[slots], accumulate=True)
+        grad.mul_(row_scale)
+        grad_features_n.addmm_(grad, weight_n)
+        grad_weight[start:stop] = reference.normalize_backward(weight_c, weight_n, grad.T @ features_c)
+    return grad_features_n.to(features_n.dtype), grad_weight
