@@ -57,7 +57,11 @@ def write_photos(folder, count):
 
 
 def images_per_second(index, image_size, device):
-    """Steady-state images/s of a 2-view pretraining loader after one warm-up batch."""
+    """Steady-state (images per wall second, images per CPU second) of a 2-view pretraining loader.
+
+    CPU seconds are this process's, DALI's threads included: on a shared machine they still tell what one
+    core delivers, where the wall-clock rate depends on what else runs.
+    """
     loader = pretrain_loader(index, batch_size=args.batch_size, image_size=image_size, views=2, device=device,
                              threads=args.threads)
     images, started = 0, None
@@ -65,13 +69,13 @@ def images_per_second(index, image_size, device):
         for views, ids in loader:
             if views[0].is_cuda:
                 torch.cuda.synchronize()  # count only views that are ready
-            if started is None:
-                started = time.perf_counter()  # after the first batch: pipeline built and warm
+            if started is None:  # after the first batch: pipeline built and warm
+                started, cpu_started = time.perf_counter(), time.process_time()
                 continue
             images += len(ids)
             elapsed = time.perf_counter() - started
             if elapsed >= args.seconds:
-                return images / elapsed
+                return images / elapsed, images / (time.process_time() - cpu_started)
 
 
 def index_files_per_second(folder, count):
@@ -103,12 +107,12 @@ def main():
                     write_photos(scratch / "photos", args.photos)
                 inputs[size] = (f"synthetic {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG",
                                 build_index(scratch / "photos", **quiet))
-        print("| output | input | device | images/s per rank (2 views each) |")
-        print("|---|---|---|---|")
+        print("| output | input | device | images/s per rank (2 views each) | images per CPU second |")
+        print("|---|---|---|---|---|")
         for size, (description, index) in inputs.items():
             for device in devices:
-                rate = images_per_second(index, size, device)
-                print(f"| {size}px | {description} | {device} | {rate:,.0f} |", flush=True)
+                rate, cpu_rate = images_per_second(index, size, device)
+                print(f"| {size}px | {description} | {device} | {rate:,.0f} | {cpu_rate:,.0f} |", flush=True)
         if args.index_files:
             (scratch / "tree").mkdir()
             rate = index_files_per_second(scratch / "tree", args.index_files)

@@ -125,11 +125,11 @@ class InstanceLoader:
         return len(self.iterator)
 
     def __iter__(self):
-        if self.epoch_unfinished:  # DALI cannot reset mid-epoch: finish it, so this epoch starts at its beginning
-            for _ in self.iterator:
-                pass
-        self.epoch_unfinished = True
         with decode_errors_explained(self.root):
+            if self.epoch_unfinished:  # DALI cannot reset mid-epoch: finish it, so this epoch starts at its beginning
+                for _ in self.iterator:
+                    pass
+            self.epoch_unfinished = True
             for (batch,) in self.iterator:  # one pipeline per rank
                 images = [batch[name] for name in self.output_names]
                 ids = batch["ids"].squeeze(1).to(images[0].device, torch.int64)  # [b, 1] int32 -> [b] int64
