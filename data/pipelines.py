@@ -16,6 +16,8 @@ the CPU with `device_id=None`, which DALI runs without a driver. "auto" is "gpu"
 
 Seeds. The shuffle seed is `seed` itself, equal on all ranks; the augmentation seed is derived from
 (seed, rank), so ranks draw different augmentations and a rerun with the same seed draws the same ones.
+A new loader starts again from its first epoch's order: to resume at epoch e without replaying the shuffles
+of epochs 0, 1, ..., pass a seed that depends on e.
 
 A loader is iterable once per epoch: `for views, ids in loader` runs one epoch and the next `for` the next one.
 """
@@ -147,8 +149,8 @@ def decode_errors_explained(root):
             raise
         named = DECODE_FAILURE.search(str(error))
         image = named.group(1).strip() if named else "an image (DALI does not say which)"
-        raise ValueError(f"DALI cannot decode {image} in {root} (truncated or corrupt); remove or replace it and "
-                         f"rebuild the index") from error
+        raise ValueError(f"DALI cannot decode {image} in {root} (truncated or corrupt): replace it, or remove it "
+                         f"and index the folder again") from error
 
 
 def resolve_device(device):
