@@ -21,7 +21,8 @@ bounded by `open()` calls (see bench/RESULTS.md):
 - paths that a DALI file list cannot hold (line breaks, leading or trailing white space).
 
 Persistence. `<dir>/index.json` names the root, the class names and a file list `files-<content hash>.txt`
-in DALI's `file_list` format ("relative/path id" per line). The file list is written first under its content
+in DALI's `file_list` format ("relative/path id" per line); an instance's semantic label is its class folder,
+the first component of its path, so the two together hold the labels too. The file list is written first under its content
 hash, then index.json is replaced atomically, so ranks indexing the same folder at once never see a torn index.
 """
 import hashlib
