@@ -119,11 +119,9 @@ def load_or_build_index(folder, index_dir, strict, log):
     """The instance index persisted in the run directory: built once, then reloaded (stable ids on resume)."""
     import horovod.torch as hvd
     from data.index import InstanceIndex, build_index
-    if not (index_dir / "index.json").is_file():
-        if hvd.rank() == 0:
-            built = build_index(folder, out_dir=index_dir.parent, strict=strict, log=log)
-            built.save(index_dir)
-        hvd.allreduce(torch.zeros(1), name=f"index-{index_dir.name}")  # barrier: rank 0 has written it
+    if hvd.rank() == 0 and not (index_dir / "index.json").is_file():
+        build_index(folder, index_dir=index_dir, strict=strict, log=log)
+    hvd.allreduce(torch.zeros(1), name=f"index-{index_dir.name}")  # barrier: rank 0 has written it
     return InstanceIndex.load(index_dir)
 
 
@@ -157,6 +155,17 @@ def setup_device():
     return torch.device("cpu")
 
 
+@torch.no_grad()
+def average_batchnorm_statistics(*modules):
+    """BatchNorm running statistics move per rank; averaging them keeps one encoder on every rank
+    (what the kNN monitor evaluates and rank 0 saves), as after a resume."""
+    import horovod.torch as hvd
+    for module in modules:
+        for name, buffer in module.named_buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(hvd.allreduce(buffer, op=hvd.Average, name=f"bn.{name}"))
+
+
 def learning_rate(step, steps_per_epoch, base_lr, warmup_epochs, epochs):
     """Linear warm-up to base_lr over warmup_epochs, then cosine decay to 0 at the end (per step)."""
     progress = step / steps_per_epoch
@@ -170,7 +179,7 @@ class RunLog:
 
     def __init__(self, out_dir, active):
         from rich.console import Console
-        self.active, self.console = active, Console(stderr=False)
+        self.active, self.console = active, Console(soft_wrap=True)  # long paths stay on one line
         self.metrics = Path(out_dir) / "metrics.jsonl" if active else None
 
     def print(self, *message):
@@ -190,6 +199,8 @@ def knn_monitor(backbone, train_index, val_index, config, device):
     from model.evaluation import extract_features, knn_accuracy
     if val_index is None or (train_index.labels < 0).any():
         return {}
+    if val_index.class_names != train_index.class_names:
+        raise UsageError(f"the class folders of {val_index.root} differ from those of {train_index.root}")
     bank, queries = [extract_features(backbone, eval_loader(
         index, batch_size=config["batch_size"], image_size=config["image_size"], rank=hvd.rank(),
         world_size=hvd.size(), device=config["dali_device"], threads=config["threads"],
@@ -313,6 +324,7 @@ def raw_feature_init(backbone, head, classifier, loader):
     head.train()
     for images, ids in loader:
         classifier.seed_(embed(backbone, head, images), ids)
+    average_batchnorm_statistics(backbone, head)
 
 
 def train_one_epoch(epoch, loader, backbone, head, classifier, encoder_optimizer, classifier_optimizer, config,
@@ -333,11 +345,14 @@ def train_one_epoch(epoch, loader, backbone, head, classifier, encoder_optimizer
                 for param_group in optimizer.param_groups:
                     param_group["lr"] = lr
             # Both views of an image are classified as its instance: one global batch of views x images.
-            features = embed(backbone, head, torch.cat(views))
-            loss = classifier(features, ids.repeat(len(views)))
-            if not torch.isfinite(loss):  # identical on every rank, so all ranks stop here together
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1} step {step + 1}; "
-                                         f"the last good checkpoint in {out} is kept")
+            try:
+                features = embed(backbone, head, torch.cat(views))
+                loss = classifier(features, ids.repeat(len(views)))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()}")
+            except FloatingPointError as error:  # the loss and the check are global: all ranks stop together
+                raise FloatingPointError(f"{error} at epoch {epoch + 1} step {step + 1}; stopped, the last good "
+                                         f"checkpoint in {out} is kept") from None
             encoder_optimizer.zero_grad()
             classifier_optimizer.zero_grad()
             loss.backward()
@@ -349,6 +364,7 @@ def train_one_epoch(epoch, loader, backbone, head, classifier, encoder_optimizer
             progress.update(task, advance=1, status=f"loss {losses[-1]:.4f} lr {lr:.4g} {images_per_s:.0f} img/s")
             if (step + 1) % config["log_every"] == 0 or step + 1 == steps:
                 log.record(epoch=epoch + 1, step=global_step + 1, loss=losses[-1], lr=lr, images_per_s=images_per_s)
+    average_batchnorm_statistics(backbone, head)
     mean_loss = sum(losses) / max(len(losses), 1)
     log.record(epoch=epoch + 1, epoch_loss=mean_loss, images_per_s=images_seen / (time.perf_counter() - started),
                seconds=time.perf_counter() - started)

@@ -110,11 +110,12 @@ class InstanceIndex:
         return cls(root, files, description["class_names"], description["num_excluded"], path, file_list)
 
 
-def build_index(folder, *, out_dir=None, strict=False, log=print):
-    """Index `folder`, save the index (in `out_dir`, else the cache) and return it.
+def build_index(folder, *, out_dir=None, index_dir=None, strict=False, log=print):
+    """Index `folder`, save the index and return it.
 
-    The index goes to `<out_dir or cache>/index-<folder name>-<path hash>/`; `index.path` says where, for
-    `InstanceIndex.load` on resume. Every call rescans the folder: the saved index records what was there.
+    The index goes to `index_dir` when given, else to `<out_dir or cache>/index-<folder name>-<path hash>/`;
+    `index.path` says where, for `InstanceIndex.load` on resume. Every call rescans the folder: the saved
+    index records what was there.
     """
     root = Path(folder).expanduser().resolve()
     if not root.exists():
@@ -135,7 +136,7 @@ def build_index(folder, *, out_dir=None, strict=False, log=print):
             raise ValueError(f"{report} (strict): {describe_excluded(excluded)}")
         log(f"excluded {report}: {describe_excluded(excluded)}")
     index = InstanceIndex(root, files, class_names, num_excluded=len(excluded))
-    index.save((Path(out_dir) if out_dir else cache_root()) / f"index-{folder_key(root)}")
+    index.save(index_dir or (Path(out_dir) if out_dir else cache_root()) / f"index-{folder_key(root)}")
     layout = f"{len(class_names)} class folders" if class_names else "flat folder"
     log(f"indexed {index.num_instances} images in {root} ({layout}) in {time.perf_counter() - started:.1f}s "
         f"-> {index.path}")

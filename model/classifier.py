@@ -112,8 +112,8 @@ class ShardedInstanceClassifier(torch.nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_instances):
             raise ValueError(f"instance ids must be in [0, {self.num_instances}), got range "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        if not torch.isfinite(gathered).all():
-            raise ValueError("features contain NaN or Inf (on at least one rank)")
+        if not torch.isfinite(gathered).all():  # FloatingPointError: the trainer names the step
+            raise FloatingPointError("features contain NaN or Inf (on at least one rank)")
         return gathered, ids.to(gathered.device)
 
     def forward(self, features, ids):

@@ -1,0 +1,196 @@
+"""trainer.py end to end in real Horovod jobs on a tiny slice of the built-in data."""
+import copy
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_horovod
+
+# A standard ResNet-18 stem and width (exportable to torchvision) at 32 px: ~37 MFLOPs per image.
+TINY = ["--image-size", "32", "--arch", "resnet18", "--width", "64", "--no-small-stem", "--hidden-dim", "64",
+        "--feat-dim", "32", "--batch-size", "16", "--threads", "1", "--warmup-epochs", "1", "--lr", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """12 train and 4 val images per digit, copied from the built-in dataset (train/ and val/ class folders)."""
+    from data.builtin import builtin_dataset
+    source, root = builtin_dataset(), tmp_path_factory.mktemp("tiny") / "data"
+    for split, count in (("train", 12), ("val", 4)):
+        for class_folder in sorted((source / split).iterdir()):
+            (root / split / class_folder.name).mkdir(parents=True)
+            for image in sorted(class_folder.iterdir())[:count]:
+                shutil.copy(image, root / split / class_folder.name / image.name)
+    return root
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(metrics, epoch):
+    return [m["loss"] for m in metrics if m.get("epoch") == epoch and "step" in m]
+
+
+def trainer(*args, num_ranks=2):
+    return run_horovod(num_ranks, ROOT / "trainer.py", *args)
+
+
+@pytest.fixture(scope="module")
+def run_two_epochs(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = trainer("--data", tiny_dataset, "--out", out, "--epochs", "2", "--save-every", "1", "--knn-every", "1",
+                     "--log-every", "1", *TINY)
+    return out, result
+
+
+def test_pretraining_writes_config_metrics_checkpoints_and_backbone(run_two_epochs):
+    from model import expected_torchvision_keys
+    out, result = run_two_epochs
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch"] == 32 and config["num_instances"] == 120
+    metrics = read_metrics(out)
+    epochs = [m for m in metrics if "epoch_loss" in m]
+    assert [m["epoch"] for m in epochs] == [1, 2]
+    # 120 images / (2 ranks x 16) -> 4 steps per epoch, every one logged
+    assert len(step_losses(metrics, 1)) == 4 and len(step_losses(metrics, 2)) == 4
+    assert all(0 < m["epoch_loss"] < 2 * torch.log(torch.tensor(120.0)) for m in epochs)
+    knn = [m for m in metrics if "knn20_top1" in m]
+    assert [m["epoch"] for m in knn] == [1, 2] and all(0 <= m["knn20_top1"] <= 100 for m in knn)
+    for epoch in (1, 2):
+        assert sorted(p.name for p in (out / f"checkpoint-000{epoch}").iterdir()) == ["shard-0.pt", "shard-1.pt", "state.pt"]
+    assert list(torch.load(out / "backbone.pth")) == expected_torchvision_keys(18)
+    assert "global batch 32" in result.stdout and "global batch" not in result.stderr
+
+
+def test_resume_continues_exactly(run_two_epochs, tiny_dataset, tmp_path):
+    """Crash after epoch 1 (drop checkpoint 2 and its metrics), resume: epoch 2 is reproduced."""
+    out, _ = run_two_epochs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoint-0002")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in read_metrics(out) if m.get("epoch") == 1))
+    result = trainer("--data", tiny_dataset, "--out", resumed, "--epochs", "2", "--save-every", "1", "--knn-every", "1",
+                     "--log-every", "1", *TINY)
+    assert "resumed from" in result.stdout and "checkpoint-0001" in result.stdout
+    expected, got = step_losses(read_metrics(out), 2), step_losses(read_metrics(resumed), 2)
+    assert len(got) == 4 and torch.allclose(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
+    straight, again = (torch.load(d / "checkpoint-0002" / "state.pt", weights_only=False) for d in (out, resumed))
+    for key, value in straight["backbone"].items():
+        assert torch.allclose(again["backbone"][key].float(), value.float(), rtol=1e-4, atol=1e-5), key
+    for shard in ("shard-0.pt", "shard-1.pt"):
+        a, b = (torch.load(d / "checkpoint-0002" / shard) for d in (out, resumed))
+        assert torch.allclose(a["weight"], b["weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_of_two_ranks_reshards_exactly(run_two_epochs):
+    """Rows written by P = 2 read back for P = 1 and P = 3 are the same rows."""
+    from model.checkpoint import load_rows
+    from model.classifier import shard_rows
+    checkpoint = run_two_epochs[0] / "checkpoint-0002"
+    shards = [torch.load(checkpoint / f"shard-{r}.pt") for r in range(2)]
+    full_weight = torch.cat([s["weight"] for s in shards])
+    full_momentum = torch.cat([s["momentum"] for s in shards])
+    weight, momentum = load_rows(checkpoint, 0, 120)
+    assert torch.equal(weight, full_weight) and torch.equal(momentum, full_momentum)
+    for rank in range(3):
+        start, stop = shard_rows(120, 3, rank)
+        weight, momentum = load_rows(checkpoint, start, stop)
+        assert torch.equal(weight, full_weight[start:stop]) and torch.equal(momentum, full_momentum[start:stop])
+
+
+def test_resume_with_one_rank_from_two_rank_checkpoint(run_two_epochs, tiny_dataset, tmp_path):
+    """A plain-python (P = 1) resume trains on from the rows the two ranks wrote."""
+    resumed = tmp_path / "resumed1"
+    shutil.copytree(run_two_epochs[0], resumed)
+    result = trainer("--data", tiny_dataset, "--out", resumed, "--epochs", "3", "--knn-every", "0", *TINY, num_ranks=None)
+    assert "written by 2 ranks" in result.stdout
+    assert sorted(p.name for p in (resumed / "checkpoint-0003").iterdir()) == ["shard-0.pt", "state.pt"]
+    assert [m["epoch"] for m in read_metrics(resumed) if "epoch_loss" in m] == [1, 2, 3]
+
+
+def test_linear_evaluation_knn_and_export(run_two_epochs, tmp_path):
+    from model import expected_torchvision_keys
+    out, _ = run_two_epochs
+    result = trainer("linear", "--ckpt", out, "--epochs", "2", "--batch-size", "32", "--baseline")
+    evaluation = [m for m in read_metrics(out) if "evaluation" in m][-1]
+    for backbone in ("pretrained", "random init"):
+        assert 0 <= evaluation[f"{backbone}/linear_top1"] <= evaluation[f"{backbone}/linear_top5"] <= 100
+        assert 0 <= evaluation[f"{backbone}/knn20_top1"] <= 100
+    assert "pretrained" in result.stdout and "random init" in result.stdout
+    trainer("knn", "--ckpt", out / "checkpoint-0001", num_ranks=None)
+    assert "kNN of" in [m for m in read_metrics(out) if "evaluation" in m][-1]["evaluation"]
+    target = tmp_path / "exported" / "backbone.pth"
+    trainer("export", "--ckpt", out, "--to", target, num_ranks=None)
+    exported = torch.load(target)
+    assert list(exported) == expected_torchvision_keys(18)
+    state = torch.load(out / "checkpoint-0002" / "state.pt", weights_only=False)
+    assert torch.equal(exported["layer4.1.conv2.weight"], state["backbone"]["layer4.1.conv2.weight"])
+
+
+def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path):
+    """After the init pass, row i of W is the normalized head output of image i (same batches, BN in train mode)."""
+    import horovod.torch as hvd
+    import trainer as trainer_module
+    from data.index import build_index
+    from data.pipelines import eval_loader
+    from model.classifier import ShardedInstanceClassifier
+    hvd.init()
+    index = build_index(tiny_dataset / "train", out_dir=tmp_path, log=lambda *_: None)
+    config = dict(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16)
+    backbone, head = trainer_module.build_encoder(config, torch.device("cpu"))
+    classifier = ShardedInstanceClassifier(index.num_instances, 16)
+    before = copy.deepcopy((backbone, head))
+    loader = eval_loader(index, batch_size=16, image_size=32, device="cpu", threads=1, crop_ratio=1.0)
+    trainer_module.raw_feature_init(backbone, head, classifier, loader)
+    assert not torch.equal(backbone.bn1.running_mean, before[0].bn1.running_mean), "BN statistics must move"
+    assert torch.equal(backbone.conv1.weight, before[0].conv1.weight), "weights must not move"
+    seen = set()
+    with torch.no_grad():
+        for images, ids in loader:
+            expected = torch.nn.functional.normalize(trainer_module.embed(*before, images), dim=1)
+            assert torch.allclose(classifier.weight[ids], expected, atol=1e-6)
+            seen.update(ids.tolist())
+    assert seen == set(range(index.num_instances))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such/folder"], "no such folder"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--smooth-alpha", "1.5"], "--smooth-alpha"),
+    (["--resume", "/no/such/checkpoint"], "no complete checkpoint"),
+    (["linear", "--ckpt", "/no/such/run"], "no complete checkpoint"),
+    (["knn", "--ckpt", "/no/such/run"], "no complete checkpoint"),
+    (["plan", "--gpus", "0"], "must be positive"),
+])
+def test_bad_flags_and_paths_are_one_line_errors(args, message, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args, *(["--out", str(tmp_path)] if args[0].startswith("--") else [])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_export_of_a_small_stem_backbone_is_a_one_line_error(run_two_epochs, tiny_dataset, tmp_path):
+    out = tmp_path / "small"
+    trainer("--data", tiny_dataset, "--out", out, "--epochs", "1", "--knn-every", "0", *TINY, "--small-stem",
+            "--width", "8", num_ranks=None)
+    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "export", "--ckpt", str(out), "--to",
+                             str(tmp_path / "x.pth")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "small-image stem" in result.stderr
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(run_two_epochs, tiny_dataset, tmp_path):
+    out = tmp_path / "diverge"
+    shutil.copytree(run_two_epochs[0], out)
+    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--data", str(tiny_dataset), "--out", str(out),
+                             "--epochs", "3", *TINY, "--lr", "1e30"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "at epoch 3 step" in result.stderr and "Traceback" not in result.stderr
+    assert (out / "checkpoint-0002" / "state.pt").is_file() and not (out / "checkpoint-0003").exists()
