@@ -8,7 +8,7 @@ from model.classifier import random_unit_rows, shard_rows
 from tests.classifier_problems import CASES, SGD_STEP, make_problem, tiny_backbone
 from tests.conftest import WORKERS, run_horovod
 
-BACKENDS = ["reference"]
+BACKENDS = ["reference", "chunked"]
 
 
 def relative_error(actual, expected):

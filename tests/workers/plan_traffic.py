@@ -1,0 +1,42 @@
+"""Worker: count the bytes each rank receives through Horovod in one classifier step, and its shard bytes.
+
+Usage: python plan_traffic.py OUT_DIR INSTANCES BATCH_PER_RANK DIM K
+"""
+import json
+import sys
+
+import horovod.torch as hvd
+import torch
+
+from model.classifier import ShardedInstanceClassifier
+
+out_dir, instances, batch, dim, k = sys.argv[1], *map(int, sys.argv[2:])
+hvd.init()
+received = {"bytes": 0}
+allgather, alltoall = hvd.allgather, hvd.alltoall
+
+
+def counting_allgather(tensor, *args, **kwargs):
+    output = allgather(tensor, *args, **kwargs)
+    received["bytes"] += (output.numel() - tensor.numel()) * output.element_size()  # all but its own part
+    return output
+
+
+def counting_alltoall(tensor, splits=None, *args, **kwargs):
+    output, received_splits = alltoall(tensor, splits, *args, **kwargs)
+    own = received_splits[hvd.rank()].item() * output[0].numel() if len(output) else 0
+    received["bytes"] += (output.numel() - own) * output.element_size()
+    return output, received_splits
+
+
+hvd.allgather, hvd.alltoall = counting_allgather, counting_alltoall
+classifier = ShardedInstanceClassifier(instances, dim, smooth_k=k, smooth_alpha=0.2)
+optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9)
+features = torch.randn(batch, dim, requires_grad=True)
+classifier(features, torch.randint(0, instances, (batch,))).backward()
+optimizer.step()
+state = optimizer.state[classifier.weight]["momentum_buffer"]
+result = {"received": received["bytes"],
+          "weight_bytes": classifier.weight.numel() * classifier.weight.element_size(),
+          "grad_momentum_bytes": (classifier.weight.grad.numel() + state.numel()) * state.element_size()}
+json.dump(result, open(f"{out_dir}/rank{hvd.rank()}.json", "w"))
