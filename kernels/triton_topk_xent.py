@@ -46,16 +46,34 @@ MAX_FEATURE_DIM = 256
 # (row, class) target pairs scattered per one-hot product in the dW kernel: tl.dot needs >= 16, and
 # a class tile rarely holds more (B (K + 1) / (C / BLOCK_C) pairs: ~20 at B = 4096, C = 160,000, K = 5).
 PAIR_BLOCK = 16
+# Rows per program of the dE target-part kernel: it gathers K + 1 whole rows of W per batch row.
+TARGET_ROWS = 32
+# Rows per program of the norm pre-pass: a [64, D] tile is 32 KB of fp32 at D = 128, and 2,500 programs
+# at C = 160,000 fill every SM of a GPU.
+NORM_ROWS = 64
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @triton.jit
-def _load_class_tile(weight_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps):
-    """Raw rows W_j [BLOCK_C, BLOCK_D] (zero where masked), 1 / max(|W_j|, eps) and |W_j| > eps, both [BLOCK_C]."""
+def _row_norms_kernel(weight_ptr, norm_ptr, num_rows, dim, stride_weight, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pre-pass: norm_ptr[j] = |W_j| in fp32 for the rows of one block.  Grid (cdiv(C, BLOCK_N),)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    w = tl.load(weight_ptr + rows[:, None].to(tl.int64) * stride_weight + dims[None, :],
+                mask=(rows < num_rows)[:, None] & (dims < dim)[None, :], other=0.0).to(tl.float32)
+    tl.store(norm_ptr + rows, tl.sqrt(tl.sum(w * w, axis=1)), mask=rows < num_rows)
+
+
+@triton.jit
+def _load_class_tile(weight_ptr, norm_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps):
+    """Raw rows W_j [BLOCK_C, BLOCK_D] (zero where masked), 1 / max(|W_j|, eps) and |W_j| > eps, both [BLOCK_C].
+
+    The norms come from a pre-pass ([C] fp32, once per launch) so that the W tile only feeds tl.dot and
+    never has to sit in registers for a reduction.
+    """
     w = tl.load(weight_ptr + cols[:, None].to(tl.int64) * stride_weight + dims[None, :],
                 mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-    w32 = w.to(tl.float32)
-    norm = tl.sqrt(tl.sum(w32 * w32, axis=1))
+    norm = tl.load(norm_ptr + cols, mask=col_ok, other=0.0)
     return w, 1.0 / tl.maximum(norm, norm_eps), norm > norm_eps
 
 
@@ -100,7 +118,7 @@ def _insert_candidates(z, tile_start, target, top_value, top_index, threshold, B
 
 @triton.jit
 def _shard_forward_kernel(
-    features_ptr, weight_ptr, target_ptr,
+    features_ptr, weight_ptr, norm_ptr, target_ptr,
     sum_exp_ptr, topk_value_ptr, topk_index_ptr, target_logit_ptr,
     batch, num_rows, dim, classes_per_split, stride_features, stride_weight,
     inv_temperature, norm_eps,
@@ -111,6 +129,7 @@ def _shard_forward_kernel(
 
     features_ptr   [B, D] normalized features (row stride stride_features)
     weight_ptr     [C, D] raw rows of the shard (row stride stride_weight)
+    norm_ptr       [C] fp32 |W_j|
     target_ptr     [B] int32 local id of y_i, -1 when another shard owns it
     sum_exp_ptr    [S, B] fp32 out: sum over the split's classes of exp(z_ij - 1/tau)
     topk_value_ptr [S, B, K_PAD] fp32 out: the split's K_PAD largest non-target logits (unordered, -inf padded)
@@ -130,7 +149,7 @@ def _shard_forward_kernel(
     # 1. Target logit, once per row block: a row-wise dot with the gathered rows W_{y_i}.
     if split == 0:
         owned = target >= 0
-        w_target, inv_norm_target, _ = _load_class_tile(weight_ptr, target, owned, dims, dim_ok, stride_weight,
+        w_target, inv_norm_target, _ = _load_class_tile(weight_ptr, norm_ptr, target, owned, dims, dim_ok, stride_weight,
                                                         norm_eps)
         z_target = tl.sum(e.to(tl.float32) * w_target.to(tl.float32), axis=1) * inv_norm_target * inv_temperature
         tl.store(target_logit_ptr + rows, tl.where(owned, z_target, 0.0), mask=row_ok)
@@ -148,7 +167,7 @@ def _shard_forward_kernel(
     for tile_start in range(class_start, class_stop, BLOCK_C):
         cols = tile_start + tl.arange(0, BLOCK_C)
         col_ok = cols < class_stop
-        w, inv_norm, _ = _load_class_tile(weight_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps)
+        w, inv_norm, _ = _load_class_tile(weight_ptr, norm_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps)
         z = _cosine_logits(e, w.to(DOT_DTYPE), inv_norm, col_ok, inv_temperature, INPUT_PRECISION)
         # Fixed shift: z <= 1/tau, so exp(z - 1/tau) <= 1 and the splits' sums add up without rescaling.
         sum_exp += tl.sum(tl.exp(z - inv_temperature), axis=1)
@@ -166,7 +185,7 @@ def _shard_forward_kernel(
 
 @triton.jit
 def _shard_backward_weight_kernel(
-    features_ptr, weight_ptr, lse_ptr, row_scale_ptr, grad_weight_ptr,
+    features_ptr, weight_ptr, norm_ptr, lse_ptr, row_scale_ptr, grad_weight_ptr,
     pair_offsets_ptr, pair_rows_ptr, pair_cols_ptr, pair_grads_ptr,
     batch, num_rows, dim, stride_features, stride_weight, inv_temperature, norm_eps,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -186,8 +205,8 @@ def _shard_backward_weight_kernel(
     col_ok = cols < num_rows
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < dim
-    w, inv_norm, long_row = _load_class_tile(weight_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps)
-    w_dot = w.to(DOT_DTYPE)
+    w, inv_norm, long_row = _load_class_tile(weight_ptr, norm_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps)
+    w = w.to(DOT_DTYPE)
 
     # 1. Softmax part: dW_n tile [BLOCK_C, BLOCK_D] += softmax^T E, owned by this program, in registers.
     grad_weight_n = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
@@ -198,12 +217,15 @@ def _shard_backward_weight_kernel(
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(DOT_DTYPE)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)  # 0 past the batch: no gradient
-        z = _cosine_logits(e, w_dot, inv_norm, col_ok, inv_temperature, INPUT_PRECISION)
-        softmax_grad = tl.exp(z - lse[:, None]) * row_scale[:, None]  # [BLOCK_B, BLOCK_C]
-        grad_weight_n = tl.dot(tl.trans(softmax_grad.to(DOT_DTYPE)), e, acc=grad_weight_n,
-                               input_precision=INPUT_PRECISION)
+        # Logits transposed, z^T = W_n E^T [BLOCK_C, BLOCK_B], so that G^T comes out of the product in
+        # the layout of the next product's left operand (transposing a register tile costs a trip
+        # through shared memory; the FlashAttention-2 dK/dV pass does the same).
+        z_t = tl.dot(w, tl.trans(e), input_precision=INPUT_PRECISION) * (inv_norm * inv_temperature)[:, None]
+        softmax_grad_t = tl.exp(z_t - lse[None, :]) * row_scale[None, :]  # [BLOCK_C, BLOCK_B]
+        grad_weight_n = tl.dot(softmax_grad_t.to(DOT_DTYPE), e, acc=grad_weight_n, input_precision=INPUT_PRECISION)
 
-    # 2. Target part: the tile's few (row, class) pairs, scattered by a one-hot product (fp32, exact).
+    # 2. Target part: the tile's few (row, class) pairs, scattered by a one-hot product in the same
+    #    dot dtype as step 1 (so the accumulator keeps its layout; the one-hot operand is exact).
     pair_end = tl.load(pair_offsets_ptr + tile + 1)
     for pair_start in range(tl.load(pair_offsets_ptr + tile), pair_end, BLOCK_P):
         pairs = pair_start + tl.arange(0, BLOCK_P)
@@ -213,31 +235,34 @@ def _shard_backward_weight_kernel(
         pair_grads = tl.load(pair_grads_ptr + pairs, mask=pair_ok, other=0.0)
         e = tl.load(features_ptr + pair_rows[:, None] * stride_features + dims[None, :],
                     mask=pair_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
-        one_hot = (positions[:, None] == pair_cols[None, :]).to(tl.float32)  # [BLOCK_C, BLOCK_P]
-        grad_weight_n = tl.dot(one_hot, pair_grads[:, None] * e, acc=grad_weight_n, input_precision="ieee")
+        one_hot = (positions[:, None] == pair_cols[None, :]).to(DOT_DTYPE)  # [BLOCK_C, BLOCK_P]
+        grad_weight_n = tl.dot(one_hot, (pair_grads[:, None] * e).to(DOT_DTYPE), acc=grad_weight_n,
+                               input_precision=INPUT_PRECISION)
 
-    # 3. Through W_n = W / max(|W|, eps): remove the radial part and divide by |W|. Rows not longer than
-    #    eps were divided by the constant eps, so they have no radial term (reference.normalize_backward).
-    w_n = w.to(tl.float32) * inv_norm[:, None]
-    radial = tl.sum(grad_weight_n * w_n, axis=1)
-    grad_weight = tl.where(long_row[:, None], grad_weight_n - w_n * radial[:, None], grad_weight_n) * inv_norm[:, None]
+    # 3. Through W_n = W / max(|W|, eps): dW = (dW_n - W_n <dW_n, W_n>) / |W|, written with the raw W
+    #    (reloaded rather than kept in registers through the loop) to keep one [BLOCK_C, BLOCK_D] fp32 tile
+    #    live besides the accumulator. Rows not longer than eps were divided by the constant eps: no
+    #    radial term (reference.normalize_backward).
+    w, _, _ = _load_class_tile(weight_ptr, norm_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps)
+    w = w.to(tl.float32)
+    radial = tl.where(long_row, tl.sum(grad_weight_n * w, axis=1) * inv_norm * inv_norm, 0.0)  # <dW_n, W_n> / |W|
+    grad_weight = (grad_weight_n - w * radial[:, None]) * inv_norm[:, None]
     tl.store(grad_weight_ptr + cols[:, None].to(tl.int64) * dim + dims[None, :],
              grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=col_ok[:, None] & dim_ok[None, :])
 
 
 @triton.jit
 def _shard_backward_features_kernel(
-    features_ptr, weight_ptr, lse_ptr, row_scale_ptr, targets_ptr, grad_features_ptr,
-    batch, num_rows, dim, num_targets, classes_per_split, stride_features, stride_weight, stride_targets,
-    inv_temperature, target_weight, topk_weight, norm_eps,
+    features_ptr, weight_ptr, norm_ptr, lse_ptr, row_scale_ptr, grad_features_ptr,
+    batch, num_rows, dim, classes_per_split, stride_features, stride_weight, inv_temperature, norm_eps,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Partial dE_n = G W_n of one row block over one class split.  Grid (cdiv(B, BLOCK_B), S).
+    """Partial dE_n = softmax-part of G, times W_n, for one row block over one class split.  Grid (cdiv(B, BLOCK_B), S).
 
-    lse_ptr, row_scale_ptr as in _shard_backward_weight_kernel; targets_ptr [B, 1 + K] int32 local
-    ids of y_i then of the merged top-K (-1: not in this shard), weighted 1 - alpha and alpha / K;
-    grad_features_ptr [S, B, D] fp32 out, one partial per split, summed by the host in split order.
+    lse_ptr, row_scale_ptr as in _shard_backward_weight_kernel; grad_features_ptr [S + 1, B, D] fp32
+    out: slice s is split s's partial (slice S is the target part, _target_rows_kernel); the host
+    sums the slices in order, so the result is deterministic.
     """
     row_block, split = tl.program_id(0), tl.program_id(1)
     rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -251,25 +276,47 @@ def _shard_backward_features_kernel(
     class_start = split * classes_per_split
     class_stop = tl.minimum(class_start + classes_per_split, num_rows)
 
-    # 1. Target part: -sum_j q_ij W_n,j over the K + 1 targets of each row that fall in this split.
+    # Softmax part only (the sparse -q part is _target_rows_kernel), tile by tile: G W_n =
+    # (G diag(1 / |W_j|)) W, so the raw tile stays the exact operand.
     grad_features_n = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
-    for slot in range(num_targets):
-        target = tl.load(targets_ptr + rows * stride_targets + slot, mask=row_ok, other=-1)
-        in_split = (target >= class_start) & (target < class_stop)
-        w, inv_norm, _ = _load_class_tile(weight_ptr, target, in_split, dims, dim_ok, stride_weight, norm_eps)
-        q = tl.where(slot == 0, target_weight, topk_weight)
-        grad_features_n -= (q * row_scale * inv_norm)[:, None] * w.to(tl.float32)
-
-    # 2. Softmax part, tile by tile: G W_n = (G diag(1 / |W_j|)) W, so the raw tile stays the exact operand.
     for tile_start in range(class_start, class_stop, BLOCK_C):
         cols = tile_start + tl.arange(0, BLOCK_C)
         col_ok = cols < class_stop
-        w, inv_norm, _ = _load_class_tile(weight_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps)
+        w, inv_norm, _ = _load_class_tile(weight_ptr, norm_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps)
         w = w.to(DOT_DTYPE)
         z = _cosine_logits(e, w, inv_norm, col_ok, inv_temperature, INPUT_PRECISION)
         softmax_grad = tl.exp(z - lse[:, None]) * (row_scale[:, None] * inv_norm[None, :])  # [BLOCK_B, BLOCK_C]
         grad_features_n = tl.dot(softmax_grad.to(DOT_DTYPE), w, acc=grad_features_n, input_precision=INPUT_PRECISION)
+
     tl.store(grad_features_ptr + (split * batch + rows)[:, None] * dim + dims[None, :], grad_features_n,
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _target_rows_kernel(
+    weight_ptr, norm_ptr, row_scale_ptr, targets_ptr, grad_features_ptr,
+    batch, num_rows, dim, num_targets, stride_weight, stride_targets, target_weight, topk_weight, norm_eps,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Target part of dE_n: -grad_rows_i / tau sum_j q_ij W_n,j over the K + 1 targets of each row.  Grid (cdiv(B, BLOCK_B),).
+
+    targets_ptr [B, 1 + K] int32 local ids of y_i, then of the merged top-K (-1: not in this shard),
+    weighted 1 - alpha and alpha / K; grad_features_ptr [B, D] fp32 out. A separate kernel: gathering
+    whole rows next to the accumulator of the softmax part would spill registers there.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < dim
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    grad_features_n = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    for slot in range(num_targets):
+        target = tl.load(targets_ptr + rows * stride_targets + slot, mask=row_ok, other=-1)
+        w, inv_norm, _ = _load_class_tile(weight_ptr, norm_ptr, target, target >= 0, dims, dim_ok, stride_weight,
+                                          norm_eps)
+        q = tl.where(slot == 0, target_weight, topk_weight)
+        grad_features_n -= (q * row_scale * inv_norm)[:, None] * w.to(tl.float32)
+    tl.store(grad_features_ptr + rows[:, None] * dim + dims[None, :], grad_features_n,
              mask=row_ok[:, None] & dim_ok[None, :])
 
 
@@ -298,21 +345,39 @@ def _rows_contiguous(x):
     return x if x.stride(1) == 1 else x.contiguous()
 
 
+def _row_norms(weight):
+    """|W_j| in fp32 [C]: one read of W (40 MB at 160,000 x 128 bf16, ~15 us on an H100), no fp32 copy."""
+    num_rows, dim = weight.shape
+    norms = torch.empty(num_rows, dtype=torch.float32, device=weight.device)
+    _row_norms_kernel[(triton.cdiv(num_rows, NORM_ROWS),)](weight, norms, num_rows, dim, weight.stride(0),
+                                                         BLOCK_N=NORM_ROWS, BLOCK_D=triton.next_power_of_2(dim))
+    return norms
+
+
 def _local_ids(ids, shard_start, num_rows):
     """Global class ids -> int32 positions in this shard; -1 for ids it does not own and for -1 padding."""
     local = ids - shard_start
     return torch.where((ids >= 0) & (local >= 0) & (local < num_rows), local, -1).to(torch.int32).contiguous()
 
 
-def _launch_config(features_n, weight, block_rows, block_classes, num_splits):
-    """Tile sizes, class splits, warps and dot dtype. block_rows / block_classes / num_splits override
-    the heuristics (tests use small ones to cover many tiles and splits)."""
+# Largest (BLOCK_B, BLOCK_C) of each kernel for bf16 operands and D <= 128, as in FlashAttention-2 on
+# Hopper: the forward and dE kernels hold E tiles and stream class tiles (128 x 64, like its forward);
+# the dW kernel holds a class tile and streams row blocks (64 x 128, like its dK/dV pass). Halved in
+# both directions for fp32 operands or D > 128 (4x the register / shared-memory bytes per tile).
+TILE_CAPS = {"forward": (128, 64), "features": (128, 64), "weight": (64, 128)}
+
+
+def _launch_config(kind, features_n, weight, block_rows, block_classes, num_splits):
+    """Tile sizes, class splits, warps and dot dtype of one kernel ('forward', 'features' or 'weight').
+    block_rows / block_classes / num_splits override the heuristics (tests use small tiles)."""
     (batch, dim), num_rows, device = features_n.shape, weight.shape[0], weight.device
     block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs every dimension >= 16
-    # 128 x 128 logit tiles keep the tensor cores busy; halved above D = 128 to stay on chip.
-    cap = 128 if block_d <= 128 else 64
-    block_b = block_rows or min(cap, max(16, triton.next_power_of_2(batch)))
-    block_c = block_classes or min(cap, max(16, triton.next_power_of_2(num_rows)))
+    bf16_operands = features_n.dtype == weight.dtype == torch.bfloat16 and not triton.knobs.runtime.interpret
+    cap_b, cap_c = TILE_CAPS[kind]
+    if not bf16_operands or block_d > 128:
+        cap_b, cap_c = cap_b // 2, cap_c // 2
+    block_b = block_rows or min(cap_b, max(16, triton.next_power_of_2(batch)))
+    block_c = block_classes or min(cap_c, max(16, triton.next_power_of_2(num_rows)))
     row_blocks, class_tiles = triton.cdiv(batch, block_b), triton.cdiv(num_rows, block_c)
     if num_splits is None:
         # Row blocks alone (B / BLOCK_B = 32 at B = 4096) would leave most SMs idle: split the classes so
@@ -320,11 +385,9 @@ def _launch_config(features_n, weight, block_rows, block_classes, num_splits):
         processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         num_splits = triton.cdiv(4 * processors, row_blocks)
     classes_per_split = triton.cdiv(class_tiles, min(max(num_splits, 1), class_tiles)) * block_c
-    interpreting = triton.knobs.runtime.interpret
-    bf16_operands = features_n.dtype == weight.dtype == torch.bfloat16 and not interpreting
     return dict(block_b=block_b, block_c=block_c, block_d=block_d, row_blocks=row_blocks, class_tiles=class_tiles,
                 num_splits=triton.cdiv(num_rows, classes_per_split), classes_per_split=classes_per_split,
-                num_warps=8 if block_b * block_c >= 128 * 128 else 4,
+                num_warps=8 if block_b * block_c >= 128 * 64 else 4,
                 dot_dtype=tl.bfloat16 if bf16_operands else tl.float32)
 
 
@@ -342,7 +405,7 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
         raise ValueError(f"k must be in [0, {MAX_K}], got {k}")
     features_n, weight = _rows_contiguous(features_n), _rows_contiguous(weight)
     (batch, dim), num_rows = features_n.shape, weight.shape[0]
-    config = _launch_config(features_n, weight, block_rows, block_classes, num_splits)
+    config = _launch_config("forward", features_n, weight, block_rows, block_classes, num_splits)
     splits, k_pad = config["num_splits"], triton.next_power_of_2(max(k, 1))
     out = dict(dtype=torch.float32, device=weight.device)
     sum_exp = torch.empty(splits, batch, **out)
@@ -350,7 +413,7 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
     topk_values = torch.empty(splits, batch, k_pad if k else 0, **out)
     topk_local = torch.empty(splits, batch, k_pad if k else 0, dtype=torch.int32, device=weight.device)
     _shard_forward_kernel[(config["row_blocks"], splits)](
-        features_n, weight, _local_ids(labels, shard_start, num_rows),
+        features_n, weight, _row_norms(weight), _local_ids(labels, shard_start, num_rows),
         sum_exp, topk_values, topk_local, target_logit,
         batch, num_rows, dim, config["classes_per_split"], features_n.stride(0), weight.stride(0),
         1.0 / temperature, NORM_EPS,
@@ -374,12 +437,12 @@ def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, g
     _check_inputs(features_n, weight, labels, temperature)
     features_n, weight = _rows_contiguous(features_n), _rows_contiguous(weight)
     (batch, dim), num_rows, device = features_n.shape, weight.shape[0], weight.device
-    config = _launch_config(features_n, weight, block_rows, block_classes, num_splits)
     k = topk_indices.shape[1]
     lse = lse.to(torch.float32).contiguous()
     row_scale = (grad_rows.to(torch.float32) / temperature).contiguous()  # [B]
-    tiles = dict(BLOCK_B=config["block_b"], BLOCK_C=config["block_c"], BLOCK_D=config["block_d"],
-                 DOT_DTYPE=config["dot_dtype"], INPUT_PRECISION="ieee", num_warps=config["num_warps"])
+    norms = _row_norms(weight)
+    weight_config, features_config = (_launch_config(kind, features_n, weight, block_rows, block_classes, num_splits)
+                                      for kind in ("weight", "features"))
 
     # q as (row, class) targets: y_i with weight 1 - alpha, then the merged top-K with alpha / K each.
     targets = _local_ids(torch.cat([labels[:, None], topk_indices.to(device)], dim=1), shard_start, num_rows)
@@ -391,18 +454,28 @@ def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, g
     pair_cols = targets[owned][order]
     pair_rows = torch.arange(batch, dtype=torch.int32, device=device)[:, None].expand_as(targets)[owned][order]
     pair_grads = (-q[None, :] * row_scale[:, None])[owned][order]
-    tile_starts = torch.arange(config["class_tiles"] + 1, dtype=torch.int32, device=device) * config["block_c"]
+    tile_starts = torch.arange(weight_config["class_tiles"] + 1, dtype=torch.int32, device=device) * weight_config["block_c"]
     pair_offsets = torch.searchsorted(pair_cols, tile_starts).to(torch.int32)
 
     grad_weight = torch.empty(num_rows, dim, dtype=weight.dtype, device=device)
-    _shard_backward_weight_kernel[(config["class_tiles"],)](
-        features_n, weight, lse, row_scale, grad_weight, pair_offsets, pair_rows, pair_cols, pair_grads,
+    _shard_backward_weight_kernel[(weight_config["class_tiles"],)](
+        features_n, weight, norms, lse, row_scale, grad_weight, pair_offsets, pair_rows, pair_cols, pair_grads,
         batch, num_rows, dim, features_n.stride(0), weight.stride(0), 1.0 / temperature, NORM_EPS,
-        BLOCK_P=PAIR_BLOCK, **tiles)
+        BLOCK_B=weight_config["block_b"], BLOCK_C=weight_config["block_c"], BLOCK_D=weight_config["block_d"],
+        BLOCK_P=PAIR_BLOCK, DOT_DTYPE=weight_config["dot_dtype"], INPUT_PRECISION="ieee",
+        num_warps=weight_config["num_warps"])
 
-    partial = torch.empty(config["num_splits"], batch, dim, dtype=torch.float32, device=device)
-    _shard_backward_features_kernel[(config["row_blocks"], config["num_splits"])](
-        features_n, weight, lse, row_scale, targets, partial,
-        batch, num_rows, dim, targets.shape[1], config["classes_per_split"], features_n.stride(0),
-        weight.stride(0), targets.stride(0), 1.0 / temperature, target_weight, topk_weight, NORM_EPS, **tiles)
+    # dE_n partials: one slice per class split (softmax part), then the target part.
+    splits = features_config["num_splits"]
+    partial = torch.empty(splits + 1, batch, dim, dtype=torch.float32, device=device)
+    _shard_backward_features_kernel[(features_config["row_blocks"], splits)](
+        features_n, weight, norms, lse, row_scale, partial,
+        batch, num_rows, dim, features_config["classes_per_split"], features_n.stride(0), weight.stride(0),
+        1.0 / temperature, NORM_EPS,
+        BLOCK_B=features_config["block_b"], BLOCK_C=features_config["block_c"], BLOCK_D=features_config["block_d"],
+        DOT_DTYPE=features_config["dot_dtype"], INPUT_PRECISION="ieee", num_warps=features_config["num_warps"])
+    _target_rows_kernel[(triton.cdiv(batch, TARGET_ROWS),)](
+        weight, norms, row_scale, targets, partial[splits],
+        batch, num_rows, dim, targets.shape[1], weight.stride(0), targets.stride(0), target_weight, topk_weight,
+        NORM_EPS, BLOCK_B=TARGET_ROWS, BLOCK_D=features_config["block_d"])
     return partial.sum(dim=0).to(features_n.dtype), grad_weight

@@ -1,0 +1,411 @@
+"""Benchmarks and the GPU check of the classifier loss kernels (kernels/).
+
+    python bench/kernel.py cpu                 # chunked torch path vs the materialised loss, B=512 C=640,000 D=128
+    python bench/kernel.py gpu                 # on CUDA: correctness vs the float64 oracle, then timings (a table)
+    TRITON_INTERPRET=1 python bench/kernel.py gpu --dry-run   # the same script on CPU with tiny shapes
+    python bench/kernel.py compile             # compile every Triton kernel for sm_90 without a GPU
+
+Work of one step (forward + backward) at B rows, C classes, D dims: the useful math is 3 products of
+2BCD flops (logits, dE = G W_n, dW = G^T E); TFLOP/s below are 3 * 2BCD / time. The Triton backend does
+5 such products (1 forward, and the logits are recomputed in each of its two backward kernels instead
+of storing the [B, C] slab). Memory is the peak of allocated memory during the step minus what was
+allocated before it (inputs; the gradients are freed before each step, so dW [C, D] is part of it for
+every variant). bench/gpu_check.sh runs `gpu` and `compile` with a time budget.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from kernels import reference, seed_rows_, sharded_topk_xent, topk_smoothed_xent  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("mode", choices=["cpu", "gpu", "compile"])
+# shapes
+parser.add_argument("--batch", type=int, default=None,
+                    help="rows B of the global batch (default: 512 cpu, 4096 gpu, 33 --dry-run)")
+parser.add_argument("--classes", type=int, default=None,
+                    help="classifier rows C of one shard (default: 640,000 cpu = half of 1.28M, 160,000 gpu = "
+                         "1.28M / 8, 700 --dry-run)")
+parser.add_argument("--dim", type=int, default=None, help="feature dim D (default: 128; 32 in --dry-run)")
+parser.add_argument("--k", type=int, default=5, help="top-K smoothing classes (default: 5)")
+parser.add_argument("--alpha", type=float, default=0.2, help="smoothing mass (default: 0.2)")
+parser.add_argument("--temperature", type=float, default=0.15, help="tau (default: 0.15)")
+# runs
+parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant, median reported (default: 1 cpu, 20 gpu)")
+parser.add_argument("--variant", choices=["chunked", "materialised"], default=None,
+                    help="cpu: run one variant in this process and print JSON (used by the cpu mode itself)")
+parser.add_argument("--dry-run", action="store_true",
+                    help="gpu: run on CPU with tiny shapes under TRITON_INTERPRET=1, to check the script itself")
+parser.add_argument("--arch", type=int, default=90, help="compile: CUDA compute capability (default: 90 = H100)")
+
+
+def materialised_loss(features, weight, labels, *, temperature, k, alpha):
+    """The plain way: fp32 [B, C] logits kept by autograd, torch.topk, logsumexp. Same loss as
+    kernels.reference.topk_smoothed_xent, which uses a stable full sort (exact ties, far slower)."""
+    logits = (F.normalize(features, dim=1) @ F.normalize(weight, dim=1).T).float() / temperature  # [B, C]
+    loss = torch.logsumexp(logits, dim=1) - (1.0 - alpha) * logits.gather(1, labels[:, None])[:, 0]
+    if k > 0:
+        hardest = logits.detach().scatter(1, labels[:, None], float("-inf")).topk(k, dim=1).indices
+        loss = loss - alpha * logits.gather(1, hardest).mean(dim=1)
+    return loss.mean()
+
+
+def make_inputs(batch, num_rows, dim, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, dim, generator=generator).to(device, dtype).requires_grad_(True)
+    weight = torch.randn(num_rows, dim, generator=generator).to(device, dtype).requires_grad_(True)
+    labels = torch.randint(0, num_rows, (batch,), generator=generator).to(device)
+    return features, weight, labels
+
+
+def training_step(loss_fn, features, weight, labels):
+    """One forward + backward from fresh gradients."""
+    features.grad = weight.grad = None
+    loss_fn(features, weight, labels).backward()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, repeats, warmup=2):
+    """Median wall time of fn in ms (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(stop))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn, device):
+    """Peak allocated memory during fn minus what was allocated before (CUDA only)."""
+    if device.type != "cuda":
+        return math.nan
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def relative_error(actual, expected):
+    """max |a - e| / max |e|, as in tests/test_kernels.py."""
+    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu: chunked vs materialised, each in a fresh process so that peak RSS means something.
+
+def rss_mib(field):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) / 1024
+
+
+def run_cpu_variant(args):
+    """One variant in this process: warm up on a small problem, then time the full one. Prints JSON."""
+    options = dict(temperature=args.temperature, k=args.k, alpha=args.alpha)
+    loss_fn = {"chunked": lambda f, w, y: topk_smoothed_xent(f, w, y, backend="chunked", **options),
+               "materialised": lambda f, w, y: materialised_loss(f, w, y, **options)}[args.variant]
+    training_step(loss_fn, *make_inputs(64, 1000, args.dim, torch.float32, torch.device("cpu")))
+    inputs = make_inputs(args.batch, args.classes, args.dim, torch.float32, torch.device("cpu"))
+    before = rss_mib("VmRSS")
+    milliseconds = time_ms(lambda: training_step(loss_fn, *inputs), torch.device("cpu"), args.repeats, warmup=0)
+    print(json.dumps(dict(ms=milliseconds, peak_mib=rss_mib("VmHWM") - before)))
+
+
+def cpu_benchmark(args):
+    flops = 3 * 2 * args.batch * args.classes * args.dim
+    results = {}
+    for variant in ["materialised", "chunked"]:
+        command = [sys.executable, __file__, "cpu", "--variant", variant, *sys.argv[2:]]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[variant] = json.loads(output.strip().splitlines()[-1])
+    print(f"B = {args.batch}, C = {args.classes:,}, D = {args.dim}, K = {args.k}, fp32, forward + backward, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}; memory = peak RSS growth during the step")
+    print("| path | time (s) | GFLOP/s (3 x 2BCD) | peak extra memory (MiB) |")
+    print("|---|---|---|---|")
+    for variant, result in results.items():
+        print(f"| {variant} | {result['ms'] / 1e3:.2f} | {flops / result['ms'] / 1e6:.1f} | {result['peak_mib']:.0f} |")
+    chunked, materialised = results["chunked"], results["materialised"]
+    print(f"| ratio materialised / chunked | {materialised['ms'] / chunked['ms']:.2f}x | | "
+          f"{materialised['peak_mib'] / chunked['peak_mib']:.1f}x |")
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu: correctness on the device, then the timings.
+
+# batch, classes, dim, k, alpha, temperature, dtype: odd sizes, every K, D = 256, both dtypes.
+GPU_CASES = [(1, 37, 16, 1, 0.2, 0.07, torch.float32), (257, 1000, 64, 5, 0.2, 0.15, torch.float32),
+             (1000, 5003, 128, 32, 0.0, 1.0, torch.float32), (300, 2000, 256, 16, 0.2, 0.15, torch.float32),
+             (4096, 20011, 128, 5, 0.2, 0.15, torch.bfloat16), (129, 3001, 48, 0, 0.2, 0.07, torch.bfloat16)]
+DRY_RUN_CASES = [(5, 37, 16, 1, 0.2, 0.07, torch.float32), (9, 70, 48, 5, 0.2, 0.15, torch.bfloat16)]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def check_case(batch, num_rows, dim, k, alpha, temperature, dtype, device):
+    """Triton loss, dE, dW and top-K ids vs the float64 oracle on the same values; bitwise rerun."""
+    features, weight, labels = make_inputs(batch, num_rows, dim, dtype, device, seed=batch)
+    options = dict(temperature=temperature, k=k, alpha=alpha)
+    oracle_features, oracle_weight = features.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    oracle_loss = reference.topk_smoothed_xent(oracle_features, oracle_weight, labels, **options)
+    oracle_loss.backward()
+    with torch.no_grad():
+        logits = reference.normalize_rows(oracle_features) @ reference.normalize_rows(oracle_weight).T / temperature
+        oracle_ids = reference.hardest_classes(logits, labels, reference.effective_k(k, num_rows))
+        del logits
+
+    def run():
+        features.grad = weight.grad = None
+        features_n = reference.normalize_rows(features.float()).to(dtype)
+        loss, ids = sharded_topk_xent(features_n, weight, labels, 0, num_rows, backend="triton", **options)
+        loss.backward()
+        return loss.detach(), ids, features.grad.clone(), weight.grad.clone()
+
+    loss, ids, grad_features, grad_weight = run()
+    again = run()
+    errors = [relative_error(loss, oracle_loss.detach()), relative_error(grad_features, oracle_features.grad),
+              relative_error(grad_weight, oracle_weight.grad)]
+    ids_differ = int((ids != oracle_ids).any(dim=1).sum())
+    deterministic = all(torch.equal(a, b) for a, b in zip((loss, ids, grad_features, grad_weight), again))
+    # fp32 must pick exactly the oracle's classes; bf16-rounded logits may swap near-ties.
+    ok = max(errors) < TOLERANCE[dtype] and deterministic and (ids_differ == 0 or dtype == torch.bfloat16)
+    return errors, ids_differ, deterministic, ok
+
+
+def check_seed(device):
+    features, weight, ids = torch.randn(300, 128, device=device), torch.randn(1000, 128, device=device), torch.randint(500, 1700, (300,), device=device)
+    ids[:10] = ids[10:20]  # duplicates: the last occurrence wins
+    expected, actual = weight.clone(), weight.clone()
+    written = reference.seed_rows_(expected, features, ids, 600)
+    return seed_rows_(actual, features, ids, 600, backend="triton") == written and float((actual - expected).abs().max()) < 1e-6
+
+
+def gpu_correctness(device, dry_run):
+    print(f"Correctness vs the float64 oracle on {device_name(device)} (relative error max|a-e|/max|e|; tolerance "
+          "1e-5 fp32, 2e-2 bf16; deterministic = bitwise equal rerun):")
+    print("| B | C | D | K | alpha | tau | dtype | loss | dE | dW | rows with other top-K ids | deterministic | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    all_ok = True
+    for case in DRY_RUN_CASES if dry_run else GPU_CASES:
+        errors, ids_differ, deterministic, ok = check_case(*case, device)
+        all_ok &= ok
+        batch, num_rows, dim, k, alpha, temperature, dtype = case
+        print(f"| {batch} | {num_rows} | {dim} | {k} | {alpha} | {temperature} | {str(dtype)[6:]} | "
+              + " | ".join(f"{e:.1e}" for e in errors) + f" | {ids_differ} | {deterministic} | {'yes' if ok else 'NO'} |")
+    seed_ok = check_seed(device)
+    print(f"\nSeeding (Triton vs reference, duplicate ids, ids outside the shard): {'ok' if seed_ok else 'FAILED'}")
+    return all_ok and seed_ok
+
+
+def gemm_floor(features, weight, device, repeats):
+    """Time of the three products alone (bf16 operands, fp32 accumulation): E W^T, G W, G^T E."""
+    e, w = features.detach(), weight.detach()
+    g = torch.randn(e.shape[0], w.shape[0], device=device, dtype=e.dtype)
+    return time_ms(lambda: (e @ w.T, g @ w, g.T @ e), device, repeats)
+
+
+def optional_baselines():
+    """K = 0 cross-entropy kernels of other projects, on the same cosine logits, when importable."""
+    found = {}
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+        liger_ce, liger_flce = LigerCrossEntropyLoss(), LigerFusedLinearCrossEntropyLoss()
+        found["Liger cross-entropy (materialised logits)"] = lambda e_n, w_n, y: liger_ce((e_n @ w_n.T).float(), y)
+        found["Liger fused linear cross-entropy"] = lambda e_n, w_n, y: liger_flce(w_n, e_n, y)
+    except ImportError as error:
+        print(f"(Liger-Kernel not importable: {error})")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+        found["Apple cut-cross-entropy"] = lambda e_n, w_n, y: linear_cross_entropy(e_n, w_n, y)
+    except ImportError as error:
+        print(f"(cut-cross-entropy not importable: {error})")
+    return found
+
+
+def gpu_benchmark(args, device):
+    shape = f"B = {args.batch}, C = {args.classes:,}, D = {args.dim}, bf16, tau = {args.temperature}, alpha = {args.alpha}"
+    print(f"\nForward + backward on {device_name(device)}, {shape}; median of {args.repeats}; "
+          "TFLOP/s = 3 x 2BCD / time; floor = the 3 products alone (ours does 5, see bench/kernel.py)")
+    features, weight, labels = make_inputs(args.batch, args.classes, args.dim, torch.bfloat16, device)
+    flops = 3 * 2 * args.batch * args.classes * args.dim
+    floor = gemm_floor(features, weight, device, args.repeats)
+    print(f"\nGEMM floor: {floor:.3f} ms ({flops / floor / 1e9:.0f} TFLOP/s)")
+    for k in sorted({args.k, 0}, reverse=True):
+        options = dict(temperature=args.temperature, k=k, alpha=args.alpha)
+        variants = {"ours (Triton)": lambda f, w, y: topk_smoothed_xent(f, w, y, backend="triton", **options),
+                    "torch eager, materialised": lambda f, w, y: materialised_loss(f, w, y, **options)}
+        if not args.dry_run or device.type == "cuda":
+            variants["torch.compile, materialised"] = torch.compile(lambda f, w, y: materialised_loss(f, w, y, **options))
+        if k == 0:
+            for name, loss_fn in optional_baselines().items():
+                # Same cosine logits: normalise, and fold 1/tau into the features.
+                variants[name] = lambda f, w, y, loss_fn=loss_fn: loss_fn(F.normalize(f, dim=1) / args.temperature,
+                                                                          F.normalize(w, dim=1), y)
+        print(f"\nK = {k}:")
+        print("| variant | ms | TFLOP/s | x GEMM floor | speed-up of ours | peak extra memory (MiB) |")
+        print("|---|---|---|---|---|---|")
+        timings = {}
+        for name, loss_fn in variants.items():
+            step = lambda: training_step(loss_fn, features, weight, labels)  # noqa: E731
+            try:
+                milliseconds = time_ms(step, device, args.repeats)
+                timings[name] = (milliseconds, peak_extra_mib(step, device))
+            except Exception as error:  # a baseline that fails must not hide the others
+                print(f"| {name} | failed: {type(error).__name__}: {str(error)[:120]} | | | | |")
+                continue
+            ours = timings["ours (Triton)"][0]
+            print(f"| {name} | {milliseconds:.3f} | {flops / milliseconds / 1e9:.1f} | {milliseconds / floor:.2f} | "
+                  f"{milliseconds / ours:.2f}x | {timings[name][1]:.0f} |")
+        report_targets(timings, floor)
+
+
+def report_targets(timings, floor):
+    """The issue's targets: <= 1.3x floor, >= 4x eager, >= 1.5x compile, memory <= 5% of eager's."""
+    ours, ours_mib = timings["ours (Triton)"]
+    checks = [f"x floor {ours / floor:.2f} (target <= 1.3)"]
+    if "torch eager, materialised" in timings:
+        eager, eager_mib = timings["torch eager, materialised"]
+        checks += [f"vs eager {eager / ours:.2f}x (target >= 4)", f"memory {ours_mib / eager_mib:.1%} of eager's (target <= 5%)"]
+    if "torch.compile, materialised" in timings:
+        checks.append(f"vs compile {timings['torch.compile, materialised'][0] / ours:.2f}x (target >= 1.5)")
+    print("Targets: " + "; ".join(checks))
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter, dry run)"
+
+
+def gpu_check(args):
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--dry-run runs the Triton kernels on CPU: set TRITON_INTERPRET=1 (before triton is imported)")
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu mode needs CUDA (or --dry-run under TRITON_INTERPRET=1)")
+        device = torch.device("cuda")
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    ok = gpu_correctness(device, args.dry_run)
+    gpu_benchmark(args, device)
+    if not ok:
+        sys.exit("correctness check FAILED (see the first table)")
+
+
+# ---------------------------------------------------------------------------------------------
+# compile: the interpreter checks the math, not that the kernels compile for a GPU. This compiles
+# them for sm_<arch> at the benchmark shape (no GPU needed) and reports registers, spills, shared memory.
+
+def capture_launches(dtype, k):
+    """Run the launchers on CPU tensors with every kernel's launch replaced by a recorder."""
+    from kernels import triton_seed, triton_topk_xent
+    kernels = [triton_topk_xent._row_norms_kernel, triton_topk_xent._shard_forward_kernel, triton_topk_xent._target_rows_kernel, triton_topk_xent._shard_backward_weight_kernel,
+               triton_topk_xent._shard_backward_features_kernel, triton_seed._seed_rows_kernel]
+    launches = []
+    for kernel in kernels:
+        kernel.run = lambda *args, grid, warmup, kernel=kernel, **kwargs: launches.append((kernel, args, kwargs))
+    features, weight, labels = make_inputs(4096, 160_000, 128, dtype, torch.device("cpu"))
+    features, weight = reference.normalize_rows(features.detach().float()).to(dtype), weight.detach()
+    options = dict(temperature=0.15, block_rows=None, block_classes=None, num_splits=8)
+    triton_topk_xent.shard_forward_stats(features, weight, labels, 0, k=k, **options)
+    topk_indices = torch.randint(0, 160_000, (4096, k))
+    triton_topk_xent.shard_backward(features, weight, labels, 0, torch.zeros(4096), topk_indices, torch.ones(4096),
+                                    alpha=0.2, **options)
+    triton_seed.seed_rows_(weight.clone(), features, labels, 0)
+    return launches
+
+
+def signature_of(kernel, args, kwargs):
+    """Triton type strings of a recorded launch: tensors by dtype, ints i32/i64, floats fp32."""
+    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float64: "*fp64", torch.int32: "*i32",
+               torch.int64: "*i64"}
+    signature, constexprs = {}, {}
+    values = dict(zip([p.name for p in kernel.params], args), **kwargs)
+    for param in kernel.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = pointer[value.dtype]
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        else:
+            signature[param.name] = "fp32"
+    return signature, constexprs
+
+
+def resource_usage(cubin, name):
+    """REG / STACK / LOCAL of one kernel from cuobjdump (STACK > 0: registers spilled to local memory)."""
+    import tempfile
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True).stdout
+    line = next((line for line in text.splitlines() if "REG:" in line), "")
+    return {key: int(value) for key, value in (item.split(":")[:2] for item in line.split() if ":" in item
+                                               and item.split(":")[1].isdigit())}
+
+
+def compile_check(args):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("compile mode needs the real Triton compiler: unset TRITON_INTERPRET")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    print(f"Triton {triton.__version__} compile for sm_{args.arch} at B = 4096, C = 160,000, D = 128 (no GPU needed):")
+    print("| kernel | dtype | K | warps | registers | spill stack (bytes) | shared memory (bytes) | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    seen = set()
+    for dtype, k in [(torch.bfloat16, 5), (torch.bfloat16, 32), (torch.float32, 5)]:
+        for kernel, launch_args, kwargs in capture_launches(dtype, k):
+            num_warps = kwargs.pop("num_warps", 4)
+            signature, constexprs = signature_of(kernel, launch_args, kwargs)
+            key = (kernel.__name__, tuple(signature.items()), tuple(sorted(map(str, constexprs.items()))))
+            if key in seen:
+                continue
+            seen.add(key)
+            begin = time.perf_counter()
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", args.arch, 32),
+                                      options=dict(num_warps=num_warps))
+            usage = resource_usage(compiled.asm["cubin"], kernel.__name__)
+            print(f"| {kernel.__name__} | {str(dtype)[6:]} | {k} | {num_warps} | {usage.get('REG', '?')} | "
+                  f"{usage.get('STACK', '?')} | {compiled.metadata.shared} | {time.perf_counter() - begin:.1f} |")
+
+
+# batch, classes, dim, repeats of each mode when not given
+DEFAULTS = {"cpu": (512, 640_000, 128, 1), "gpu": (4096, 160_000, 128, 20), "dry-run": (33, 700, 32, 1)}
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    defaults = DEFAULTS["dry-run" if args.dry_run else args.mode] if args.mode != "compile" else (None,) * 4
+    args.batch, args.classes, args.dim, args.repeats = (given or default for given, default in zip(
+        (args.batch, args.classes, args.dim, args.repeats), defaults))
+    if args.mode == "cpu":
+        run_cpu_variant(args) if args.variant else cpu_benchmark(args)
+    elif args.mode == "gpu":
+        gpu_check(args)
+    else:
+        compile_check(args)
