@@ -256,8 +256,7 @@ def gpu_benchmark(args, device):
         options = dict(temperature=args.temperature, k=k, alpha=args.alpha)
         variants = {"ours (Triton)": lambda f, w, y: topk_smoothed_xent(f, w, y, backend="triton", **options),
                     "torch eager, materialised": lambda f, w, y: materialised_loss(f, w, y, **options)}
-        if not args.dry_run or device.type == "cuda":
-            variants["torch.compile, materialised"] = torch.compile(lambda f, w, y: materialised_loss(f, w, y, **options))
+        variants["torch.compile, materialised"] = torch.compile(lambda f, w, y: materialised_loss(f, w, y, **options))
         if k == 0:
             for name, loss_fn in optional_baselines().items():
                 # Same cosine logits: normalise, and fold 1/tau into the features.
@@ -307,8 +306,11 @@ def gpu_check(args):
             sys.exit("gpu mode needs CUDA (or --dry-run under TRITON_INTERPRET=1)")
         device = torch.device("cuda")
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    begin = time.perf_counter()
     ok = gpu_correctness(device, args.dry_run)
+    print(f"({time.perf_counter() - begin:.0f} s)")
     gpu_benchmark(args, device)
+    print(f"({time.perf_counter() - begin:.0f} s in all)")
     if not ok:
         sys.exit("correctness check FAILED (see the first table)")
 
