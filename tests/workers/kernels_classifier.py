@@ -1,0 +1,29 @@
+"""Worker: the sharded classifier on the shared float32 cases with each kernel backend; every rank
+saves what it computed (compared across backends by tests/test_kernels_classifier.py).
+
+Usage: python kernels_classifier.py OUT_DIR BACKEND [BACKEND ...]   (under horovodrun)
+"""
+import sys
+
+import horovod.torch as hvd
+import torch
+
+from model.classifier import ShardedInstanceClassifier
+from tests.classifier_problems import CASES, batch_slice, make_problem
+
+hvd.init()
+out_dir, backends = sys.argv[1], sys.argv[2:]
+results = {}
+for backend in backends:
+    for name, case in CASES.items():
+        features, weight, labels = make_problem(case)
+        classifier = ShardedInstanceClassifier(case["instances"], case["dim"], temperature=case["temperature"],
+                                               smooth_k=case["k"], smooth_alpha=case["alpha"], backend=backend)
+        with torch.no_grad():
+            classifier.weight.copy_(weight[classifier.start:classifier.stop])  # float64 -> float32
+        local_features = features[batch_slice(case["batch"], hvd.rank(), hvd.size())].float().requires_grad_(True)
+        loss = classifier(local_features, labels[batch_slice(case["batch"], hvd.rank(), hvd.size())])
+        loss.backward()
+        results[(backend, name)] = {"loss": loss.detach(), "features_grad": local_features.grad,
+                                    "weight_grad": classifier.weight.grad, "hardest": classifier.last_hardest}
+torch.save(results, f"{out_dir}/rank{hvd.rank()}.pt")
