@@ -19,9 +19,12 @@ $(VENV)/.setup-done: requirements.txt .ci/build-horovod.sh
 test: setup
 	$(PY) -m pytest -q tests
 
+# Pretrain on the built-in MNIST-5k at P = $(NP), then kNN + linear evaluation of the pretrained backbone
+# next to the same architecture at random initialisation. A finished runs/demo is re-evaluated, not retrained
+# (`make clean` starts over).
 demo: setup
-	$(VENV)/bin/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(PY) trainer.py --out runs/demo
-	$(PY) trainer.py linear --ckpt runs/demo/checkpoint-last.pt --out runs/demo
+	OMP_NUM_THREADS=1 $(VENV)/bin/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(PY) trainer.py --out runs/demo
+	$(PY) trainer.py linear --ckpt runs/demo --baseline
 
 clean:
 	rm -rf $(VENV) runs
