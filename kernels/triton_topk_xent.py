@@ -13,16 +13,20 @@ The plain way writes it, reads it for topk and softmax, writes G, reads G for ea
 ~6 passes, ~16 GB of HBM traffic (~5 ms at 3.3 TB/s), while the products are 3 x 2BCD = 0.5 TFLOP
 (well under 1 ms of bf16 tensor-core time). Here every logit tile lives in registers only:
 
-  forward   programs (row block, class split) stream over the split's class tiles: z tile by tl.dot of
-            E against the raw W tile scaled by 1/|W_j| (rows normalised on the fly), sum of
-            exp(z - 1/tau), and an exact streaming top-K per row (_insert_candidates); split 0 also
-            computes the target logit. Per-split partials are O(B K); the host sums / merges them.
+  pre-pass  |W_j| in fp32 [C] (_row_norms_kernel), so W tiles only ever feed tl.dot: the product is
+            taken with the raw W tile and scaled by 1/|W_j| per column (bf16 operands stay exact).
+  forward   programs (row block, class split) stream over the split's class tiles: z tile, sum of
+            exp(z - 1/tau) (fixed shift), an exact streaming top-K per row (_insert_candidates); split 0
+            also computes the target logit. Per-split partials are O(B K); the host sums / merges them.
   backward  G is recomputed tile by tile, never stored (FlashAttention-2 style):
             dW kernel: one program per class block owns its dW tile and loops over all row blocks
-                       (dW_n += G^T E), then applies the normalisation Jacobian: no atomics;
-            dE kernel: programs (row block, class split) accumulate G W_n; the per-split partials
-                       [S, B, D] are summed on the host in split order. Deterministic run to run.
+                       (dW_n += G^T E, on transposed logit tiles), adds the sparse -q part from
+                       (row, class) pairs sorted by class, then the normalisation Jacobian: no atomics;
+            dE kernel: programs (row block, class split) accumulate the softmax part of G W_n, and
+                       _target_rows_kernel the -q part (K + 1 gathered rows per batch row); the
+                       partials [S + 1, B, D] are summed on the host in order. Deterministic.
   So 5 products of 2BCD flops in all (1 forward, 2 per backward kernel), each tile streamed once.
+  `python bench/kernel.py compile` shows registers / spills / shared memory of every kernel for sm_90.
 
 Dtypes: features_n and weight fp32 or bf16 (any mix). Both bf16: bf16 tensor-core products with fp32
 accumulation. Otherwise fp32 products with input_precision="ieee": TF32 (the default on GPUs) would
