@@ -72,7 +72,7 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
         if k > 0:
             shifted[rows[owned], local[owned]] = float("-inf")  # the target is never a smoothing class
             values, columns = exact_topk(shifted, min(k, stop - start))
-            # Running candidates first: they have the lower ids, which select_topk's tie rule needs.
+            # The running top-k and this chunk's candidates, ties to the lower class id.
             topk_values, topk_indices = select_topk(torch.cat([topk_values, values + 1.0 / temperature], dim=1),
                                                     torch.cat([topk_indices, columns + shard_start + start], dim=1), k)
     # -inf entries are padding or the masked target: not a class, as the exchange format says.
