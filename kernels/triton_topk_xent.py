@@ -451,13 +451,16 @@ def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, g
     # q as (row, class) targets: y_i with weight 1 - alpha, then the merged top-K with alpha / K each.
     targets = _local_ids(torch.cat([labels[:, None], topk_indices.to(device)], dim=1), shard_start, num_rows)
     target_weight, topk_weight = 1.0 - alpha, (alpha / k if k else 0.0)
-    # The pairs this shard owns, with their -q_ij grad_rows_i / tau, sorted by class for the dW tiles.
-    owned = targets >= 0
-    q = torch.tensor([target_weight] + [topk_weight] * k, device=device)
-    order = torch.argsort(targets[owned], stable=True)
-    pair_cols = targets[owned][order]
-    pair_rows = torch.arange(batch, dtype=torch.int32, device=device)[:, None].expand_as(targets)[owned][order]
-    pair_grads = (-q[None, :] * row_scale[:, None])[owned][order]
+    # Every (row, target) pair with its -q_ij grad_rows_i / tau, sorted by class for the dW tiles. Pairs
+    # of other shards get the class INT32_MAX and sort past the last tile: no boolean indexing, which
+    # would wait for the GPU.
+    q = torch.full((1 + k,), topk_weight, device=device)
+    q[0] = target_weight
+    pair_classes = torch.where(targets >= 0, targets, torch.iinfo(torch.int32).max).flatten()  # [B (1 + K)]
+    order = torch.argsort(pair_classes, stable=True)
+    pair_cols = pair_classes[order]
+    pair_rows = (order // targets.shape[1]).to(torch.int32)
+    pair_grads = (-q[None, :] * row_scale[:, None]).flatten()[order]
     tile_starts = torch.arange(weight_config["class_tiles"] + 1, dtype=torch.int32, device=device) * weight_config["block_c"]
     pair_offsets = torch.searchsorted(pair_cols, tile_starts).to(torch.int32)
 
