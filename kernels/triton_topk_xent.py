@@ -30,7 +30,9 @@ The plain way writes it, reads it for topk and softmax, writes G, reads G for ea
 
 Dtypes: features_n and weight fp32 or bf16 (any mix). Both bf16: bf16 tensor-core products with fp32
 accumulation. Otherwise fp32 products with input_precision="ieee": TF32 (the default on GPUs) would
-cost ~1e-3 relative error. Statistics, G and accumulators are fp32. Under TRITON_INTERPRET=1 (set it
+cost ~1e-3 relative error. Statistics, G and accumulators are fp32. With bf16 operands the softmax and
+the -q parts of G reach the products separately rounded to bf16, so an entry where p_ij ~ q_ij (a target
+the model already fits) has relative error ~2^-9 (p + q) / |p - q| instead of 2^-9. Under TRITON_INTERPRET=1 (set it
 before triton is imported) operands are always upcast to fp32 first: the triton 3.9 interpreter returns
 garbage for tl.dot on bf16 operands, so the bf16 tensor-core product is only exercised on a GPU.
 """
