@@ -18,6 +18,7 @@ Other subcommands: `knn --ckpt RUN`, `export --ckpt RUN --to backbone.pth`,
 `python trainer.py SUBCOMMAND -h` explain every flag.
 """
 import argparse
+import importlib.metadata
 import json
 import math
 import sys
@@ -64,6 +65,9 @@ group.add_argument("--batch-size", type=int, help="images PER RANK per step; the
                    "(default: 64; 128 built-in)")
 group.add_argument("--lr", type=float, default=0.03, help="learning rate per 256 images; the applied rate is "
                    "lr x global batch / 256 (default: 0.03)")
+group.add_argument("--classifier-lr-mult", type=float, help="classifier learning rate / encoder learning rate: "
+                   "each row gets a gradient only when its image is in the batch, about once per epoch "
+                   "(default: 1; 100 built-in)")
 group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
 group.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
 group.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay "
@@ -80,9 +84,9 @@ group.add_argument("--log-every", type=int, default=10, help="steps between metr
 group.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order (default: 0)")
 
 BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=15,
-                        batch_size=128, warmup_epochs=1)
+                        batch_size=128, warmup_epochs=1, classifier_lr_mult=100.0)
 DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=False, hidden_dim=2048, epochs=200,
-                        batch_size=64, warmup_epochs=10)
+                        batch_size=64, warmup_epochs=10, classifier_lr_mult=1.0)
 
 
 class UsageError(Exception):
@@ -237,9 +241,11 @@ def pretrain(args):
     base_lr = args.lr * global_batch / 256
     config = {**vars(args), "crop_ratio": 1.0 if args.data is None else 0.875, "world_size": world_size,
               "global_batch": global_batch, "base_lr": base_lr, "num_instances": num_instances,
-              "versions": {"torch": torch.__version__, "horovod": __import__("horovod").__version__}}
+              "versions": {name: importlib.metadata.version(name) for name in
+                           ("torch", "horovod", "nvidia-dali-cuda120", "triton", "numpy")}}
     if master:
         (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    log.print("config: " + " ".join(f"{key}={value}" for key, value in config.items() if key != "versions"))
     log.print(f"{num_instances} instances, {world_size} ranks x {args.batch_size} images = global batch "
               f"{global_batch}, lr {base_lr:.4g}; config: {out / 'config.json'}")
 
@@ -341,9 +347,9 @@ def train_one_epoch(epoch, loader, backbone, head, classifier, encoder_optimizer
         for step, (views, ids) in enumerate(loader):
             global_step = epoch * steps + step
             lr = learning_rate(global_step, steps, config["base_lr"], config["warmup_epochs"], config["epochs"])
-            for optimizer in (encoder_optimizer, classifier_optimizer):
+            for optimizer, scale in ((encoder_optimizer, 1.0), (classifier_optimizer, config["classifier_lr_mult"])):
                 for param_group in optimizer.param_groups:
-                    param_group["lr"] = lr
+                    param_group["lr"] = lr * scale
             # Both views of an image are classified as its instance: one global batch of views x images.
             try:
                 features = embed(backbone, head, torch.cat(views))

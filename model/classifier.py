@@ -21,7 +21,7 @@ be SUMMED over ranks, not averaged: see `distributed_backbone_optimizer`.
 import horovod.torch as hvd
 import torch
 
-from kernels import reference, sharded_topk_xent
+from kernels import reference, seed_rows_, sharded_topk_xent
 
 INIT_BLOCK_ROWS = 65536  # random init is drawn per block of rows, so it does not depend on P
 
@@ -128,7 +128,9 @@ class ShardedInstanceClassifier(torch.nn.Module):
     def seed_(self, features, ids):
         """Raw-feature init: rows of this shard whose ids are in the global batch := normalized features."""
         features_n, ids = self._gather(features, ids, differentiable=False)
-        return reference.seed_rows_(self.weight.data, features_n, ids, self.start)
+        # Seeding has Triton and torch versions only: the chunked loss backend seeds with torch.
+        backend = self.backend if self.backend in ("auto", "triton") else "reference"
+        return seed_rows_(self.weight.data, features_n, ids, self.start, backend=backend)
 
 
 def distributed_backbone_optimizer(optimizer, named_parameters):

@@ -194,3 +194,13 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(run_two_ep
     assert result.returncode == 2, result.stderr
     assert "at epoch 3 step" in result.stderr and "Traceback" not in result.stderr
     assert (out / "checkpoint-0002" / "state.pt").is_file() and not (out / "checkpoint-0003").exists()
+
+
+def test_plan_prints_hybrid_and_replicated_memory():
+    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "plan", "--instances", "1281167", "--gpus", "64",
+                             "--batch-size", "64", "--feat-dim", "128"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    weight_row = next(line for line in result.stdout.splitlines() if "classifier weight" in line)
+    # ceil(1281167 / 64) = 20019 rows x 128 x 4 bytes = 9.8 MiB per GPU vs 625.6 MiB replicated
+    assert "9.8 MiB" in weight_row and "625.6 MiB" in weight_row
