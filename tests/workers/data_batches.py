@@ -1,0 +1,27 @@
+"""A fresh process's epoch of batches from the pretraining and linear-training loaders of one (seed, rank).
+
+Usage: data_batches.py INDEX_JSON OUT SEED RANK WORLD_SIZE. Saves {"pretrain": [(views [2, b, 3, S, S], ids), ...],
+"linear": [(images [b, 3, S, S], ids), ...]} to OUT with torch.save, for the test to compare with its own loaders'.
+"""
+import sys
+
+import torch
+
+from data.index import InstanceIndex
+from data.pipelines import linear_train_loader, pretrain_loader
+
+BATCH_SIZE = 4
+IMAGE_SIZE = 16
+
+
+def epochs(index, seed, rank, world_size):
+    """One epoch of each training loader, as lists of (images, ids) batches."""
+    arguments = dict(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, seed=seed, rank=rank, world_size=world_size,
+                     device="cpu", threads=2)
+    return {"pretrain": [(torch.stack(views), ids) for views, ids in pretrain_loader(index, **arguments)],
+            "linear": list(linear_train_loader(index, **arguments))}
+
+
+if __name__ == "__main__":
+    index_json, out, seed, rank, world_size = sys.argv[1:]
+    torch.save(epochs(InstanceIndex.load(index_json), int(seed), int(rank), int(world_size)), out)
