@@ -73,10 +73,13 @@ class ShardedInstanceClassifier(torch.nn.Module):
     forward(features [b, dim], ids [b]) -> global-batch mean loss (scalar, identical on every rank).
     smooth_k / smooth_alpha: top-K hardest-class label smoothing (K clamped to N - 1).
     backend: 'auto' (Triton on CUDA, chunked torch on CPU), 'chunked', 'triton' or 'reference'.
+    compute_dtype: dtype of the kernels' inputs (normalized features and a copy of the shard); None means
+    bf16 on CUDA (tensor cores; statistics and accumulation stay fp32) and the parameters' dtype elsewhere.
+    The shard itself and its optimizer state stay in the parameters' dtype.
     """
 
     def __init__(self, num_instances, dim, *, temperature=0.15, smooth_k=0, smooth_alpha=0.0,
-                 backend="auto", seed=0):
+                 backend="auto", compute_dtype=None, seed=0):
         super().__init__()
         if num_instances < 2:
             raise ValueError(f"an instance classifier needs at least 2 instances, got {num_instances}")
@@ -88,7 +91,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
             hvd.init()
         self.num_instances, self.dim = num_instances, dim
         self.temperature, self.smooth_k, self.smooth_alpha = temperature, smooth_k, smooth_alpha
-        self.backend = backend
+        self.backend, self.compute_dtype = backend, compute_dtype
         self.start, self.stop = shard_rows(num_instances, hvd.size(), hvd.rank())
         self.weight = torch.nn.Parameter(random_unit_rows(self.start, self.stop, dim, seed))
         self.last_hardest = None  # merged top-K ids [B, K] of the last forward, for monitoring/tests
@@ -119,9 +122,11 @@ class ShardedInstanceClassifier(torch.nn.Module):
     def forward(self, features, ids):
         features_n, ids = self._gather(features, ids, differentiable=True)
         self.last_global_rows = len(ids)
+        dtype = self.compute_dtype or (torch.bfloat16 if self.weight.is_cuda else self.weight.dtype)
         loss, self.last_hardest = sharded_topk_xent(
-            features_n, self.weight, ids, self.start, self.num_instances, temperature=self.temperature,
-            k=self.smooth_k, alpha=self.smooth_alpha, exchange=_exchange_stats, backend=self.backend)
+            features_n.to(dtype), self.weight.to(dtype), ids, self.start, self.num_instances,
+            temperature=self.temperature, k=self.smooth_k, alpha=self.smooth_alpha, exchange=_exchange_stats,
+            backend=self.backend)
         return loss
 
     @torch.no_grad()

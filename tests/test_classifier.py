@@ -150,3 +150,23 @@ def test_bad_input_is_a_clear_error(features, ids, message):
     classifier = ShardedInstanceClassifier(1001, 16)
     with pytest.raises((ValueError, FloatingPointError), match=message.replace("[", r"\[").replace(")", r"\)")):
         classifier(features, ids)
+
+
+def test_bf16_compute_dtype_keeps_fp32_parameters_and_gradients():
+    """What runs on CUDA by default (bf16 kernel inputs), through the chunked backend on CPU."""
+    from model.classifier import ShardedInstanceClassifier
+    case = CASES["smooth"]
+    features, weight, labels = make_problem(case)
+    classifier = ShardedInstanceClassifier(case["instances"], case["dim"], temperature=case["temperature"],
+                                           smooth_k=case["k"], smooth_alpha=case["alpha"], backend="chunked",
+                                           compute_dtype=torch.bfloat16)
+    with torch.no_grad():
+        classifier.weight.copy_(weight)
+    local_features = features.float().requires_grad_(True)
+    loss = classifier(local_features, labels)
+    loss.backward()
+    expected_loss, expected_features_grad, expected_weight_grad = oracle(case)
+    assert loss.dtype == classifier.weight.grad.dtype == local_features.grad.dtype == torch.float32
+    assert relative_error(loss.detach().double(), expected_loss) < 2e-2
+    assert relative_error(local_features.grad.double(), expected_features_grad) < 2e-2
+    assert relative_error(classifier.weight.grad.double(), expected_weight_grad) < 2e-2
