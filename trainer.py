@@ -537,7 +537,7 @@ def linear(argv):
     sub.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0)")
     sub.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
                      help="fractions of the epochs where the lr drops 10x (default: 0.6 0.8, i.e. 60/80 of 100)")
-    sub.add_argument("--batch-size", type=int, default=256, help="images PER RANK (default: 256)")
+    sub.add_argument("--batch-size", type=int, help="images PER RANK (default: 256 / ranks, 256 in all as in MoCo)")
     sub.add_argument("--baseline", action="store_true", help="also evaluate the architecture at random init, "
                      "with kNN and linear top-1 side by side")
     args = sub.parse_args(argv)
@@ -545,6 +545,7 @@ def linear(argv):
     builtin = config["data"] is None
     args.epochs = args.epochs or (10 if builtin else 100)
     args.lr = args.lr or (0.1 if builtin else 30.0)
+    args.batch_size = args.batch_size or max(1, 256 // hvd.size())
     if args.epochs <= 0 or args.lr <= 0 or args.batch_size <= 0:
         raise UsageError("linear: --epochs, --lr and --batch-size must be positive")
     log = RunLog(checkpoint.parent, hvd.rank() == 0)
