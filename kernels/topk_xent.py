@@ -13,7 +13,8 @@ Merge (why it is exact):
   * top-K: the global top-K of non-target logits is inside the union of the shards' local top-Ks.
     Shards are contiguous and concatenated in rank order, so a stable descending sort of the
     concatenation breaks ties by the lower class index, as the oracle does.
-Statistics travel packed as float64 [B, 2 + 2K] (values and class ids, exact up to 2^53).
+Statistics travel packed as one [B, 2 + 2K] block in their own dtype, fp32 (values and class ids, the
+ids exact below 2^24 classes; float64 beyond that or for float64 inputs).
 """
 from types import SimpleNamespace
 
@@ -23,17 +24,25 @@ from kernels import reference
 from kernels.reference import effective_alpha, effective_k
 
 
-def pack_shard_stats(sum_exp, target_logit, topk_values, topk_indices):
-    """One float64 block per row: [sum_exp, target_logit, K values, K class ids].  [B, 2 + 2K]"""
-    return torch.cat([sum_exp[:, None].double(), target_logit[:, None].double(),
-                      topk_values.double(), topk_indices.double()], dim=1)
+EXACT_FLOAT32_IDS = 2 ** 24  # float32 holds every integer below this exactly
+
+
+def pack_shard_stats(sum_exp, target_logit, topk_values, topk_indices, num_classes):
+    """One block per row: [sum_exp, target_logit, K values, K class ids].  [B, 2 + 2K]
+
+    In the statistics' own dtype (fp32 for fp32 and bf16 inputs), so nothing is rounded on the way, and
+    float64 when class ids would not fit a float32 exactly (N > 2^24) or the inputs are float64.
+    """
+    dtype = sum_exp.dtype if sum_exp.dtype == torch.float64 or num_classes <= EXACT_FLOAT32_IDS else torch.float64
+    return torch.cat([sum_exp[:, None], target_logit[:, None], topk_values, topk_indices.to(topk_values.dtype)],
+                     dim=1).to(dtype)
 
 
 def merge_shard_stats(gathered, k, temperature):
     """Merge the stats of all shards, gathered [P, B, 2 + 2K] in rank order, into the global ones.
 
-    Returns a namespace of float64 lse [B], target_logit [B], topk_values [B, K] and long topk_indices
-    [B, K]. Deterministic: every rank merges the same gathered block the same way, so the loss is
+    Returns a namespace of lse [B], target_logit [B], topk_values [B, K] in the packed dtype and long
+    topk_indices [B, K]. Deterministic: every rank merges the same gathered block the same way, so the loss is
     bit-identical on every rank.
     """
     num_shards, batch = gathered.shape[:2]
@@ -82,9 +91,9 @@ class ShardedTopKXent(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, features_n, weight, labels, shard_start, temperature, k, alpha, exchange, ops):
+    def forward(ctx, features_n, weight, labels, shard_start, num_classes, temperature, k, alpha, exchange, ops):
         stats = ops.shard_forward_stats(features_n, weight, labels, shard_start, temperature=temperature, k=k)
-        merged = merge_shard_stats(exchange(pack_shard_stats(*stats)), k, temperature)
+        merged = merge_shard_stats(exchange(pack_shard_stats(*stats, num_classes)), k, temperature)
         loss = smoothed_loss_rows(merged, alpha).mean()
         ctx.save_for_backward(features_n, weight, labels, merged.lse, merged.topk_indices)
         ctx.config = (shard_start, temperature, alpha, ops)
@@ -101,7 +110,7 @@ class ShardedTopKXent(torch.autograd.Function):
         grad_features_n, grad_weight = ops.shard_backward(
             features_n, weight, labels, shard_start, lse.to(compute_dtype), topk_indices, grad_rows,
             temperature=temperature, alpha=alpha)
-        return grad_features_n, grad_weight, None, None, None, None, None, None, None
+        return grad_features_n, grad_weight, None, None, None, None, None, None, None, None
 
 
 def shard_ops(backend, device):
@@ -125,7 +134,7 @@ def sharded_topk_xent(features_n, weight, labels, shard_start, num_classes, *, t
     """Loss (scalar) and merged top-K ids [B, K] of one shard; see ShardedTopKXent. K and alpha are
     clamped here (K <= N - 1; alpha = 0 when K = 0)."""
     k = effective_k(k, num_classes)
-    return ShardedTopKXent.apply(features_n, weight, labels, shard_start, float(temperature), k,
+    return ShardedTopKXent.apply(features_n, weight, labels, shard_start, num_classes, float(temperature), k,
                                  effective_alpha(k, alpha), exchange, shard_ops(backend, weight.device))
 
 

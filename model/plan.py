@@ -6,7 +6,7 @@ batch b, global batch B = P b, N instances, feature dim D, top-K K, C = ceil(N /
 
 Communication is counted as the bytes one rank RECEIVES per step (what the wire must carry into it):
   hybrid:     allgather of sizes (P-1) 8 + features (B-b) D 4 + ids (B-b) 8
-              + packed stats (P-1) B (2+2K) 8 + the dE reduce-scatter (alltoall) (P-1) b D 4
+              + packed fp32 stats (P-1) B (2+2K) 4 + the dE reduce-scatter (alltoall) (P-1) b D 4
   replicated: ring allreduce of dW, 2 (P-1)/P N D 4 (every rank holds all of W, PIC-style)
 The backbone's gradient allreduce, 2 (P-1)/P |theta| 4, is the same in both layouts.
 tests/test_plan.py checks these formulas against the bytes that pass through Horovod in real runs.
@@ -18,7 +18,7 @@ import torch
 from model.head import ProjectionHead
 from model.resnet import build_backbone
 
-FLOAT, LONG, STATS = 4, 8, 8  # bytes: fp32 weights/activations, int64 ids, float64 packed statistics
+FLOAT, LONG, STATS = 4, 8, 4  # bytes: fp32 weights/activations, int64 ids, fp32 packed statistics
 
 
 def hybrid_received_bytes(num_ranks, batch_per_rank, dim, k):

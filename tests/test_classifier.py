@@ -114,7 +114,7 @@ def test_merge_of_simulated_shards_is_exact():
     features_n = reference.normalize_rows(features)
     bounds = [0, 3, 15, 23]
     gathered = torch.stack([pack_shard_stats(*reference.shard_forward_stats(
-        features_n, weight[a:b], labels, a, temperature=0.1, k=5)) for a, b in zip(bounds, bounds[1:])])
+        features_n, weight[a:b], labels, a, temperature=0.1, k=5), 23) for a, b in zip(bounds, bounds[1:])])
     merged = merge_shard_stats(gathered, 5, 0.1)
     logits = features_n @ reference.normalize_rows(weight).T / 0.1
     assert relative_error(merged.lse, torch.logsumexp(logits, 1)) < 1e-14
