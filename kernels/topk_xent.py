@@ -33,7 +33,8 @@ def pack_shard_stats(sum_exp, target_logit, topk_values, topk_indices, num_class
     In the statistics' own dtype (fp32 for fp32 and bf16 inputs), so nothing is rounded on the way, and
     float64 when class ids would not fit a float32 exactly (N > 2^24) or the inputs are float64.
     """
-    dtype = sum_exp.dtype if sum_exp.dtype == torch.float64 or num_classes <= EXACT_FLOAT32_IDS else torch.float64
+    exact_in_float32 = sum_exp.dtype != torch.float64 and num_classes <= EXACT_FLOAT32_IDS
+    dtype = torch.float32 if exact_in_float32 else torch.float64
     return torch.cat([sum_exp[:, None], target_logit[:, None], topk_values, topk_indices.to(topk_values.dtype)],
                      dim=1).to(dtype)
 
