@@ -153,6 +153,15 @@ def embed(backbone, head, images):
         return head(pooled)
 
 
+def eval_pass(index, config, batch_size=None):
+    """One deterministic pass (resize + center crop) over `index`, this rank's share, as the run decodes."""
+    import horovod.torch as hvd
+    from data.pipelines import eval_loader
+    return eval_loader(index, batch_size=batch_size or config["batch_size"], image_size=config["image_size"],
+                       rank=hvd.rank(), world_size=hvd.size(), device=config["dali_device"],
+                       threads=config["threads"], crop_ratio=config["crop_ratio"])
+
+
 def setup_device():
     import horovod.torch as hvd
     if torch.cuda.is_available():
@@ -200,17 +209,13 @@ class RunLog:
 
 def knn_monitor(backbone, train_index, val_index, config, device):
     """Weighted kNN top-1 of the pooled backbone features: train split as the bank, val as queries."""
-    import horovod.torch as hvd
-    from data.pipelines import eval_loader
     from model.evaluation import extract_features, knn_accuracy
     if val_index is None or (train_index.labels < 0).any():
         return {}
     if val_index.class_names != train_index.class_names:
         raise UsageError(f"the class folders of {val_index.root} differ from those of {train_index.root}")
-    bank, queries = [extract_features(backbone, eval_loader(
-        index, batch_size=config["batch_size"], image_size=config["image_size"], rank=hvd.rank(),
-        world_size=hvd.size(), device=config["dali_device"], threads=config["threads"],
-        crop_ratio=config["crop_ratio"]), device) for index in (train_index, val_index)]
+    bank, queries = [extract_features(backbone, eval_pass(index, config), device)
+                     for index in (train_index, val_index)]
     labels = [torch.as_tensor(index.labels, device=device)[ids] for index, (_, ids) in
               ((train_index, bank), (val_index, queries))]
     return knn_accuracy(bank[0], labels[0], queries[0], labels[1], len(train_index.class_names))
@@ -219,7 +224,7 @@ def knn_monitor(backbone, train_index, val_index, config, device):
 # -------------------------------------------------------------------------------- pretraining
 def pretrain(args):
     import horovod.torch as hvd
-    from data.pipelines import eval_loader, pretrain_loader
+    from data.pipelines import pretrain_loader
     from model.checkpoint import load_rows, load_state, resolve_checkpoint, save_checkpoint
     from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
     from model.export import export_backbone
@@ -287,9 +292,7 @@ def pretrain(args):
         hvd.broadcast_parameters([*backbone.state_dict().items(), *head.state_dict().items()], root_rank=0)
         if args.raw_init:
             started = time.perf_counter()
-            raw_feature_init(backbone, head, classifier, eval_loader(
-                train_index, batch_size=args.batch_size, image_size=args.image_size, rank=rank, world_size=world_size,
-                device=args.dali_device, threads=args.threads, crop_ratio=config["crop_ratio"]))
+            raw_feature_init(backbone, head, classifier, eval_pass(train_index, config))
             log.print(f"raw-feature init of {num_instances} classifier rows in {time.perf_counter() - started:.1f}s")
 
     # Train.
@@ -483,16 +486,12 @@ def random_backbones(config, device, train_index):
 @torch.no_grad()
 def calibrate_batchnorm(backbone, config, train_index):
     """BatchNorm running statistics := exact averages over one pass of the train split (all ranks)."""
-    import horovod.torch as hvd
-    from data.pipelines import eval_loader
     backbone.train()
     batchnorms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for module in batchnorms:
         module.reset_running_stats()
         module.momentum = None  # cumulative moving average: the mean over all batches
-    for images, _ in eval_loader(train_index, batch_size=config["batch_size"], image_size=config["image_size"],
-                                 rank=hvd.rank(), world_size=hvd.size(), device=config["dali_device"],
-                                 threads=config["threads"], crop_ratio=config["crop_ratio"]):
+    for images, _ in eval_pass(train_index, config):
         backbone(images)
     for module in batchnorms:
         module.momentum = 0.1
@@ -562,7 +561,7 @@ def linear(argv):
 
 def train_linear_classifier(backbone, train_index, val_index, config, args, device, log):
     import horovod.torch as hvd
-    from data.pipelines import eval_loader, linear_train_loader
+    from data.pipelines import linear_train_loader
     from model.evaluation import topk_correct
     num_classes = len(train_index.class_names)
     train_labels = torch.as_tensor(train_index.labels, device=device)
@@ -576,14 +575,14 @@ def train_linear_classifier(backbone, train_index, val_index, config, args, devi
         named_parameters=classifier.named_parameters())
     frozen = {key: value.clone() for key, value in backbone.state_dict().items()}
     backbone.eval()  # frozen: BatchNorm uses the pretrained running statistics
-    loader_arguments = dict(image_size=config["image_size"], rank=hvd.rank(), world_size=hvd.size(),
-                            device=config["dali_device"], threads=config["threads"])
     for epoch in range(args.epochs):
         lr = args.lr * 0.1 ** sum(epoch >= fraction * args.epochs for fraction in args.milestones)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         for images, ids in linear_train_loader(train_index, batch_size=args.batch_size,
-                                               seed=config["seed"] * 100_003 + epoch, **loader_arguments):
+                                               image_size=config["image_size"], rank=hvd.rank(),
+                                               world_size=hvd.size(), device=config["dali_device"],
+                                               threads=config["threads"], seed=config["seed"] * 100_003 + epoch):
             with torch.no_grad():
                 features = backbone(images).float()
             loss = torch.nn.functional.cross_entropy(classifier(features), train_labels[ids])
@@ -593,8 +592,7 @@ def train_linear_classifier(backbone, train_index, val_index, config, args, devi
         log.print(f"  linear epoch {epoch + 1}/{args.epochs}: lr {lr:.3g}, last batch loss {loss.item():.4f}")
     correct, seen = {1: 0, 5: 0}, 0
     with torch.no_grad():
-        for images, ids in eval_loader(val_index, batch_size=args.batch_size, crop_ratio=config["crop_ratio"],
-                                       **loader_arguments):
+        for images, ids in eval_pass(val_index, config, batch_size=args.batch_size):
             hits = topk_correct(classifier(backbone(images).float()), val_labels[ids])
             correct = {k: correct[k] + hits[k] for k in correct}
             seen += len(ids)
