@@ -71,6 +71,19 @@ def _row_norms_kernel(weight_ptr, norm_ptr, num_rows, dim, stride_weight, BLOCK_
 
 
 @triton.jit
+def _load_row_block(features_ptr, batch, dim, stride_features, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's row block: rows [BLOCK_B], row_ok, dims [BLOCK_D], dim_ok and E [BLOCK_B, BLOCK_D]
+    (zero where masked), in the input dtype."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < dim
+    e = tl.load(features_ptr + rows[:, None] * stride_features + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    return rows, row_ok, dims, dim_ok, e
+
+
+@triton.jit
 def _load_class_tile(weight_ptr, norm_ptr, cols, col_ok, dims, dim_ok, stride_weight, norm_eps):
     """Raw rows W_j [BLOCK_C, BLOCK_D] (zero where masked), 1 / max(|W_j|, eps) and |W_j| > eps, both [BLOCK_C].
 
@@ -143,13 +156,8 @@ def _shard_forward_kernel(
     target_logit_ptr [B] fp32 out (split 0 only): z_{i, y_i}, 0 when not owned
     classes_per_split: a multiple of BLOCK_C; split s covers [s * classes_per_split, ...) within [0, C)
     """
-    row_block, split = tl.program_id(0), tl.program_id(1)
-    rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < batch
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < dim
-    e = tl.load(features_ptr + rows[:, None] * stride_features + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_B, BLOCK_D]
+    split = tl.program_id(1)
+    rows, row_ok, dims, dim_ok, e = _load_row_block(features_ptr, batch, dim, stride_features, BLOCK_B, BLOCK_D)
     target = tl.load(target_ptr + rows, mask=row_ok, other=-1)  # [BLOCK_B]
 
     # 1. Target logit, once per row block: a row-wise dot with the gathered rows W_{y_i}.
@@ -270,13 +278,9 @@ def _shard_backward_features_kernel(
     out: slice s is split s's partial (slice S is the target part, _target_rows_kernel); the host
     sums the slices in order, so the result is deterministic.
     """
-    row_block, split = tl.program_id(0), tl.program_id(1)
-    rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < batch
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < dim
-    e = tl.load(features_ptr + rows[:, None] * stride_features + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(DOT_DTYPE)
+    split = tl.program_id(1)
+    rows, row_ok, dims, dim_ok, e = _load_row_block(features_ptr, batch, dim, stride_features, BLOCK_B, BLOCK_D)
+    e = e.to(DOT_DTYPE)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
     class_start = split * classes_per_split
