@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from model.distributed import average_batchnorm_statistics, barrier, setup_device
+
 # -------------------------------------------------------------------------------- flags: pretraining
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 group = parser.add_argument_group("data")
@@ -127,7 +129,7 @@ def load_or_build_index(folder, index_dir, strict, log):
     from data.index import InstanceIndex, build_index
     if hvd.rank() == 0 and not (index_dir / "index.json").is_file():
         build_index(folder, index_dir=index_dir, strict=strict, log=log)
-    hvd.allreduce(torch.zeros(1), name=f"index-{index_dir.name}")  # barrier: rank 0 has written it
+    barrier(f"index-{index_dir.name}")  # rank 0 has written it
     return InstanceIndex.load(index_dir)
 
 
@@ -162,23 +164,8 @@ def eval_pass(index, config, batch_size=None):
                        threads=config["threads"], crop_ratio=config["crop_ratio"])
 
 
-def setup_device():
-    import horovod.torch as hvd
-    if torch.cuda.is_available():
-        torch.cuda.set_device(hvd.local_rank())
-        return torch.device("cuda", hvd.local_rank())
-    return torch.device("cpu")
 
 
-@torch.no_grad()
-def average_batchnorm_statistics(*modules):
-    """BatchNorm running statistics move per rank; averaging them keeps one encoder on every rank
-    (what the kNN monitor evaluates and rank 0 saves), as after a resume."""
-    import horovod.torch as hvd
-    for module in modules:
-        for name, buffer in module.named_buffers():
-            if buffer.is_floating_point():
-                buffer.copy_(hvd.allreduce(buffer, op=hvd.Average, name=f"bn.{name}"))
 
 
 def learning_rate(step, steps_per_epoch, base_lr, warmup_epochs, epochs):
@@ -236,7 +223,7 @@ def pretrain(args):
     out = Path(args.out)
     if master:
         out.mkdir(parents=True, exist_ok=True)
-    hvd.allreduce(torch.zeros(1), name="mkdir-out")  # barrier: the run directory exists
+    barrier("mkdir-out")  # the run directory exists
     log = RunLog(out, master)
 
     # Data: instance ids come from the index persisted in the run directory.

@@ -17,6 +17,8 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
+from model.distributed import barrier
+
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{4,})$")
 
 
@@ -45,17 +47,17 @@ def save_checkpoint(out_dir, epoch, state, classifier, classifier_optimizer):
     if hvd.rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    hvd.allreduce(torch.zeros(1), name=f"checkpoint-mkdir-{epoch}")  # barrier: the directory exists
+    barrier("checkpoint-mkdir")  # the directory exists
     momentum = classifier_optimizer.state.get(classifier.weight, {}).get("momentum_buffer")
     torch.save({"start": classifier.start, "stop": classifier.stop, "num_instances": classifier.num_instances,
                 "weight": classifier.weight.detach().cpu(),
                 "momentum": None if momentum is None else momentum.cpu()}, partial / f"shard-{hvd.rank()}.pt")
-    hvd.allreduce(torch.zeros(1), name=f"checkpoint-shards-{epoch}")  # barrier: every shard is on disk
+    barrier("checkpoint-shards")  # every shard is on disk
     if hvd.rank() == 0:
         torch.save({**state, "num_shards": hvd.size()}, partial / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-    hvd.allreduce(torch.zeros(1), name=f"checkpoint-done-{epoch}")
+    barrier("checkpoint-done")
     return final
 
 
