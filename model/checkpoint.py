@@ -18,6 +18,7 @@ import horovod.torch as hvd
 import torch
 
 from model.distributed import barrier
+from model.errors import UsageError
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{4,})$")
 
@@ -35,12 +36,12 @@ def resolve_checkpoint(path):
         return path
     found = complete_checkpoints(path) if path.is_dir() else []
     if not found:
-        raise FileNotFoundError(f"no complete checkpoint at {path} (expected a checkpoint-NNNN directory "
+        raise UsageError(f"no complete checkpoint at {path} (expected a checkpoint-NNNN directory "
                                 f"with state.pt, or a run directory holding one)")
     return found[-1]
 
 
-def save_checkpoint(out_dir, epoch, state, classifier, classifier_optimizer):
+def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, classifier, classifier_optimizer):
     """Collective: every rank writes its shard, rank 0 the state, then the directory appears at once."""
     final = Path(out_dir) / f"checkpoint-{epoch:04d}"
     partial = Path(out_dir) / f".checkpoint-{epoch:04d}.partial"
@@ -54,11 +55,29 @@ def save_checkpoint(out_dir, epoch, state, classifier, classifier_optimizer):
                 "momentum": None if momentum is None else momentum.cpu()}, partial / f"shard-{hvd.rank()}.pt")
     barrier("checkpoint-shards")  # every shard is on disk
     if hvd.rank() == 0:
-        torch.save({**state, "num_shards": hvd.size()}, partial / "state.pt")
+        state = {"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
+                 "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
+                 "config": vars(config), "num_shards": hvd.size()}
+        torch.save(state, partial / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     barrier("checkpoint-done")
     return final
+
+
+def restore_checkpoint(checkpoint, backbone, head, encoder_optimizer, classifier, classifier_optimizer):
+    """Everything save_checkpoint wrote, loaded into the run's objects (this rank's rows of the classifier and
+    of its momentum, from whichever shards hold them) and the RNG; returns the state (epoch, num_shards, ...)."""
+    state = load_state(checkpoint)
+    backbone.load_state_dict(state["backbone"])
+    head.load_state_dict(state["head"])
+    encoder_optimizer.load_state_dict(state["encoder_optimizer"])
+    weight, momentum = load_rows(checkpoint, classifier.start, classifier.stop)
+    classifier.weight.data.copy_(weight)
+    if momentum is not None:
+        classifier_optimizer.state[classifier.weight]["momentum_buffer"] = momentum.to(classifier.weight.device)
+    torch.set_rng_state(state["rng"])
+    return state
 
 
 def load_state(checkpoint):
@@ -78,5 +97,5 @@ def load_rows(checkpoint, start, stop):
                 momenta.append(shard["momentum"][lo - shard["start"]:hi - shard["start"]])
     weight = torch.cat(weights) if weights else torch.empty(0)
     if len(weight) != stop - start:
-        raise ValueError(f"{checkpoint} holds {len(weight)} of the rows [{start}, {stop}) this rank needs")
+        raise UsageError(f"{checkpoint} holds {len(weight)} of the rows [{start}, {stop}) this rank needs")
     return weight, (torch.cat(momenta) if len(momenta) == len(weights) and momenta else None)

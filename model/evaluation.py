@@ -5,11 +5,23 @@ their class with weight exp(s_j / T); the class with the largest sum wins. The b
 the ranks (each rank keeps the features it computed); queries are all-gathered, each rank finds the
 top-k of its bank shard, and one allgather of [Q, k] similarities + labels merges the exact global top-k,
 so no rank ever holds the whole bank (ImageNet: 1.28M x 2048).
+
+Linear evaluation follows MoCo's protocol (He et al., CVPR 2020, main_lincls.py): the backbone frozen in
+eval mode, SGD on a linear layer over its pooled features, step decays of the lr, and a sanity check that
+the backbone did not change. The baselines are the same architecture at random initialisation, as is and
+with its BatchNorm statistics estimated on the train split.
 """
+import copy
+
 import horovod.torch as hvd
 import torch
 
+from data.loaders import eval_loader, linear_train_loader
 from kernels.reference import normalize_rows
+from model.distributed import average_batchnorm_statistics
+from model.encoder import build_encoder
+from model.errors import UsageError
+from model.schedule import set_learning_rate
 
 KNN_SETTINGS = ((20, 0.07), (200, 0.1))  # (k, T): the values of Wu et al. and of the InstDisc/PIC monitors
 QUERY_CHUNK = 1024  # queries per similarity block: [chunk, bank shard] stays small
@@ -64,3 +76,97 @@ def topk_correct(logits, labels, ks=(1, 5)):
     ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = ranked == labels[:, None]
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+def knn_monitor(backbone, train_index, val_index, config, device):
+    """Weighted kNN top-1 (%) of the pooled backbone features, train split as the bank and val as the queries;
+    {} when the data has no labelled val split. Collective."""
+    if val_index is None or (train_index.labels < 0).any():
+        return {}
+    if val_index.class_names != train_index.class_names:
+        raise UsageError(f"the class folders of {val_index.root} differ from those of {train_index.root}")
+    bank, queries = [extract_features(backbone, eval_loader(index, config), device)
+                     for index in (train_index, val_index)]
+    labels = [torch.as_tensor(index.labels, device=device)[ids] for index, (_, ids) in
+              ((train_index, bank), (val_index, queries))]
+    return knn_accuracy(bank[0], labels[0], queries[0], labels[1], len(train_index.class_names))
+
+
+@torch.no_grad()
+def random_backbones(config, device, train_index):
+    """The baselines: the same architecture at random initialisation (the run's seed), as is (BatchNorm
+    statistics at their init, mean 0 and variance 1, so its features are badly scaled) and with its
+    BatchNorm statistics estimated on the train split, as the raw-feature pass does for the pretrained one."""
+    torch.manual_seed(config.seed)
+    as_is = build_encoder(config, device)[0].eval()
+    return {"random init": as_is,
+            "random init + BN stats": calibrate_batchnorm(copy.deepcopy(as_is), config, train_index)}
+
+
+@torch.no_grad()
+def calibrate_batchnorm(backbone, config, train_index):
+    """BatchNorm running statistics := exact averages over one pass of the train split (all ranks)."""
+    backbone.train()
+    batchnorms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for module in batchnorms:
+        module.reset_running_stats()
+        module.momentum = None  # cumulative moving average: the mean over all batches
+    for images, _ in eval_loader(train_index, config):
+        backbone(images)
+    for module in batchnorms:
+        module.momentum = 0.1
+    average_batchnorm_statistics(backbone)
+    return backbone.eval()
+
+
+def linear_evaluation(backbone, train_index, val_index, config, settings, device, log):
+    """Train a linear layer on the frozen backbone's pooled features (all ranks, averaged gradients) and
+    return its val top-1 / top-5 (%). settings: epochs, lr, momentum, weight_decay, milestones (fractions
+    of the epochs where the lr drops 10x), batch_size per rank."""
+    num_classes = len(train_index.class_names)
+    train_labels = torch.as_tensor(train_index.labels, device=device)
+    val_labels = torch.as_tensor(val_index.labels, device=device)
+    classifier = torch.nn.Linear(backbone.feature_dim, num_classes).to(device)
+    torch.nn.init.normal_(classifier.weight, std=0.01)  # MoCo's init of the linear layer
+    torch.nn.init.zeros_(classifier.bias)
+    hvd.broadcast_parameters(classifier.state_dict(), root_rank=0)
+    optimizer = hvd.DistributedOptimizer(  # averages: each rank's loss is its own batch mean
+        torch.optim.SGD(classifier.parameters(), lr=settings.lr, momentum=settings.momentum,
+                        weight_decay=settings.weight_decay), named_parameters=classifier.named_parameters())
+    frozen = {key: value.clone() for key, value in backbone.state_dict().items()}
+    backbone.eval()  # frozen: BatchNorm uses the pretrained running statistics
+    for epoch in range(settings.epochs):
+        lr = settings.lr * 0.1 ** sum(epoch >= fraction * settings.epochs for fraction in settings.milestones)
+        set_learning_rate(optimizer, lr)
+        for images, ids in linear_train_loader(train_index, config, epoch, settings.batch_size):
+            with torch.no_grad():
+                features = backbone(images).float()
+            loss = torch.nn.functional.cross_entropy(classifier(features), train_labels[ids])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        log.print(f"  linear epoch {epoch + 1}/{settings.epochs}: lr {lr:.3g}, last batch loss {loss.item():.4f}")
+    correct = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    with torch.no_grad():
+        for images, ids in eval_loader(val_index, config, batch_size=settings.batch_size):
+            hits = topk_correct(classifier(backbone(images).float()), val_labels[ids])
+            correct += torch.tensor([hits[1], hits[5], len(ids)], dtype=torch.float64)
+    sanity_check(backbone, frozen)
+    top1, top5, seen = hvd.allreduce(correct, op=hvd.Sum, name="linear-eval.correct").tolist()
+    return {"linear_top1": 100 * top1 / seen, "linear_top5": 100 * top5 / seen}
+
+
+def sanity_check(backbone, frozen):
+    """The linear evaluation must not have changed the backbone (weights or BatchNorm statistics)."""
+    for key, value in backbone.state_dict().items():
+        if not torch.equal(value, frozen[key]):
+            raise RuntimeError(f"backbone tensor {key} changed during linear evaluation")
+
+
+def report(log, title, results):
+    """results {backbone name: {metric: %}} as one table, and one metrics.jsonl record."""
+    names = sorted({name for metrics in results.values() for name in metrics})
+    log.table(title, ["backbone", *names],
+              [[backbone, *[f"{metrics[name]:.2f}%" if name in metrics else "-" for name in names]]
+               for backbone, metrics in results.items()])
+    log.record(evaluation=title, **{f"{b}/{m}": v for b, metrics in results.items() for m, v in metrics.items()})

@@ -1,4 +1,5 @@
 """trainer.py end to end in real Horovod jobs on a tiny slice of the built-in data."""
+import argparse
 import copy
 import json
 import shutil
@@ -139,10 +140,11 @@ def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path):
     from data.index import build_index
     from data.pipelines import eval_loader
     from model.classifier import ShardedInstanceClassifier
+    from model.encoder import build_encoder, embed
     hvd.init()
     index = build_index(tiny_dataset / "train", out_dir=tmp_path, log=lambda *_: None)
-    config = dict(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16)
-    backbone, head = trainer_module.build_encoder(config, torch.device("cpu"))
+    config = argparse.Namespace(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16)
+    backbone, head = build_encoder(config, torch.device("cpu"))
     classifier = ShardedInstanceClassifier(index.num_instances, 16)
     before = copy.deepcopy((backbone, head))
     loader = eval_loader(index, batch_size=16, image_size=32, device="cpu", threads=1, crop_ratio=1.0)
@@ -152,7 +154,7 @@ def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path):
     seen = set()
     with torch.no_grad():
         for images, ids in loader:
-            expected = torch.nn.functional.normalize(trainer_module.embed(*before, images), dim=1)
+            expected = torch.nn.functional.normalize(embed(*before, images), dim=1)
             assert torch.allclose(classifier.weight[ids], expected, atol=1e-6)
             seen.update(ids.tolist())
     assert seen == set(range(index.num_instances))

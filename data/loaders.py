@@ -1,0 +1,38 @@
+"""The loaders of a run, built from its config for this Horovod rank: what the trainer and the evaluation
+read. DALI is imported on first use only (`data.pipelines`), so that `trainer.py -h`, `plan` and the
+evaluation of a run's config work on machines without DALI.
+"""
+import horovod.torch as hvd
+
+
+def epoch_seed(seed, epoch):
+    """The seed of one epoch's shuffle and augmentations: an epoch is a pure function of (seed, epoch), the
+    same whether a run went straight through or was resumed before it."""
+    return seed * 100_003 + epoch
+
+
+def pipelines():
+    import data.pipelines  # lazy: DALI (see the module docstring)
+    return data.pipelines
+
+
+def pretrain_loader(index, config, epoch):
+    """One epoch of (views, ids) of this rank: shuffled, augmented for pretraining."""
+    return pipelines().pretrain_loader(
+        index, batch_size=config.batch_size, image_size=config.image_size, views=config.views, rank=hvd.rank(),
+        world_size=hvd.size(), device=config.dali_device, threads=config.threads,
+        seed=epoch_seed(config.seed, epoch), min_scale=config.min_scale)
+
+
+def linear_train_loader(index, config, epoch, batch_size):
+    """One epoch of (images, ids) of this rank for linear evaluation: random resized crop + flip."""
+    return pipelines().linear_train_loader(
+        index, batch_size=batch_size, image_size=config.image_size, rank=hvd.rank(), world_size=hvd.size(),
+        device=config.dali_device, threads=config.threads, seed=epoch_seed(config.seed, epoch))
+
+
+def eval_loader(index, config, batch_size=None):
+    """One deterministic pass (resize + center crop) over this rank's share of `index`, in id order."""
+    return pipelines().eval_loader(
+        index, batch_size=batch_size or config.batch_size, image_size=config.image_size, rank=hvd.rank(),
+        world_size=hvd.size(), device=config.dali_device, threads=config.threads, crop_ratio=config.crop_ratio)
