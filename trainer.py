@@ -13,6 +13,9 @@ ImageNet, the paper's setting (ResNet-50, 64 GPUs x 64 images = 4096 per step, 2
     horovodrun -np 64 -H host1:8,...,host8:8 python trainer.py --data /imagenet --arch resnet50 \\
         --batch-size 64 --epochs 200 --out runs/imagenet
     horovodrun -np 8 -H localhost:8 python trainer.py linear --ckpt runs/imagenet --batch-size 32
+Throughput without I/O (random images made on the GPU, no DALI needed; 1,281,167 classifier rows):
+    horovodrun -np 8 -H localhost:8 python trainer.py --data synthetic --epochs 1 --steps-per-epoch 200 \\
+        --out runs/synthetic
 Other subcommands: `knn --ckpt RUN`, `export --ckpt RUN --to backbone.pth`,
 `plan --instances 1281167 --gpus 64 --batch-size 64 --feat-dim 128`. `python trainer.py -h` and
 `python trainer.py SUBCOMMAND -h` explain every flag.
@@ -20,6 +23,7 @@ Other subcommands: `knn --ckpt RUN`, `export --ckpt RUN --to backbone.pth`,
 import argparse
 import importlib.metadata
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from data.builtin import builtin_dataset
 from data.index import InstanceIndex, build_index
-from data.loaders import eval_loader, pretrain_loader
+from data.loaders import eval_loader, is_synthetic, pretrain_loader
 from model.checkpoint import load_state, resolve_checkpoint, restore_checkpoint, save_checkpoint
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
 from model.distributed import average_batchnorm_statistics, barrier, setup_device
@@ -41,13 +45,19 @@ from model.export import export_backbone
 from model.plan import plan
 from model.run_log import RunLog
 from model.schedule import set_learning_rate, warmup_cosine
+from model.step import train_step
 
 # -------------------------------------------------------------------------------- flags: pretraining
 # The flags of a run, shared by pretraining and `plan` (which sizes the same run).
 flags = argparse.ArgumentParser(add_help=False)
 group = flags.add_argument_group("data")
-group.add_argument("--data", help="dataset root: a folder with train/ (and val/ for evaluation), or an image "
-                   "folder itself (default: the built-in MNIST-5k)")
+group.add_argument("--data", help="dataset root: a folder with train/ (and val/ for evaluation), an image folder "
+                   "itself, or 'synthetic': random images made on the device, no files and no DALI, to measure "
+                   "the training step without I/O (default: the built-in MNIST-5k)")
+group.add_argument("--instances", type=int, default=1_281_167, help="classifier rows N of --data synthetic and of "
+                   "`plan` (default: 1281167, ImageNet's train split)")
+group.add_argument("--steps-per-epoch", type=int, help="--data synthetic only: cut every epoch to this many steps "
+                   "(default: a full pass over --instances)")
 group.add_argument("--image-size", type=int, help="crop side in pixels (default: 224; 32 built-in)")
 group.add_argument("--min-scale", type=float, help="smallest random-resized-crop area fraction "
                    "(default: 0.2; 0.5 built-in, digits cut to a fifth lose their identity)")
@@ -125,11 +135,18 @@ def pretrain(config):
     barrier("mkdir-out")
     log = RunLog(out, master)
 
-    # Data: instance ids come from the index persisted in the run directory.
-    train_folder, val_folder = dataset_folders(config.data)
-    train_index = load_or_build_index(train_folder, out / "index-train", config.strict, log.print)
-    val_index = load_or_build_index(val_folder, out / "index-val", config.strict, log.print) if val_folder else None
-    config.world_size, config.num_instances = hvd.size(), train_index.num_instances
+    # Data: instance ids come from the index persisted in the run directory (synthetic data has no files).
+    train_index = val_index = None
+    if is_synthetic(config):
+        config.num_instances = config.instances
+        log.print("synthetic data: kNN monitor and linear evaluation are skipped (no labels)")
+    else:
+        train_folder, val_folder = dataset_folders(config.data)
+        train_index = load_or_build_index(train_folder, out / "index-train", config.strict, log.print)
+        if val_folder:
+            val_index = load_or_build_index(val_folder, out / "index-val", config.strict, log.print)
+        config.num_instances = train_index.num_instances
+    config.world_size = hvd.size()
     config.global_batch = config.batch_size * config.world_size
     config.base_lr = config.lr * config.global_batch / 256
     config.versions = package_versions()
@@ -163,7 +180,7 @@ def pretrain(config):
         if config.raw_init:
             started = time.perf_counter()
             raw_feature_init(backbone, head, classifier, eval_loader(train_index, config))
-            log.print(f"raw-feature init of {config.num_instances} classifier rows in "
+            log.print(f"raw-feature init: one pass of the random network over the training images in "
                       f"{time.perf_counter() - started:.1f}s")
 
     # Train: one loader per epoch, seeded by (seed, epoch), so a resumed epoch draws what it would have drawn.
@@ -211,6 +228,7 @@ def raw_feature_init(backbone, head, classifier, loader):
 def train_one_epoch(epoch, loader, run, config, log):
     """One pass over the data; returns the epoch's mean loss (the global-batch loss, same on every rank)."""
     backbone, head, encoder_optimizer, classifier, classifier_optimizer = run
+    optimizers = (encoder_optimizer, classifier_optimizer)
     steps = len(loader)  # equal on every rank: the reader pads every shard to the same number of batches
     losses, images_seen, started = [], 0, time.perf_counter()
     progress = Progress(TextColumn(f"epoch {epoch + 1}/{config.epochs}"), BarColumn(),
@@ -223,21 +241,13 @@ def train_one_epoch(epoch, loader, run, config, log):
             lr = warmup_cosine(global_step / steps, config.base_lr, config.warmup_epochs, config.epochs)
             set_learning_rate(encoder_optimizer, lr)
             set_learning_rate(classifier_optimizer, lr * config.classifier_lr_mult)
-            # Both views of an image are classified as its instance: one global batch of views x images.
             try:
-                features = embed(backbone, head, torch.cat(views))
-                loss = classifier(features, ids.repeat(len(views)))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()}")
+                losses.append(train_step(backbone, head, classifier, optimizers, views, ids).item())
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"non-finite loss {losses[-1]}")
             except FloatingPointError as error:  # the loss and the check are global: all ranks stop together
                 raise FloatingPointError(f"{error} at epoch {epoch + 1} step {step + 1}; stopped, the last good "
                                          f"checkpoint in {config.out} is kept") from None
-            encoder_optimizer.zero_grad()
-            classifier_optimizer.zero_grad()
-            loss.backward()
-            encoder_optimizer.step()
-            classifier_optimizer.step()
-            losses.append(loss.item())
             images_seen += classifier.last_global_rows // len(views)
             images_per_s = images_seen / (time.perf_counter() - started)
             progress.update(task, advance=1, status=f"loss {losses[-1]:.4f} lr {lr:.4g} {images_per_s:.0f} img/s")
@@ -263,6 +273,10 @@ def resolve_config(args, defaults=None):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.smooth_k < 0 or not 0 <= args.smooth_alpha < 1 or args.temperature <= 0 or args.lr <= 0:
         raise UsageError("need --smooth-k >= 0, 0 <= --smooth-alpha < 1, --temperature > 0 and --lr > 0")
+    if args.instances < 2:
+        raise UsageError(f"--instances must be at least 2, got {args.instances}")
+    if args.steps_per_epoch is not None and (args.data != "synthetic" or args.steps_per_epoch <= 0):
+        raise UsageError("--steps-per-epoch takes a positive number of steps, with --data synthetic only")
     return args
 
 
@@ -400,11 +414,10 @@ def plan_command(argv):
                                   "communication per step of the hybrid layout vs a replicated classifier; "
                                   "allocates nothing. Takes the pretraining flags (unset ones at their ImageNet-scale "
                                   "defaults), so a training command's flags can be pasted.")
-    sub.add_argument("--instances", type=int, default=1_281_167, help="classifier rows N (default: 1281167)")
     sub.add_argument("--gpus", type=int, default=64, help="ranks P (default: 64)")
     config = resolve_config(sub.parse_args(argv), defaults=DATASET_DEFAULTS)
-    if min(config.instances, config.gpus) <= 0:
-        raise UsageError("plan: --instances and --gpus must be positive")
+    if config.gpus <= 0:
+        raise UsageError("plan: --gpus must be positive")
     # The classifier sees views x images rows per rank; the backbone processes them all.
     rows = plan(instances=config.instances, gpus=config.gpus, batch_size=config.batch_size * config.views,
                 feat_dim=config.feat_dim, k=config.smooth_k, arch=config.arch, image_size=config.image_size,

@@ -1,8 +1,14 @@
 """The loaders of a run, built from its config for this Horovod rank: what the trainer and the evaluation
-read. DALI is imported on first use only (`data.pipelines`), so that `trainer.py -h`, `plan` and the
-evaluation of a run's config work on machines without DALI.
+read. With `--data synthetic` they are data.synthetic's random images; otherwise DALI pipelines over an
+instance index, with DALI imported on first use only (`data.pipelines`), so that `trainer.py -h`, `plan` and
+synthetic runs work on machines without DALI.
 """
 import horovod.torch as hvd
+import torch
+
+from data.synthetic import SyntheticLoader
+
+SYNTHETIC = "synthetic"  # the --data value of synthetic input
 
 
 def epoch_seed(seed, epoch):
@@ -16,8 +22,21 @@ def pipelines():
     return data.pipelines
 
 
+def is_synthetic(config):
+    return config.data == SYNTHETIC
+
+
+def synthetic_loader(config, epoch, views):
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return SyntheticLoader(config.instances, batch_size=config.batch_size, image_size=config.image_size, views=views,
+                           rank=hvd.rank(), world_size=hvd.size(), seed=epoch_seed(config.seed, epoch), device=device,
+                           steps_per_epoch=config.steps_per_epoch)
+
+
 def pretrain_loader(index, config, epoch):
     """One epoch of (views, ids) of this rank: shuffled, augmented for pretraining."""
+    if is_synthetic(config):
+        return synthetic_loader(config, epoch, views=config.views)
     return pipelines().pretrain_loader(
         index, batch_size=config.batch_size, image_size=config.image_size, views=config.views, rank=hvd.rank(),
         world_size=hvd.size(), device=config.dali_device, threads=config.threads,
@@ -33,6 +52,8 @@ def linear_train_loader(index, config, epoch, batch_size):
 
 def eval_loader(index, config, batch_size=None):
     """One deterministic pass (resize + center crop) over this rank's share of `index`, in id order."""
+    if is_synthetic(config):
+        return synthetic_loader(config, epoch=-1, views=None)
     return pipelines().eval_loader(
         index, batch_size=batch_size or config.batch_size, image_size=config.image_size, rank=hvd.rank(),
         world_size=hvd.size(), device=config.dali_device, threads=config.threads, crop_ratio=config.crop_ratio)
