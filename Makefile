@@ -6,9 +6,9 @@ NP ?= 2
 
 .PHONY: setup test demo bench clean
 
-# Idempotent: the stamp is rebuilt only when requirements.txt or the Horovod build script change.
+# Idempotent: the stamp is rebuilt only when requirements.txt or the Horovod build scripts change.
 setup: $(VENV)/.setup-done
-$(VENV)/.setup-done: requirements.txt .ci/build-horovod.sh
+$(VENV)/.setup-done: requirements.txt .ci/build-horovod.sh .ci/horovod_build_plan.py
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel
 	grep -vE '^(horovod|mlxtend)==' requirements.txt | $(PY) -m pip install -q --disable-pip-version-check -r /dev/stdin

@@ -1,49 +1,94 @@
 #!/usr/bin/env bash
-# Build Horovod 0.28.1 against the installed torch and install it into the active Python.
+# Build Horovod 0.28.1 against the installed torch and install it into PYTHON.
 #
 # PyPI has only the 0.28.1 sdist, which sets C++14; torch >= 2.1 headers need C++17. We check the
-# sdist's sha256, patch the two CMake files, and build with gloo (CPU) and NCCL when CUDA is present.
+# sdist's sha256, patch the two CMake files, and build with gloo, plus NCCL when torch has CUDA.
+# What else this machine needs (CMake 4, a newer GCC, NCCL from its pip wheel, no network) is decided
+# by .ci/horovod_build_plan.py, which says why in the log and fails in one line before any work.
 # The built wheel is cached under ~/.cache, keyed by torch version and build flags, because the
 # build takes ~10 minutes on 2 cores and a second setup should take seconds.
-# Usage: .ci/build-horovod.sh PYTHON
+#
+# Usage: .ci/build-horovod.sh [--dry-run] PYTHON [SDIST_DIR]
+#   SDIST_DIR (or $HOROVOD_SDIST_DIR): build without network from the sdist and the cffi/pycparser wheels
+#   there (bench/fetch_gpu_wheels.sh fills one). --dry-run: print the plan and the cache entry, build nothing.
+#   BUILD_NCCL=auto|1|0 and HOROVOD_BUILD_CUDA_CC_LIST override the plan's choices.
 set -euo pipefail
-python=${1:?usage: build-horovod.sh PYTHON}
-sdist_sha256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
+python=${1:?usage: build-horovod.sh [--dry-run] PYTHON [SDIST_DIR]}
+sdist_dir=${2:-${HOROVOD_SDIST_DIR:-}}
+unset HOROVOD_SDIST_DIR  # a location, not a build flag: it stays out of the cache key below
+die() { echo "build-horovod: $*" >&2; exit 1; }
 
-if "$python" -c 'import horovod.torch' 2>/dev/null; then
+if [[ $dry_run == 0 ]] && "$python" -c 'import horovod.torch' 2>/dev/null; then
   echo "horovod already installed"; exit 0
 fi
 
-export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-       HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=gloo
+plan=$("$python" "$(dirname "$0")/horovod_build_plan.py" ${sdist_dir:+--sdist-dir "$sdist_dir"}) || exit 1
+eval "$plan"
+echo "$plan"
+pip_offline=()
+if [[ -n $offline_dir ]]; then pip_offline=(--no-index --find-links "$offline_dir"); fi
+
 torch_version=$("$python" -c 'import torch; print(torch.__version__)')
-if "$python" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' && command -v nvcc >/dev/null; then
-  export HOROVOD_GPU_OPERATIONS=NCCL
-fi
-flags=$(env | grep '^HOROVOD_' | sort | tr '\n' ' ')
+# LC_ALL=C: the same order as the C.UTF-8 locale the first keys were made in, whatever the user's locale.
+flags=$(env | grep '^HOROVOD_' | LC_ALL=C sort | tr '\n' ' ')
 key=$(printf '%s %s %s' "$torch_version" "$("$python" -c 'import sys; print(sys.version.split()[0])')" "$flags" \
       | sha256sum | cut -c1-16)
-cache=${XDG_CACHE_HOME:-$HOME/.cache}/instance-classifier/horovod-0.28.1-$key
+cache=$cache_root/horovod-0.28.1-$key
+if [[ $dry_run == 1 ]]; then
+  hit=$(ls "$cache"/horovod-*.whl 2>/dev/null || echo "none yet")
+  echo "cache entry: $cache (wheel: $hit)"; exit 0
+fi
 if ls "$cache"/horovod-*.whl >/dev/null 2>&1; then
   echo "installing cached horovod wheel from $cache"
-  "$python" -m pip install -q "$cache"/horovod-*.whl
+  "$python" -m pip install -q "${pip_offline[@]}" "$cache"/horovod-*.whl
   exit 0
 fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-echo "building horovod 0.28.1 for torch $torch_version ($flags) — about 10 minutes on 2 cores"
-"$python" -m pip download -q --no-deps --no-binary :all: -d "$work" horovod==0.28.1
-echo "$sdist_sha256  $work/horovod-0.28.1.tar.gz" | sha256sum -c --quiet
+echo "building horovod 0.28.1 for torch $torch_version ($flags) — about 10 minutes on 2 cores, 2 on 16"
+if [[ -n $sdist ]]; then
+  cp "$sdist" "$work/"
+else
+  "$python" -m pip download -q --no-deps --no-binary :all: -d "$work" horovod==0.28.1 \
+    || die "no sdist: pip download horovod==0.28.1 failed (no network?); put horovod-0.28.1.tar.gz and the cffi/pycparser wheels in a folder (bench/fetch_gpu_wheels.sh) and pass it as SDIST_DIR"
+fi
+echo "$sdist_sha256  $work/horovod-0.28.1.tar.gz" | sha256sum -c --quiet \
+  || die "horovod-0.28.1.tar.gz does not have sha256 $sdist_sha256: a corrupt or different download"
 tar -xzf "$work/horovod-0.28.1.tar.gz" -C "$work"
 src=$work/horovod-0.28.1
+patch_line() {  # FILE FROM TO: the sdist is pinned by its sha256, so a missing line means a different file
+  grep -q "$2" "$1" || die "unexpected $1: no '$2' line to patch"
+  sed -i "s/$2/$3/" "$1"
+}
 for f in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
-  grep -q 'set(CMAKE_CXX_STANDARD 14)' "$f" || { echo "unexpected $f: no C++14 line to patch"; exit 1; }
-  sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$f"
+  patch_line "$f" 'set(CMAKE_CXX_STANDARD 14)' 'set(CMAKE_CXX_STANDARD 17)'
 done
-"$python" -m pip install -q setuptools wheel
-MAKEFLAGS=-j$(nproc) "$python" -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$src"
+if [[ $patch_cuda_standard == 1 ]]; then
+  patch_line "$src/horovod/common/ops/cuda/CMakeLists.txt" 'set(CMAKE_CUDA_STANDARD 11)' 'set(CMAKE_CUDA_STANDARD 17)'
+fi
+if [[ -n $nccl_wheel ]]; then
+  # Horovod's finder wants lib/libnccl.so; the wheel has lib/libnccl.so.2 only.
+  rm -rf "$HOROVOD_NCCL_HOME"
+  mkdir -p "$HOROVOD_NCCL_HOME/lib"
+  ln -s "$nccl_wheel/include" "$HOROVOD_NCCL_HOME/include"
+  for lib in "$nccl_wheel"/lib/libnccl.so*; do ln -s "$lib" "$HOROVOD_NCCL_HOME/lib/"; done
+  [[ -e $HOROVOD_NCCL_HOME/lib/libnccl.so ]] || ln -s "$lib" "$HOROVOD_NCCL_HOME/lib/libnccl.so"
+fi
+if [[ -n $offline_installs ]]; then
+  # setup.py lists cffi in setup_requires: setuptools would fetch it from the network if it were missing.
+  # shellcheck disable=SC2086
+  "$python" -m pip install -q "${pip_offline[@]}" $offline_installs
+fi
+"$python" -m pip install -q "${pip_offline[@]}" setuptools wheel
+MAKEFLAGS=-j$(nproc) "$python" -m pip wheel -q --no-deps --no-build-isolation "${pip_offline[@]}" -w "$work/dist" "$src"
 mkdir -p "$cache"
 cp "$work"/dist/horovod-*.whl "$cache"/
-"$python" -m pip install -q "$cache"/horovod-*.whl
-"$python" -c 'import horovod, horovod.torch as hvd; print("horovod", horovod.__version__, "built with gloo:", hvd.gloo_built())'
+"$python" -m pip install -q "${pip_offline[@]}" "$cache"/horovod-*.whl
+"$python" -c 'import horovod, horovod.torch as hvd; print("horovod", horovod.__version__, "built with gloo:", hvd.gloo_built(), "nccl:", hvd.nccl_built())'
+if [[ -n ${HOROVOD_GPU_OPERATIONS:-} ]] && ! "$python" -c 'import horovod.torch as hvd, sys; sys.exit(not hvd.nccl_built())'; then
+  rm -rf "$cache"  # not the wheel this key promises
+  die "the plan asked for NCCL but CMake built without it: rerun the pip wheel line above without -q to see why"
+fi

@@ -1,0 +1,318 @@
+"""How to build Horovod 0.28.1 on this machine: the fixes it needs, printed as shell lines for build-horovod.sh.
+
+PyPI's only 0.28.1 release is a 2023 sdist. Against today's toolchains it needs, depending on the machine
+(each one met on a CUDA 13 / CMake 4 / recent-GCC / no-network H100, see ../shared/horovod-cuda-build.md):
+
+  always                C++14 -> 17 in two CMake files (torch >= 2.1 headers need C++17; build-horovod.sh).
+  CMake >= 4            CMAKE_POLICY_VERSION_MINIMUM=3.5: CMake 4 refuses gloo's cmake_minimum_required(2.8.12).
+  a libstdc++ without   CXXFLAGS="-include string -include cstdint -include stdexcept": group_table.h uses
+  transitive includes   std::string and int32_t without including them. Detected by compiling that header's
+                        includes with the compiler CMake will use, so a machine whose compiler accepts them
+                        (GCC 12 here) builds with exactly the flags it always had.
+  torch with CUDA       HOROVOD_GPU_OPERATIONS=NCCL, HOROVOD_CUDA_HOME, CUDACXX, HOROVOD_BUILD_CUDA_CC_LIST = the
+                        visible GPUs' compute capabilities, else 90 (without it nvcc builds every architecture it
+                        knows), and CMAKE_CUDA_STANDARD 11 -> 17 (same standard as the C++ files; every nvcc able
+                        to build for torch >= 2.1 accepts it; nvcc 13.0 also still compiles the kernels at 11).
+  NCCL from pip         the nvidia-nccl wheel ships include/nccl.h and lib/libnccl.so.2 only, and Horovod's finder
+                        looks for libnccl.so: a folder of links with that name becomes HOROVOD_NCCL_HOME
+                        (HOROVOD_NCCL_LINK=SHARED: the wheel has no static library). Preferred over a system NCCL:
+                        at run time horovod.torch imports torch first, whose libnccl.so.2 (the wheel's) is the one
+                        loaded, so the headers then match the library that runs.
+  no network            the sdist comes from a local folder (its sha256 checked here, before any work) and so does
+                        cffi, which setup.py lists in setup_requires (setuptools would fetch it).
+
+The environment is read once into `Facts` (`probe`); `plan` turns facts into lines and is pure, so
+tests/test_build_horovod.py checks it on made-up machines without building. A machine that cannot build says
+why in one line (`PlanError`) before any work. Run it with the Python that will hold Horovod:
+
+    python .ci/horovod_build_plan.py [--sdist-dir DIR] [--facts JSON]   the plan, as shell lines
+    python .ci/horovod_build_plan.py --verify DIR                       DIR holds what an offline build needs
+
+BUILD_NCCL=auto|1|0 (default auto: NCCL exactly when torch has CUDA) and HOROVOD_BUILD_CUDA_CC_LIST override.
+"""
+import argparse
+import dataclasses
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+SDIST_NAME = "horovod-0.28.1.tar.gz"
+SDIST_SHA256 = "92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0"
+# The flags of every build; the cache key hashes the HOROVOD_* variables, so these names and values must not
+# change: the CPU build's cached wheel is found by them.
+BASE_EXPORTS = {"HOROVOD_WITH_PYTORCH": "1", "HOROVOD_WITHOUT_TENSORFLOW": "1", "HOROVOD_WITHOUT_MXNET": "1",
+                "HOROVOD_WITH_GLOO": "1", "HOROVOD_WITHOUT_MPI": "1", "HOROVOD_CPU_OPERATIONS": "gloo"}
+DEFAULT_CUDA_CC = "90"  # Hopper, the GPU this project is tuned for
+CMAKE_MIN_VERSION = (3, 13)  # below it Horovod's setup.py pip-installs a CMake (needs network)
+# The includes of horovod/common/group_table.h (0.28.1) and what it and its neighbours use from elsewhere.
+INCLUDE_PROBE = """#include <mutex>
+#include <queue>
+#include <unordered_map>
+#include <vector>
+int32_t group_id(const std::string& name) { if (name.empty()) throw std::runtime_error(name); return 0; }
+"""
+MISSING_INCLUDES = "-include string -include cstdint -include stdexcept"
+OFFLINE_WHEELS = ("cffi", "pycparser")  # cffi needs pycparser
+
+
+class PlanError(Exception):
+    """This machine cannot build Horovod as asked; the message says what is missing, in one line."""
+
+
+@dataclasses.dataclass
+class Facts:
+    python_version: str
+    torch_version: str
+    torch_cuda: str | None           # torch.version.cuda: None for a CPU-only torch
+    gpu_capabilities: list[str]      # visible GPUs' compute capabilities, e.g. ["90"]; [] when none
+    cuda_home: str | None            # folder with bin/nvcc
+    nvcc_version: str | None         # e.g. "13.0"
+    cmake_version: str | None        # of the cmake Horovod's setup.py will run
+    cxx: str | None                  # the C++ compiler CMake will pick
+    cxx_needs_includes: bool         # its standard library does not give group_table.h what it uses
+    nccl_wheel: str | None           # the nvidia-nccl pip package's folder (include/nccl.h, lib/libnccl.so.2)
+    nccl_system: bool                # nccl.h and libnccl.so / libnccl_static.a where Horovod's finder looks
+    installed: list[str]             # which of OFFLINE_WHEELS are importable
+    sdist_dir: str | None = None     # the local folder to build from (offline), if any
+    sdist_sha256: str | None = None  # of SDIST_NAME in sdist_dir, None when absent
+    offline_wheels: list[str] = dataclasses.field(default_factory=list)  # *.whl names in sdist_dir
+
+
+def version_tuple(text):
+    return tuple(int(part) for part in re.findall(r"\d+", text or "")[:2])
+
+
+def run_text(command):
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def find_cuda_home(env):
+    """torch.utils.cpp_extension's order: the variables, the nvcc on PATH, /usr/local/cuda."""
+    candidates = [env.get(name) for name in ("HOROVOD_CUDA_HOME", "CUDA_HOME", "CUDA_PATH")]
+    nvcc = shutil.which("nvcc", path=env.get("PATH"))
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    return next((home for home in candidates if home and os.access(f"{home}/bin/nvcc", os.X_OK)), None)
+
+
+def find_cxx(env):
+    """CMake's choice: $CXX, else the first of c++, g++, clang++ on PATH."""
+    if env.get("CXX"):
+        return env["CXX"]
+    return next(filter(None, (shutil.which(name, path=env.get("PATH")) for name in ("c++", "g++", "clang++"))), None)
+
+
+def needs_includes(cxx):
+    result = subprocess.run([*shlex.split(cxx), "-std=c++17", "-fsyntax-only", "-x", "c++", "-"],
+                            input=INCLUDE_PROBE, capture_output=True, text=True, timeout=120)
+    return result.returncode != 0
+
+
+def find_nccl_wheel():
+    try:
+        spec = importlib.util.find_spec("nvidia.nccl")
+    except ModuleNotFoundError:
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.exists(f"{folder}/include/nccl.h") and glob.glob(f"{folder}/lib/libnccl.so*"):
+            return folder
+    return None
+
+
+def has_system_nccl(cuda_home):
+    roots = [cuda_home] if cuda_home else []
+    includes = [f"{root}/include" for root in [*roots, "/usr", "/usr/local"]]
+    libs = [f"{root}/{sub}" for root in [*roots, "/usr", "/usr/local"] for sub in ("lib64", "lib", "lib/x86_64-linux-gnu")]
+    return (any(os.path.exists(f"{folder}/nccl.h") for folder in includes)
+            and any(os.path.exists(f"{folder}/{name}") for folder in libs for name in ("libnccl.so", "libnccl_static.a")))
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def probe_sdist_dir(sdist_dir):
+    """(sha256 of the sdist or None, the wheel file names) of a local build folder."""
+    if not os.path.isdir(sdist_dir):
+        raise PlanError(f"sdist folder '{sdist_dir}' does not exist")
+    sdist = os.path.join(sdist_dir, SDIST_NAME)
+    return (sha256_of(sdist) if os.path.exists(sdist) else None,
+            sorted(os.path.basename(path) for path in glob.glob(os.path.join(sdist_dir, "*.whl"))))
+
+
+def probe(env, sdist_dir=None):
+    """Read the facts `plan` decides on from this Python, its torch and the tools on PATH."""
+    try:
+        import torch
+    except ImportError:
+        raise PlanError(f"torch is not installed in {sys.executable}: install the requirements first") from None
+    cuda_home = find_cuda_home(env)
+    cmake = env.get("HOROVOD_CMAKE") or shutil.which("cmake", path=env.get("PATH"))  # what setup.py runs
+    cxx = find_cxx(env)
+    capabilities = []
+    if torch.version.cuda and torch.cuda.is_available():
+        capabilities = sorted({"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    sdist_dir = sdist_dir and os.path.abspath(sdist_dir)  # the plan then reads the same from any folder
+    sdist_sha256, offline_wheels = probe_sdist_dir(sdist_dir) if sdist_dir else (None, [])
+    return Facts(
+        python_version=sys.version.split()[0], torch_version=torch.__version__, torch_cuda=torch.version.cuda,
+        gpu_capabilities=capabilities, cuda_home=cuda_home,
+        nvcc_version=(re.findall(r"release (\d+\.\d+)", run_text([f"{cuda_home}/bin/nvcc", "--version"]))
+                      or [None])[0] if cuda_home else None,
+        cmake_version=(re.findall(r"version\s*([\d.]+)", run_text([cmake, "--version"])) or [None])[0] if cmake else None,
+        cxx=cxx, cxx_needs_includes=bool(cxx) and needs_includes(cxx),
+        nccl_wheel=find_nccl_wheel(), nccl_system=has_system_nccl(cuda_home),
+        installed=[name for name in OFFLINE_WHEELS if importlib.util.find_spec(name)],
+        sdist_dir=sdist_dir, sdist_sha256=sdist_sha256, offline_wheels=offline_wheels)
+
+
+def wants_nccl(facts, env):
+    choice = env.get("BUILD_NCCL", "auto")
+    if choice not in ("auto", "1", "0"):
+        raise PlanError(f"BUILD_NCCL={choice!r}: use auto, 1 or 0")
+    if choice == "1" and not facts.torch_cuda:
+        raise PlanError(f"BUILD_NCCL=1 but torch {facts.torch_version} is CPU-only: install a CUDA torch first")
+    return choice == "1" or (choice == "auto" and bool(facts.torch_cuda))
+
+
+def wheel_fits(wheel, name, python_version):
+    """Is `wheel` (a file name) one of `name`'s, for `python_version` ("3.12"; None: for any Python)?"""
+    parts = wheel[:-len(".whl")].split("-")  # name-version[-build]-pythontags-abi-platform
+    if parts[0].lower() != name:
+        return False
+    if python_version is None:
+        return True
+    major, minor = python_version.split(".")[:2]
+    return bool({f"cp{major}{minor}", f"py{major}", f"py{major}{minor}"} & set(parts[-3].split(".")))
+
+
+def check_offline_dir(sdist_sha256, wheel_names, sdist_dir, needed, python_version=None):
+    """The one-line error for a local build folder that lacks the sdist, has a wrong one, or lacks a wheel."""
+    if sdist_sha256 is None:
+        raise PlanError(f"no {SDIST_NAME} in '{sdist_dir}' (offline build): run bench/fetch_gpu_wheels.sh where "
+                        "there is network and copy the folder here")
+    if sdist_sha256 != SDIST_SHA256:
+        raise PlanError(f"{sdist_dir}/{SDIST_NAME} has sha256 {sdist_sha256}, expected {SDIST_SHA256}: "
+                        "a corrupt or different file")
+    missing = [name for name in needed if not any(wheel_fits(wheel, name, python_version) for wheel in wheel_names)]
+    if missing:
+        for_python = f" for Python {python_version}" if python_version else ""
+        raise PlanError(f"{' and '.join(missing)} not installed and no {'/'.join(missing)} wheel{for_python} in "
+                        f"'{sdist_dir}': Horovod's setup.py needs cffi to build (bench/fetch_gpu_wheels.sh fetches "
+                        "them for Python 3.12)")
+
+
+def nccl_exports(facts, env, cache_root):
+    """(lines, NCCL wheel folder to link or None) for an NCCL build; PlanError when a piece is missing."""
+    if not facts.cuda_home:
+        raise PlanError(f"torch {facts.torch_version} has CUDA {facts.torch_cuda} but nvcc was not found "
+                        "($HOROVOD_CUDA_HOME, $CUDA_HOME, PATH, /usr/local/cuda): install the CUDA toolkit, "
+                        "or BUILD_NCCL=0 for a CPU-only Horovod")
+    cc_list = env.get("HOROVOD_BUILD_CUDA_CC_LIST") or ",".join(facts.gpu_capabilities) or DEFAULT_CUDA_CC
+    if not re.fullmatch(r"\d+(,\d+)*", cc_list):
+        raise PlanError(f"HOROVOD_BUILD_CUDA_CC_LIST={cc_list!r}: want compute capabilities like 90 or 80,90")
+    cc_origin = ("$HOROVOD_BUILD_CUDA_CC_LIST" if env.get("HOROVOD_BUILD_CUDA_CC_LIST")
+                 else "the visible GPUs" if facts.gpu_capabilities else "default: no GPU visible")
+    lines = [f"# torch {facts.torch_version} has CUDA {facts.torch_cuda}, nvcc {facts.nvcc_version} in "
+             f"{facts.cuda_home}: NCCL operations, CUDA code for compute capability {cc_list} ({cc_origin})",
+             export("HOROVOD_GPU_OPERATIONS", "NCCL"), export("HOROVOD_CUDA_HOME", facts.cuda_home),
+             export("CUDACXX", f"{facts.cuda_home}/bin/nvcc"), export("HOROVOD_BUILD_CUDA_CC_LIST", cc_list)]
+    if any(env.get(name) for name in ("HOROVOD_NCCL_HOME", "HOROVOD_NCCL_INCLUDE", "HOROVOD_NCCL_LIB")):
+        return lines + ["# NCCL: where $HOROVOD_NCCL_HOME / _INCLUDE / _LIB say"], None
+    if facts.nccl_wheel:
+        return lines + [f"# NCCL from the pip wheel {facts.nccl_wheel}: linked as lib/libnccl.so in a folder of its own",
+                        export("HOROVOD_NCCL_HOME", f"{cache_root}/nccl-from-wheel"),
+                        export("HOROVOD_NCCL_LINK", "SHARED")], facts.nccl_wheel
+    if facts.nccl_system:
+        return lines + ["# NCCL: the system's, found by Horovod's finder"], None
+    raise PlanError(f"NCCL requested (torch has CUDA {facts.torch_cuda}) but no nccl.h + libnccl found (pip wheel "
+                    f"nvidia-nccl-cu{facts.torch_cuda.split('.')[0]}, {facts.cuda_home}, /usr): install one, set "
+                    "HOROVOD_NCCL_HOME, or BUILD_NCCL=0 for a CPU-only Horovod")
+
+
+def export(name, value):
+    return f"export {name}={shlex.quote(value)}"
+
+
+def assign(name, value):
+    return f"{name}={shlex.quote(str(value))}"
+
+
+def plan(facts, env):
+    """Shell lines for build-horovod.sh: comments saying why, exports, and the variables it acts on."""
+    cache_root = f"{env.get('XDG_CACHE_HOME') or env.get('HOME', '') + '/.cache'}/instance-classifier"
+    offline = facts.sdist_dir is not None
+    to_install = [name for name in OFFLINE_WHEELS if name not in facts.installed] if offline else []
+    if offline:
+        check_offline_dir(facts.sdist_sha256, facts.offline_wheels, facts.sdist_dir, to_install,
+                          ".".join(facts.python_version.split(".")[:2]))
+    cmake = version_tuple(facts.cmake_version)
+    if offline and cmake < CMAKE_MIN_VERSION:
+        raise PlanError(f"cmake >= 3.13 not found (found: {facts.cmake_version or 'none'} on PATH or $HOROVOD_CMAKE), "
+                        "and without network Horovod's setup.py cannot fetch one: install cmake")
+    if not facts.cxx:
+        raise PlanError("no C++ compiler ($CXX, c++, g++, clang++): install g++")
+    lines = [f"# python {facts.python_version}, torch {facts.torch_version}, cmake {facts.cmake_version}, {facts.cxx}",
+             *(export(name, value) for name, value in BASE_EXPORTS.items())]
+    nccl_wheel = None
+    build_nccl = wants_nccl(facts, env)
+    if build_nccl:
+        nccl_lines, nccl_wheel = nccl_exports(facts, env, cache_root)
+        lines += nccl_lines
+    else:
+        lines.append(f"# torch {facts.torch_version}: {'CPU-only' if not facts.torch_cuda else 'BUILD_NCCL=0'}, gloo only "
+                     "(no NCCL, whatever nvcc is on PATH)")
+    if cmake >= (4,):
+        lines += ["# CMake >= 4 refuses the cmake_minimum_required(VERSION 2.8.12) of gloo and flatbuffers",
+                  export("CMAKE_POLICY_VERSION_MINIMUM", "3.5")]
+    if facts.cxx_needs_includes:
+        lines += ["# this C++ library does not give group_table.h std::string and int32_t through its includes",
+                  export("CXXFLAGS", f"{env.get('CXXFLAGS', '')} {MISSING_INCLUDES}".strip())]
+    lines += [f"# sdist: {f'{facts.sdist_dir}/{SDIST_NAME} (offline)' if offline else 'pip download'}"
+              f"{'; installs ' + ', '.join(to_install) + ' from there' if to_install else ''}",
+              assign("cache_root", cache_root), assign("sdist_sha256", SDIST_SHA256),
+              assign("sdist", os.path.join(facts.sdist_dir, SDIST_NAME) if offline else ""),
+              assign("offline_dir", facts.sdist_dir or ""), assign("offline_installs", " ".join(to_install)),
+              assign("nccl_wheel", nccl_wheel or ""), assign("patch_cuda_standard", int(build_nccl))]
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sdist-dir", help="folder holding the sdist and the cffi/pycparser wheels: build offline "
+                                            "from it (default: none, pip downloads the sdist)")
+    parser.add_argument("--facts", help="JSON object of Facts fields that replace what was probed, to see the plan "
+                                        "of another machine (default: none)")
+    parser.add_argument("--verify", metavar="DIR", help="only check that DIR holds the sdist (sha256) and the "
+                                                        "cffi and pycparser wheels (default: plan)")
+    args = parser.parse_args()
+    try:
+        if args.verify:
+            check_offline_dir(*probe_sdist_dir(args.verify), args.verify, OFFLINE_WHEELS)
+            print(f"{args.verify}: {SDIST_NAME} (sha256 ok), {' and '.join(OFFLINE_WHEELS)} wheels")
+            return
+        facts = probe(os.environ, args.sdist_dir)
+        if args.facts:
+            facts = dataclasses.replace(facts, **json.loads(args.facts))
+        print("\n".join(plan(facts, os.environ)))
+    except PlanError as error:
+        sys.exit(f"build-horovod: {error}")
+
+
+if __name__ == "__main__":
+    main()
