@@ -120,11 +120,10 @@ def needs_includes(cxx):
 
 
 def find_nccl_wheel():
-    try:
-        spec = importlib.util.find_spec("nvidia.nccl")
-    except ModuleNotFoundError:
-        return None
-    for folder in (spec.submodule_search_locations or []) if spec else []:
+    """nvidia/nccl under an entry of sys.path: looked for, not imported, because `nvidia` is a namespace
+    package that another distribution (DALI) can make a regular one elsewhere on the path."""
+    for entry in sys.path:
+        folder = os.path.join(os.path.abspath(entry or "."), "nvidia", "nccl")
         if os.path.exists(f"{folder}/include/nccl.h") and glob.glob(f"{folder}/lib/libnccl.so*"):
             return folder
     return None
