@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of the classifier kernels: correctness on the device against the float64 oracle, then
-# forward + backward timings (bench/kernel.py gpu), printed as markdown tables for bench/RESULTS.md.
+# The GPU check of the classifier kernels: correctness on the device against the float64 oracle (the
+# criterion is bench/kernel.py judge: bf16 near-tie reorders of the top-K pass, wrong picks and wrong
+# gradients fail), then forward + backward timings (bench/kernel.py gpu), printed as markdown tables for
+# bench/RESULTS.md. Exits non-zero when a case fails the criterion.
 #
 #   bench/gpu_check.sh [WHEELS_DIR]     on a CUDA machine; needs only its own python + torch + triton.
 #                                       WHEELS_DIR (optional): liger-kernel / cut-cross-entropy wheels,
