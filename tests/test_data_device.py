@@ -1,0 +1,45 @@
+"""Which GPU a rank uses (and so DALI's device_id, which inherits the current device): local rank modulo the
+visible devices, checked on CPU by stubbing the CUDA queries."""
+import pytest
+import torch
+
+from model import distributed
+from model.distributed import describe_device, gpu_ordinal, setup_device
+
+
+@pytest.mark.parametrize("local_rank, visible, ordinal", [
+    (0, 8, 0), (5, 8, 5),  # every GPU of the node visible to every rank
+    (0, 1, 0), (1, 1, 0), (7, 1, 0),  # one GPU per process: SLURM --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank
+    (9, 8, 1), (3, 2, 1),  # more local ranks than GPUs: shared round robin
+])
+def test_gpu_ordinal_is_the_local_rank_modulo_the_visible_devices(local_rank, visible, ordinal):
+    assert gpu_ordinal(local_rank, visible) == ordinal
+
+
+def test_no_visible_device_is_an_error():
+    with pytest.raises(ValueError, match="no CUDA device visible to local rank 2"):
+        gpu_ordinal(2, 0)
+
+
+@pytest.fixture
+def one_visible_gpu(monkeypatch):
+    """This process as local rank 1 of a launcher that shows each rank one GPU; returns the set_device calls."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
+    monkeypatch.setattr(distributed.hvd, "local_rank", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    return chosen
+
+
+def test_setup_device_takes_the_only_visible_gpu_on_local_rank_1(one_visible_gpu):
+    device = setup_device()
+    assert device == torch.device("cuda", 0) and one_visible_gpu == [device]
+    assert describe_device(device) == "cuda:0 Test GPU (CUDA_VISIBLE_DEVICES=5)"
+
+
+def test_without_cuda_the_device_is_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert setup_device() == torch.device("cpu") and describe_device(torch.device("cpu")) == "cpu"
