@@ -11,8 +11,10 @@ class-sorted list, and each rank would keep seeing a fixed subset of classes. Ev
 shard in id order.
 
 Devices. "gpu" decodes with nvJPEG (`device="mixed"`) on the current CUDA device (call
-`torch.cuda.set_device(hvd.local_rank())` first) and augments on the GPU; "cpu" decodes and augments on
-the CPU with `device_id=None`, which DALI runs without a driver. "auto" is "gpu" when torch sees CUDA.
+`model.distributed.setup_device()` first: it makes the local rank modulo the visible GPUs current) and augments
+on the GPU; "cpu" decodes and augments on the CPU with `device_id=None`, which DALI runs without a driver.
+"auto" is "gpu" when torch sees CUDA. The decoder's arguments, among them the GPU decoder's memory pools sized
+from the data, come from data/decoder.py.
 
 Seeds. The shuffle seed is `seed` itself, equal on all ranks; the augmentation seed is derived from
 (seed, rank), so ranks draw different augmentations and a rerun with the same seed draws the same ones.
@@ -40,12 +42,10 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data import augment
+from data.decoder import decoder_arguments
 
 READER_NAME = "instances"
 DEVICES = ("auto", "cpu", "gpu")
-# Preallocated nvJPEG buffers (bytes), from NVIDIA's ResNet-50 DALI example: they stop the decoder from
-# reallocating as it meets ever larger ImageNet images during the first epoch.
-MIXED_DECODER_MEMORY = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512)
 DECODE_FAILURE = re.compile(r"Failed to decode sample #\d+ : (.+)")
 # glibc's malloc_trim(pad) returns free heap pages to the system; None where the C library has no such call.
 MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
@@ -102,13 +102,13 @@ def eval_pipeline(index, rank, world_size, decoder, shuffle_seed, image_size, cr
 
 
 def read_and_decode(index, rank, world_size, decoder, shuffle_seed):
-    """This rank's shard as (decoded HWC uint8 RGB images, ids), reshuffled every epoch unless shuffle_seed is None."""
+    """This rank's shard as (decoded HWC uint8 RGB images, ids), reshuffled every epoch unless shuffle_seed is None;
+    `decoder` holds the arguments of the image decoder (data/decoder.py)."""
     order = (dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed) if shuffle_seed is not None
              else dict(stick_to_shard=True))
     encoded, ids = fn.readers.file(file_root=str(index.root), file_list=str(index.file_list), shard_id=rank,
                                    num_shards=world_size, pad_last_batch=True, name=READER_NAME, **order)
-    memory = MIXED_DECODER_MEMORY if decoder == "mixed" else {}
-    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **memory), ids
+    return fn.decoders.image(encoded, output_type=types.RGB, **decoder), ids
 
 
 class InstanceLoader:
@@ -121,11 +121,12 @@ class InstanceLoader:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         if index.file_list is None:
             raise ValueError("the instance index has no file list yet: save it (build_index does) first")
-        on_gpu = resolve_device(device) == "gpu"
+        device = resolve_device(device)
+        decoder = decoder_arguments(index, device, training=shuffle)  # the shuffled loaders are the training ones
         pipeline = pipeline_function(
-            index, rank, world_size, "mixed" if on_gpu else "cpu", seed if shuffle else None, **pipeline_arguments,
+            index, rank, world_size, decoder, seed if shuffle else None, **pipeline_arguments,
             batch_size=batch_size, num_threads=threads, seed=augmentation_seed(seed, rank),
-            device_id=torch.cuda.current_device() if on_gpu else None)
+            device_id=torch.cuda.current_device() if device == "gpu" else None)
         self.root = index.root
         self.output_names = output_names
         self.group_views = group_views
