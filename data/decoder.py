@@ -21,6 +21,12 @@ The rule, decided per loader from the data:
   raw-feature pass, linear validation), which would otherwise hold a second set of large pools beside the
   training loader's while both are alive.
 
+`jpeg_fancy_upsampling=True` on the mixed decoder: it then upsamples the chroma of subsampled JPEGs (4:2:0, most
+photos) the way libjpeg-turbo, DALI's CPU decoder, always does; DALI 2.4 leaves it off by default, and the two
+devices then decode different pixels, so a run's images (and kNN numbers) would depend on the device that decoded
+them (grey images such as the built-in digits carry no chroma to upsample). `bench/data.py --devices cpu gpu`
+measures what difference remains.
+
 `hw_decoder_load` (kept at DALI's default, 0.65): on GPUs with a hardware JPEG engine (A100, H100), the share
 of each batch's JPEGs sent to that engine; the rest go to nvJPEG's CUDA decoder, whose Huffman stage runs on
 the decoder's CPU threads. The best share depends on the number of threads and on what else uses the SMs:
@@ -42,7 +48,7 @@ def decoder_arguments(index, device, *, training):
 
 def mixed_decoder_arguments(image_sizes, *, training):
     """Arguments of the GPU decoder for data whose sampled (width, height) sizes are `image_sizes` (the rule above)."""
-    arguments = dict(device="mixed")
+    arguments = dict(device="mixed", jpeg_fancy_upsampling=True)
     largest_width = max((width for width, _ in image_sizes), default=0)
     largest_height = max((height for _, height in image_sizes), default=0)
     if training and max(largest_width, largest_height) > LARGE_IMAGE_SIDE:

@@ -10,12 +10,13 @@ from data.index import build_index
 
 PHOTOS = [(500, 375), (333, 500), (500, 334)]  # (width, height), ImageNet's common shapes
 THUMBNAILS = [(32, 32), (96, 96), (LARGE_IMAGE_SIDE, LARGE_IMAGE_SIDE)]
-DALI_DEFAULTS = dict(device="mixed")  # no padding or hint given: DALI's 16 MiB / 8 MiB, no HW preallocation
+# No padding or hint given: DALI's 16 MiB / 8 MiB, no HW preallocation; chroma upsampled as on the CPU.
+DALI_DEFAULTS = dict(device="mixed", jpeg_fancy_upsampling=True)
 
 
 def test_training_on_photos_gets_the_imagenet_example_pools_and_the_largest_sampled_size_as_hints():
     assert mixed_decoder_arguments(PHOTOS, training=True) == dict(
-        device="mixed", **IMAGENET_EXAMPLE_PADDING, preallocate_width_hint=500, preallocate_height_hint=500)
+        DALI_DEFAULTS, **IMAGENET_EXAMPLE_PADDING, preallocate_width_hint=500, preallocate_height_hint=500)
 
 
 @pytest.mark.parametrize("sizes", [THUMBNAILS, [], [(LARGE_IMAGE_SIDE, 100)]])
