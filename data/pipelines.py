@@ -23,6 +23,11 @@ of epochs 0, 1, ..., pass a seed that depends on e.
 
 A loader is iterable once per epoch: `for views, ids in loader` runs one epoch and the next `for` the next one.
 
+Lifetime. A loader holds its pipeline (DALI's threads, the decoder's buffers, prefetched batches) until
+`loader.close()`, the end of a `with loader:` block, or its last reference going away. Close it before the next
+loader is built and before an evaluation pass, so that no two pipelines are alive at once: `loader = new(...)`
+builds the new one while the old one still lives.
+
 Memory. The trainer builds a new loader for every epoch (so that an epoch is a pure function of its seed), so a
 dropped loader must give back what it took. DALI does free its buffers with the pipeline, but its worker threads
 malloc'ed them from glibc's per-thread arenas, and glibc keeps freed arena memory resident: RSS grew ~18 MB per
@@ -35,6 +40,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import re
+import weakref
 
 import numpy as np
 import torch
@@ -114,6 +120,9 @@ def read_and_decode(index, rank, world_size, decoder, shuffle_seed):
 class InstanceLoader:
     """Batches of one DALI pipeline as torch tensors with int64 instance ids; each `for` over it is one epoch."""
 
+    iterator = None  # so that close() works on a loader whose __init__ failed
+    running_epoch = None  # weak reference to the generator of the epoch under way
+
     def __init__(self, pipeline_function, output_names, index, *, shuffle, group_views=False, batch_size, rank,
                  world_size, device, threads, seed, **pipeline_arguments):
         check_positive(batch_size=batch_size, image_size=pipeline_arguments["image_size"], threads=threads)
@@ -139,13 +148,34 @@ class InstanceLoader:
         """Batches per epoch on this rank."""
         return len(self.iterator)
 
-    def __del__(self):
-        # The iterator holds the only reference to the pipeline (no cycles): dropping it here joins DALI's threads
-        # and frees its buffers now, so that the trim below can return their pages (see Memory above).
+    def close(self):
+        """Free the pipeline now: join DALI's threads and free its decoder and prefetched batches (batches already
+        handed out stay valid). An unfinished epoch's `for` ends; iterating the loader again is an error.
+        `del loader` does the same once no `for` over it is suspended; close() does not depend on references."""
+        epoch = self.running_epoch and self.running_epoch()
+        if epoch is not None:
+            epoch.close()  # its frame holds the DALI iterator until it ends
+        # The iterator holds the only other reference to the pipeline (no cycles): dropping it frees the pipeline
+        # now, so that the trim below can return its pages (see Memory above).
         self.iterator = None
         return_free_heap_memory()
 
+    __del__ = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.close()
+
     def __iter__(self):
+        if self.iterator is None:
+            raise ValueError("this loader was closed: build a new one")
+        epoch = self.epoch()
+        self.running_epoch = weakref.ref(epoch)  # not the generator itself: it references the loader
+        return epoch
+
+    def epoch(self):
         with decode_errors_explained(self.root):
             if self.epoch_unfinished:  # DALI cannot reset mid-epoch: finish it, so this epoch starts at its beginning
                 for _ in self.iterator:

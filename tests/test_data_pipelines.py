@@ -1,7 +1,10 @@
 """DALI loaders: exact per-epoch permutations across P=2 Horovod ranks, tensors, seeds (also across processes),
-flat memory over a loader per epoch, eval crops, bad images."""
+flat memory over a loader per epoch, a released loader's pipeline freed at once, eval crops, bad images."""
+import gc
 import json
 import math
+import os
+import weakref
 
 import numpy as np
 import pytest
@@ -140,6 +143,59 @@ def test_memory_stays_flat_over_a_loader_per_epoch(tmp_path):
     resident = json.loads(result.stdout.strip().splitlines()[-1])
     growth = min(resident[-3:]) - max(resident[:MEMORY_WARMUP_LOADERS])
     assert growth < MEMORY_GROWTH_MIB, f"RSS grew {growth} MiB; after each loader (MiB): {resident}"
+
+
+def thread_count():
+    """Threads of this process: a DALI pipeline's threads end when the pipeline is freed."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def started_loader(index):
+    """A pretraining loader one batch into an epoch (so later batches are prefetched), the epoch, and that batch."""
+    loader = pretrain_loader(index, batch_size=4, image_size=16, device="cpu", threads=3)
+    epoch = iter(loader)
+    return loader, epoch, next(epoch)
+
+
+@pytest.fixture
+def threads_without_loaders(small_index):
+    """The thread count with no loader alive, after one was built, run and dropped (so the lazily started threads
+    of torch and DALI exist already)."""
+    started_loader(small_index)[0].close()
+    gc.collect()  # loaders of earlier tests left in reference cycles, if any
+    return thread_count()
+
+
+LINUX_ONLY = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+
+
+@LINUX_ONLY
+def test_del_frees_the_pipeline_of_a_loader_left_mid_epoch(small_index, threads_without_loaders):
+    loader, epoch, (views, ids) = started_loader(small_index)
+    copies = [view.clone() for view in views]
+    iterator = weakref.ref(loader.iterator)
+    assert thread_count() > threads_without_loaders
+    del loader, epoch
+    assert iterator() is None and thread_count() == threads_without_loaders
+    assert all(torch.equal(view, copy) for view, copy in zip(views, copies)), "a batch handed out must stay valid"
+
+
+@LINUX_ONLY
+def test_close_frees_the_pipeline_while_references_remain(small_index, threads_without_loaders):
+    loader, epoch, _ = started_loader(small_index)
+    loader.close()
+    assert thread_count() == threads_without_loaders
+    assert list(epoch) == [], "the unfinished epoch ends"
+    with pytest.raises(ValueError, match="this loader was closed"):
+        iter(loader)
+
+
+@LINUX_ONLY
+def test_leaving_a_with_block_frees_the_pipeline(small_index, threads_without_loaders):
+    with eval_loader(small_index, batch_size=4, image_size=16, device="cpu", threads=3) as loader:
+        next(iter(loader))
+        assert thread_count() > threads_without_loaders
+    assert thread_count() == threads_without_loaders
 
 
 def test_ranks_draw_different_augmentation_seeds():
