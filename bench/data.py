@@ -1,21 +1,38 @@
-"""Input throughput: images/s of one rank's pretraining pipeline (2 views), and files/s of the instance index.
+"""Input pipelines: throughput, build time and memory per rank; on a GPU, the one-command check of the GPU decode path.
 
-    .venv/bin/python bench/data.py                      # 32px and 224px, CPU (and GPU when torch sees one)
-    .venv/bin/python bench/data.py --sizes 224 --threads 8 --devices gpu
+    .venv/bin/python bench/data.py                  # 32px and 224px on the CPU, and on the GPU if torch sees one
+    .venv/bin/python bench/data.py --devices gpu --data /imagenet/val --index-files 0
+    .venv/bin/python bench/data.py --devices cpu --dry-run --seconds 2   # GPU checks, the CPU standing in
 
-One rank = one process with one DALI pipeline of --threads CPU threads; a Horovod job runs one per rank, so
-per-rank figures multiply by the ranks that have their own cores (or GPU). An image is one decode and two
-augmented views (`pretrain_loader(views=2)`), counted from the tensors that reach torch.
-Inputs: 32px is the built-in MNIST-5k train split (4000 JPEGs of 32x32). 224px is a synthetic stand-in for
-ImageNet (no dataset downloads here): 500x375 JPEGs at quality 90, smooth colour fields plus grain, ~100 KB
-each like an average ImageNet training file, so decode cost is comparable but not identical.
+Per (output size, device), each in a fresh process (DALI's memory pools live until their process exits, so one
+configuration's pools must not count in the next), one rank's `pretrain_loader(views=2)`:
+- images/s (an image = one decode + two augmented views, counted as tensors reach torch) and images per CPU
+  second (this process's CPU time, DALI's threads included: steadier than wall time on a shared machine);
+- build: seconds from `pretrain_loader(...)` to its first batch, what the trainer pays every epoch (median of 3);
+- peak GPU memory above the process's CUDA baseline (cudaMemGetInfo, so DALI's pools count as well as torch's),
+  peak host RSS above the baseline (DALI's pinned pools are resident, so they count), and the decoder's pools
+  that the rule of data/decoder.py reserves (threads x device padding / 2 x threads x host padding).
+On a GPU, also (the unknowns of issue 13):
+- CPU vs GPU pixels of the evaluation view (same files, same order), in 0..255 levels, and of the decoded
+  images themselves with the mixed decoder's jpeg_fancy_upsampling on (as the loaders use it) and off;
+- how instance ids come back when a GPU pipeline leaves them as a CPU output (pinned memory would make torch 2.13
+  raise "BufferError: Unsupported device_type: 3"; the loaders move ids to the GPU inside the pipeline).
+Inputs: 32px = the built-in MNIST-5k train split (4000 32x32 JPEGs). 224px = --data, else synthetic JPEGs of
+ImageNet's common shapes (500x375, 375x500, 500x333, 333x500, 500x500) with one in 16 larger (up to 2048x1536),
+smooth colour fields plus grain at quality 90: ~100 KB at 500x375 like an average ImageNet training file.
 Indexing writes --index-files tiny JPEGs into 100 class folders and times `build_index` (page cache warm).
 """
 import argparse
+import multiprocessing
 import os
+import platform
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,57 +42,168 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.builtin import builtin_dataset  # noqa: E402  (needs the path above)
-from data.index import build_index  # noqa: E402
-from data.pipelines import pretrain_loader  # noqa: E402
+import nvidia.dali  # noqa: E402  (after torch, as in data/)
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224], help="output side S in pixels (default: 32 224)")
-parser.add_argument("--devices", nargs="+", default=None,
-                    help="cpu and/or gpu (default: cpu, plus gpu when torch sees CUDA)")
-parser.add_argument("--batch-size", type=int, default=128, help="images PER RANK per batch (default: 128)")
-parser.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI CPU threads (default: all cores)")
-parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per configuration (default: 10)")
-parser.add_argument("--photos", type=int, default=512, help="synthetic 500x375 JPEGs for 224px (default: 512)")
-parser.add_argument("--index-files", type=int, default=100_000, help="files to index, 0 skips (default: 100000)")
-args = parser.parse_args()
+from data.augment import IMAGENET_STD  # noqa: E402  (needs the path above)
+from data.builtin import builtin_dataset  # noqa: E402
+from data.decoder import decoder_arguments  # noqa: E402
+from data.index import InstanceIndex, build_index  # noqa: E402
+from data.pipelines import eval_loader, pretrain_loader  # noqa: E402
 
-PHOTO_SIZE = (500, 375)  # width, height: the most common ImageNet training shape
-GRAIN_SIGMA = 20  # grey levels; makes the quality-90 files ~100 KB, near ImageNet's ~110 KB average
+PHOTO_SHAPES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500)]  # width, height
+LARGE_PHOTO_SHAPES = [(1024, 768), (1600, 1200), (2048, 1536)]  # one photo in LARGE_PHOTO_EVERY
+LARGE_PHOTO_EVERY = 16
+GRAIN_SIGMA = 20  # grey levels; makes the quality-90 files ~100 KB at 500x375, near ImageNet's ~110 KB average
+BUILDS = 3  # loader builds timed per configuration
+COMPARED_IMAGES = 256  # images compared between the CPU and the GPU decoder
+MIB = 2**20
+DALI_DEFAULT_PADDING = dict(device_memory_padding=16 * MIB, host_memory_padding=8 * MIB)  # per decoder thread
 
 
 def write_photos(folder, count):
-    """Synthetic photo-like JPEGs: bicubic-upsampled random colour fields plus Gaussian grain."""
+    """Synthetic photo-like JPEGs of mixed sizes: bicubic-upsampled random colour fields plus Gaussian grain."""
     generator = np.random.default_rng(0)
-    width, height = PHOTO_SIZE
     for number in range(count):
+        shapes = LARGE_PHOTO_SHAPES if number % LARGE_PHOTO_EVERY == LARGE_PHOTO_EVERY - 1 else PHOTO_SHAPES
+        width, height = shapes[number % len(shapes)]
         coarse = generator.integers(0, 256, (height // 25, width // 25, 3), dtype=np.uint8)
-        smooth = np.asarray(Image.fromarray(coarse).resize(PHOTO_SIZE, Image.BICUBIC), dtype=np.float32)
-        grain = generator.normal(0, GRAIN_SIGMA, smooth.shape)
-        pixels = np.clip(smooth + grain, 0, 255).astype(np.uint8)  # [375, 500, 3]
-        Image.fromarray(pixels).save(folder / f"photo{number:04d}.jpg", quality=90)
+        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+        pixels = np.clip(smooth + generator.normal(0, GRAIN_SIGMA, smooth.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo{number:04d}.jpg", quality=90)  # [H, W, 3]
 
 
-def images_per_second(index, image_size, device):
-    """Steady-state (images per wall second, images per CPU second) of a 2-view pretraining loader.
+def resident_bytes():
+    return int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    CPU seconds are this process's, DALI's threads included: on a shared machine they still tell what one
-    core delivers, where the wall-clock rate depends on what else runs.
-    """
-    loader = pretrain_loader(index, batch_size=args.batch_size, image_size=image_size, views=2, device=device,
-                             threads=args.threads)
-    images, started = 0, None
-    while True:
-        for views, ids in loader:
-            if views[0].is_cuda:
-                torch.cuda.synchronize()  # count only views that are ready
-            if started is None:  # after the first batch: pipeline built and warm
-                started, cpu_started = time.perf_counter(), time.process_time()
-                continue
-            images += len(ids)
-            elapsed = time.perf_counter() - started
-            if elapsed >= args.seconds:
-                return images / elapsed, images / (time.process_time() - cpu_started)
+
+def gpu_bytes_in_use():
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def measure_loader(index_path, image_size, device, batch_size, threads, seconds):
+    """One configuration, run in a fresh process: rates, build time, peak memory (see the module docstring)."""
+    index = InstanceIndex.load(index_path)
+    on_gpu = device == "gpu"
+    if on_gpu:
+        gpu_baseline = gpu_bytes_in_use()  # after creating the CUDA context
+    host_baseline = resident_bytes()
+    arguments = dict(batch_size=batch_size, image_size=image_size, views=2, device=device, threads=threads)
+    build_seconds = []
+    for seed in range(BUILDS):
+        started = time.perf_counter()
+        with pretrain_loader(index, seed=seed, **arguments) as loader:
+            next(iter(loader))
+            build_seconds.append(time.perf_counter() - started)
+    gpu_peak = 0
+    with pretrain_loader(index, seed=BUILDS, **arguments) as loader:
+        images, started = 0, None
+        while started is None or time.perf_counter() - started < seconds:
+            for views, ids in loader:
+                if on_gpu:
+                    torch.cuda.synchronize()  # count only views that are ready
+                    gpu_peak = max(gpu_peak, gpu_bytes_in_use() - gpu_baseline)
+                if started is None:  # after the first batch: pipeline built and warm
+                    started, cpu_started = time.perf_counter(), time.process_time()
+                    continue
+                images += len(ids)
+                if time.perf_counter() - started >= seconds:
+                    break
+        elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
+    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - host_baseline  # ru_maxrss is in KiB
+    padding = {**DALI_DEFAULT_PADDING, **decoder_arguments(index, device, training=True)}
+    return dict(rate=images / elapsed, cpu_rate=images / cpu_elapsed, build=statistics.median(build_seconds),
+                gpu_peak=gpu_peak if on_gpu else None, host_peak=host_peak,
+                pools=(threads * padding["device_memory_padding"], 2 * threads * padding["host_memory_padding"])
+                if on_gpu else None)
+
+
+@pipeline_def
+def decode_pipeline(index, decoder, side=None):
+    """Files in id order, decoded with the `decoder` arguments (resized to side x side if given), and their ids
+    left as a CPU output."""
+    encoded, ids = fn.readers.file(file_root=str(index.root), file_list=str(index.file_list), name="files")
+    images = fn.decoders.image(encoded, output_type=types.RGB, **decoder)
+    return (images if side is None else fn.resize(images, size=[side, side])), ids
+
+
+def device_id(decoder):
+    return None if decoder["device"] == "cpu" else torch.cuda.current_device()
+
+
+def decoded_images(index, decoder, batch_size, threads):
+    """The first COMPARED_IMAGES decoded images of `index` as HWC uint8 arrays."""
+    pipeline = decode_pipeline(index, decoder, batch_size=batch_size, num_threads=threads, device_id=device_id(decoder))
+    images = []
+    while len(images) < min(COMPARED_IMAGES, index.num_instances):
+        batch, _ = pipeline.run()
+        images += [np.array(image) for image in (batch.as_cpu() if decoder["device"] == "mixed" else batch)]
+    return images[:COMPARED_IMAGES]
+
+
+def difference(first, second):
+    """(max, mean) |first - second| over paired uint8 or float arrays, in the arrays' units."""
+    gaps = [np.abs(a.astype(np.float64) - b.astype(np.float64)) for a, b in zip(first, second)]
+    return max(gap.max() for gap in gaps), float(np.mean([gap.mean() for gap in gaps]))
+
+
+def eval_view_difference(index, image_size, batch_size, threads, device):
+    """(max, mean) |CPU - `device`| of the evaluation view over the first COMPARED_IMAGES images, in 0..255 levels."""
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    views = {}
+    for device in ("cpu", device):
+        with eval_loader(index, batch_size=batch_size, image_size=image_size, device=device, threads=threads) as loader:
+            batches = []
+            for images, ids in loader:
+                batches.append((images.cpu() * std, ids.cpu()))  # normalized -> levels; the mean cancels
+                if sum(len(batch_ids) for _, batch_ids in batches) >= COMPARED_IMAGES:
+                    break
+        views[device] = batches
+    if any(not torch.equal(a, b) for (_, a), (_, b) in zip(views["cpu"], views[device])):
+        raise AssertionError(f"the cpu and {device} evaluation loaders returned different ids")
+    return difference([images.numpy() for images, _ in views["cpu"]], [images.numpy() for images, _ in views[device]])
+
+
+def ids_as_cpu_output(index, decoder, batch_size, threads):
+    """What a GPU pipeline's CPU output (the ids) becomes in torch: its device and whether pinned, or the error."""
+    pipeline = decode_pipeline(index, decoder, side=32, batch_size=batch_size, num_threads=threads,
+                               device_id=device_id(decoder))
+    try:
+        (batch,) = next(DALIGenericIterator(pipeline, ["images", "ids"], reader_name="files"))
+    except BufferError as error:
+        return f"BufferError: {error}"
+    return f"{batch['ids'].device}, pinned={batch['ids'].is_pinned()}"
+
+
+def gpu_checks(indexes, batch_size, threads, device):
+    """The pixel comparisons and the ids probe on `device` ('gpu', or 'cpu' standing in for it in a dry run, where
+    every difference must be 0); {name: result line}."""
+    decoder = dict(device="mixed" if device == "gpu" else "cpu")
+    lines = {}
+    for image_size, index_path in indexes.items():
+        index = InstanceIndex.load(index_path)
+        largest, mean = eval_view_difference(index, image_size, batch_size, threads, device)
+        lines[f"eval view {image_size}px, |cpu - {device}|"] = f"max {largest:.2f}, mean {mean:.4f} levels"
+        cpu = decoded_images(index, dict(device="cpu"), batch_size, threads)
+        for fancy in (True, False):
+            other = decoded_images(index, dict(decoder, jpeg_fancy_upsampling=fancy), batch_size, threads)
+            largest, mean = difference(cpu, other)
+            lines[f"decoded {image_size}px input, {decoder['device']} decoder with jpeg_fancy_upsampling={fancy}, "
+                  f"|cpu - {device}|"] = f"max {largest:.0f}, mean {mean:.4f} levels"
+    index = InstanceIndex.load(next(iter(indexes.values())))
+    lines[f"ids left as a CPU output of a {device} pipeline"] = ids_as_cpu_output(index, decoder, batch_size, threads)
+    with eval_loader(index, batch_size=batch_size, image_size=32, device=device, threads=threads) as loader:
+        _, ids = next(iter(loader))
+        lines[f"ids from the loaders on the {device} path"] = f"{ids.device}, {ids.dtype}"
+    return lines
+
+
+def in_fresh_process(function, *arguments):
+    """function(*arguments) in a new spawned process (its own CUDA context and DALI pools)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *arguments).result()
 
 
 def index_files_per_second(folder, count):
@@ -90,10 +218,36 @@ def index_files_per_second(folder, count):
     return count / (time.perf_counter() - started)
 
 
+def describe_machine():
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return (f"{time.strftime('%Y-%m-%d %H:%M %Z')}, commit {commit.stdout.strip() or 'unknown'}, {platform.node()}: "
+            f"{os.cpu_count()} CPU cores, GPU {gpu}, torch {torch.__version__}, DALI {nvidia.dali.__version__}")
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224],
+                        help="output side S in pixels; <= 64 reads the built-in digits (default: 32 224)")
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "gpu"], default=None,
+                        help="decode devices (default: cpu, plus gpu when torch sees CUDA)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="image folder for the sizes > 64 (default: synthetic photos, see --photos)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images PER RANK per batch (default: 128)")
+    parser.add_argument("--threads", type=int, default=4, help="DALI threads per rank, the trainer's (default: 4)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per configuration (default: 10)")
+    parser.add_argument("--photos", type=int, default=512, help="synthetic JPEGs for sizes > 64 (default: 512)")
+    parser.add_argument("--index-files", type=int, default=100_000, help="files to index, 0 skips (default: 100000)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the GPU checks with the CPU standing in for the GPU (default: off)")
+    args = parser.parse_args()
     devices = args.devices or ["cpu"] + (["gpu"] if torch.cuda.is_available() else [])
-    print(f"torch threads {torch.get_num_threads()}, DALI threads {args.threads}, batch {args.batch_size} per rank, "
-          f"CPU cores {os.cpu_count()}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    if "gpu" in devices and not torch.cuda.is_available():
+        parser.error("--devices gpu: torch sees no CUDA device")
+    if args.data is not None and not args.data.is_dir():
+        parser.error(f"--data {args.data} is not a folder")
+    print(describe_machine())
+    print(f"batch {args.batch_size} per rank, {args.threads} DALI threads, {args.seconds:g} s per configuration")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         quiet = dict(out_dir=scratch / "index", log=lambda message: None)
@@ -101,18 +255,31 @@ def main():
         for size in args.sizes:
             if size <= 64:
                 inputs[size] = ("MNIST-5k train, 32x32", build_index(builtin_dataset() / "train", **quiet))
+            elif args.data is not None:
+                inputs[size] = (str(args.data), build_index(args.data, **quiet))
             else:
                 if not (scratch / "photos").exists():
                     (scratch / "photos").mkdir()
                     write_photos(scratch / "photos", args.photos)
-                inputs[size] = (f"synthetic {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEG",
-                                build_index(scratch / "photos", **quiet))
-        print("| output | input | device | images/s per rank (2 views each) | images per CPU second |")
-        print("|---|---|---|---|---|")
+                inputs[size] = ("synthetic photos, mixed sizes", build_index(scratch / "photos", **quiet))
+        print("\n| output | input | device | images/s per rank (2 views each) | images per CPU second | build + first "
+              "batch (s) | peak GPU memory (MiB) | peak host RSS growth (MiB) | decoder pools by the rule, GPU / "
+              "pinned (MiB) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for size, (description, index) in inputs.items():
             for device in devices:
-                rate, cpu_rate = images_per_second(index, size, device)
-                print(f"| {size}px | {description} | {device} | {rate:,.0f} | {cpu_rate:,.0f} |", flush=True)
+                result = in_fresh_process(measure_loader, index.path, size, device, args.batch_size, args.threads,
+                                          args.seconds)
+                gpu = "" if result["gpu_peak"] is None else f"{result['gpu_peak'] / MIB:,.0f}"
+                pools = "" if result["pools"] is None else " / ".join(f"{part / MIB:,.0f}" for part in result["pools"])
+                print(f"| {size}px | {description} | {device} | {result['rate']:,.0f} | {result['cpu_rate']:,.0f} | "
+                      f"{result['build']:.2f} | {gpu} | {result['host_peak'] / MIB:,.0f} | {pools} |", flush=True)
+        if "gpu" in devices or args.dry_run:
+            indexes = {size: index.path for size, (_, index) in inputs.items()}
+            checked = "cpu" if args.dry_run else "gpu"
+            print()
+            for name, line in in_fresh_process(gpu_checks, indexes, args.batch_size, args.threads, checked).items():
+                print(f"{name}: {line}", flush=True)
         if args.index_files:
             (scratch / "tree").mkdir()
             rate = index_files_per_second(scratch / "tree", args.index_files)

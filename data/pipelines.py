@@ -114,7 +114,10 @@ def read_and_decode(index, rank, world_size, decoder, shuffle_seed):
              else dict(stick_to_shard=True))
     encoded, ids = fn.readers.file(file_root=str(index.root), file_list=str(index.file_list), shard_id=rank,
                                    num_shards=world_size, pad_last_batch=True, name=READER_NAME, **order)
-    return fn.decoders.image(encoded, output_type=types.RGB, **decoder), ids
+    images = fn.decoders.image(encoded, output_type=types.RGB, **decoder)
+    # On the GPU path the ids leave the pipeline on the GPU too: as a CPU output of a GPU pipeline they may come in
+    # pinned memory, whose DLPack capsule torch 2.13 rejects ("BufferError: Unsupported device_type: 3").
+    return images, ids.gpu() if decoder["device"] == "mixed" else ids
 
 
 class InstanceLoader:
