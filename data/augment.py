@@ -3,7 +3,8 @@
 Pretraining view, the MoCo v2 recipe (Chen et al. 2020, "Improved Baselines with Momentum Contrastive
 Learning"), itself SimCLR's (Chen et al., ICML 2020) plus blur, as used by Liu et al. (AAAI 2021):
   1. random resized crop: area U(min_scale, 1) of the image (0.2 by default), aspect ratio U(3/4, 4/3);
-  2. horizontal flip, p = 0.5 (applied while normalizing; it commutes with the colour and blur steps);
+  2. horizontal flip, p = 0.5, when `flip` is on (applied while normalizing; it commutes with the colour and blur
+     steps). Off for data whose mirror image is another thing, such as digits: a mirrored 2 is not a 2;
   3. colour jitter, p = 0.8: brightness, contrast and saturation factors U(0.6, 1.4), hue shift U(-36, 36)
      degrees (torchvision's hue=0.1 is a tenth of a turn; DALI's hue is in degrees);
   4. grayscale, p = 0.2 (saturation 0);
@@ -14,7 +15,7 @@ factors in random order, and DALI's contrast pivots on mid-grey rather than on t
 
 Evaluation view: resize the shorter side to round(image_size / crop_ratio), center crop image_size, normalize
 (crop_ratio 0.875: 256 -> 224 on ImageNet; 1.0 for 32x32 images). Linear-evaluation training view: random
-resized crop with area U(0.08, 1), flip, normalize (the standard supervised ImageNet recipe).
+resized crop with area U(0.08, 1), flip (when `flip` is on), normalize (the standard supervised ImageNet recipe).
 
 The random choices with a probability are `if`s on a per-sample coin: the pipeline must be defined with
 `enable_conditionals=True`, and DALI then runs each branch only on the samples that take it.
@@ -34,7 +35,7 @@ BLUR_SIGMA_RANGE = [0.1, 2.0]
 BLUR_WINDOW_FRACTION = 0.1
 
 
-def pretrain_view(images, image_size, min_scale):
+def pretrain_view(images, image_size, min_scale, flip):
     """One independently augmented pretraining view of each decoded HWC uint8 image -> [3, S, S] float."""
     views = random_crop(images, image_size, min_scale)
     if fn.random.coin_flip(probability=JITTER_PROBABILITY):
@@ -50,12 +51,12 @@ def pretrain_view(images, image_size, min_scale):
     if fn.random.coin_flip(probability=BLUR_PROBABILITY):
         views = fn.gaussian_blur(views, sigma=fn.random.uniform(range=BLUR_SIGMA_RANGE),
                                  window_size=blur_window(image_size))
-    return normalize(views, mirror=fn.random.coin_flip())
+    return normalize(views, mirror=random_mirror(flip))
 
 
-def linear_train_view(images, image_size):
-    """Random resized crop (area 0.08..1) and flip of each decoded image -> [3, S, S] float."""
-    return normalize(random_crop(images, image_size, LINEAR_MIN_SCALE), mirror=fn.random.coin_flip())
+def linear_train_view(images, image_size, flip):
+    """Random resized crop (area 0.08..1) and, if `flip`, a random flip of each decoded image -> [3, S, S] float."""
+    return normalize(random_crop(images, image_size, LINEAR_MIN_SCALE), mirror=random_mirror(flip))
 
 
 def center_view(images, image_size, crop_ratio):
@@ -67,6 +68,11 @@ def center_view(images, image_size, crop_ratio):
 def random_crop(images, image_size, min_scale):
     return fn.random_resized_crop(images, size=[image_size, image_size], random_area=[min_scale, 1.0],
                                   random_aspect_ratio=ASPECT_RATIO_RANGE)
+
+
+def random_mirror(flip):
+    """A per-sample coin (mirror with p = 0.5) if `flip`, else 0 (never mirror)."""
+    return fn.random.coin_flip() if flip else 0
 
 
 def blur_window(image_size):

@@ -1,5 +1,6 @@
 """DALI loaders: exact per-epoch permutations across P=2 Horovod ranks, tensors, seeds (also across processes),
-flat memory over a loader per epoch, a released loader's pipeline freed at once, eval crops, bad images."""
+flat memory over a loader per epoch, a released loader's pipeline freed at once, flips on and off, eval crops, bad
+images."""
 import gc
 import json
 import math
@@ -215,6 +216,35 @@ def test_one_view(small_index):
     batches = list(pretrain_loader(small_index, batch_size=4, image_size=8, views=1, device="cpu"))
     views, ids = batches[0]
     assert len(batches) == 3 and len(views) == 1 and views[0].shape == (4, 3, 8, 8) and ids.shape == (4,)
+
+
+@pytest.fixture(scope="module")
+def ramp_index(tmp_path_factory):
+    """8 grey 64 x 64 PNGs that brighten from left (0) to right (252): every crop, colour twist and blur of such an
+    image keeps its left half darker than its right half, so only a mirror can make it brighter."""
+    folder = tmp_path_factory.mktemp("ramps")
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))  # [64, 64]
+    for number in range(8):
+        Image.fromarray(ramp).save(folder / f"ramp{number}.png")
+    return build_index(folder, out_dir=folder / "out", log=quiet)
+
+
+def mirrored_fraction(loader, epochs=4):
+    """Fraction of the views, over a few epochs, whose left half is brighter than their right half."""
+    mirrored = []
+    for _ in range(epochs):
+        for views, _ in loader:
+            for view in views if isinstance(views, list) else [views]:  # [b, 3, S, S]
+                half = view.shape[-1] // 2
+                mirrored += (view[..., :half].mean(dim=(1, 2, 3)) > view[..., half:].mean(dim=(1, 2, 3))).tolist()
+    return sum(mirrored) / len(mirrored)
+
+
+@pytest.mark.parametrize("make_loader", [pretrain_loader, linear_train_loader])
+def test_flip_false_never_mirrors_and_flip_true_sometimes_does(ramp_index, make_loader):
+    arguments = dict(batch_size=8, image_size=16, device="cpu", threads=2, seed=5)
+    assert mirrored_fraction(make_loader(ramp_index, flip=False, **arguments)) == 0
+    assert 0.2 < mirrored_fraction(make_loader(ramp_index, flip=True, **arguments)) < 0.8  # p = 0.5 over 32-64 views
 
 
 def test_eval_resizes_the_shorter_side_and_crops_the_center(tmp_path):
