@@ -1,39 +1,14 @@
-"""Input data: stable instance ids for a folder of images, DALI pipelines sharded per Horovod rank, MNIST-5k.
+"""Input data: an image folder -> stable instance ids -> DALI pipelines sharded per Horovod rank.
 
-The interface the trainer uses (details in each module's docstring):
-
-data.builtin.builtin_dataset(cache_dir=None) -> Path
-    Root with `train/` and `val/` ImageFolder trees of MNIST-5k as 32x32 RGB JPEGs (4000/1000, stratified),
-    written once under `$XDG_CACHE_HOME or ~/.cache` / instance-classifier / mnist5k-32px-v1. Safe to call
-    from all ranks at once.
-
-data.index.build_index(folder, *, out_dir=None, strict=False, log=print) -> InstanceIndex
-    Scan `folder` (class sub-folders, or a flat folder of images), exclude and report bad files (`strict`:
-    raise instead), sort, save under `<out_dir or cache>/index-<name>-<hash>/` and return the index:
-    `.root`, `.files` (sorted relative paths; position = instance id), `.labels` ([N] int64 class, -1 for a
-    flat folder), `.class_names`, `.num_instances`, `.num_excluded`, `.file_list` (DALI "relative/path id"),
-    `.path` (its index.json). `InstanceIndex.load(path)` reloads it for a resume; `index.save(dir)` writes a copy.
-
-data.pipelines.pretrain_loader(index, *, batch_size, image_size, views=2, rank=0, world_size=1, device="auto",
-                               threads=2, seed=0, min_scale=0.2)
-    Each `for` is one epoch of (views, ids): `views` is a list of `views` float32 [b, 3, S, S] tensors
-    (MoCo v2 augmentations, ImageNet-normalized), ids an int64 [b] of instance ids; across ranks every
-    instance comes exactly once per epoch; b < batch_size only in the last batch. `len(loader)` is the number
-    of batches per epoch on this rank. CUDA tensors on the GPU path, CPU tensors otherwise.
-data.pipelines.eval_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2,
-                           crop_ratio=0.875)
-    Each `for` is one pass of (images float32 [b, 3, S, S], ids int64 [b]): shorter side resized to
-    round(S / crop_ratio), center crop S; no randomness; every instance once across ranks, in id order per rank.
-data.pipelines.linear_train_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto",
-                                   threads=2, seed=0)
-    As pretrain_loader with one view of random resized crop (area 0.08-1) + flip, yielding (images, ids).
-
-Bad images. Empty, unreadable, non-JPEG/PNG and truncated files (no end marker) are found by reading a few
-bytes at index time and left out. Damage those checks cannot see reaches DALI's decoder (measured on the CPU
-decoder, DALI 2.4; the GPU decoder was not available to test):
-- a JPEG whose entropy-coded data is cut or garbled but which still ends in an end-of-image marker decodes,
-  with a "Corrupt JPEG data" warning on stderr and grey or garbled rows: training goes on with that image;
-- a file DALI cannot decode at all stops its pipeline: the loader raises ValueError("DALI cannot decode
-  <file> in <root> ..."), naming the file when DALI does, and never hangs. In a Horovod job that rank exits
-  with the error and horovodrun then stops the other ranks (tests/test_data_pipelines.py checks this at P=2).
+`data.loaders` builds a run's loaders from its config (DALI imported on first use; `--data synthetic` takes
+`data.synthetic`'s random images instead). The path of every image folder, the built-in one included, and
+where each step is documented:
+- `data.builtin`: the built-in MNIST-5k, written once as a 32x32 JPEG ImageFolder tree (`builtin_dataset`);
+- `data.index`: the instance index of a folder (`build_index`, `InstanceIndex.load`): sorted paths, id =
+  position, bad files left out at index time;
+- `data.pipelines`: the loaders (`pretrain_loader`, `linear_train_loader`, `eval_loader`): sharding, seeds,
+  devices, lifetime, memory, and what happens to damaged images that reach the decoder;
+- `data.augment`: the per-image transforms (MoCo v2 views, evaluation crops);
+- `data.decoder`: the decoder's device and the GPU decoder's memory, sized from the data;
+- `data.cache`: where derived files live and how ranks write them atomically.
 """

@@ -17,7 +17,7 @@ bounded by `open()` calls (see bench/RESULTS.md):
 - files whose header is neither JPEG (FF D8 FF) nor PNG (89 'PNG' 0D 0A 1A 0A), whatever their extension;
 - truncated files: a JPEG without its end-of-image marker FF D9, a PNG without its IEND chunk, near the end.
   DALI's decoder rejects a JPEG cut before its end marker with an error that stops the whole pipeline,
-  so these must not reach it (see data/__init__.py for what happens to damage these checks cannot see);
+  so these must not reach it (data/pipelines.py says what happens to damage these checks cannot see);
 - paths that a DALI file list cannot hold (line breaks, leading or trailing white space).
 
 Persistence. `<dir>/index.json` names the root, the class names and a file list `files-<content hash>.txt`

@@ -28,6 +28,15 @@ Lifetime. A loader holds its pipeline (DALI's threads, the decoder's buffers, pr
 loader is built and before an evaluation pass, so that no two pipelines are alive at once: `loader = new(...)`
 builds the new one while the old one still lives.
 
+Bad images. Empty, unreadable, non-JPEG/PNG and truncated files (no end marker) are left out at index time
+(data/index.py). Damage those checks cannot see reaches DALI's decoder (measured on the CPU decoder, DALI 2.4;
+the GPU decoder was not available to test):
+- a JPEG whose entropy-coded data is cut or garbled but which still ends in an end-of-image marker decodes,
+  with a "Corrupt JPEG data" warning on stderr and grey or garbled rows: training goes on with that image;
+- a file DALI cannot decode at all stops its pipeline: the loader raises ValueError("DALI cannot decode
+  <file> in <root> ..."), naming the file when DALI does, and never hangs. In a Horovod job that rank exits
+  with the error and horovodrun then stops the other ranks (tests/test_data_pipelines.py checks this at P=2).
+
 Memory. The trainer builds a new loader for every epoch (so that an epoch is a pure function of its seed), so a
 dropped loader must give back what it took. DALI does free its buffers with the pipeline, but its worker threads
 malloc'ed them from glibc's per-thread arenas, and glibc keeps freed arena memory resident: RSS grew ~18 MB per
