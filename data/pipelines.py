@@ -33,8 +33,9 @@ Bad images. Empty, unreadable, non-JPEG/PNG and truncated files (no end marker) 
 the GPU decoder was not available to test):
 - a JPEG whose entropy-coded data is cut or garbled but which still ends in an end-of-image marker decodes,
   with a "Corrupt JPEG data" warning on stderr and grey or garbled rows: training goes on with that image;
-- a file DALI cannot decode at all stops its pipeline: the loader raises ValueError("DALI cannot decode
-  <file> in <root> ..."), naming the file when DALI does, and never hangs. In a Horovod job that rank exits
+- a file DALI cannot decode at all stops its pipeline: the loader raises UndecodableImage (a ValueError that
+  trainer.py reports in one line: "DALI cannot decode <file> in <root> ..."), naming the file when DALI does,
+  and never hangs. In a Horovod job that rank exits
   with the error and horovodrun then stops the other ranks (tests/test_data_pipelines.py checks this at P=2).
 
 Memory. The trainer builds a new loader for every epoch (so that an epoch is a pure function of its seed), so a
@@ -58,6 +59,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data import augment
 from data.decoder import decoder_arguments
+from model.errors import UsageError
 
 READER_NAME = "instances"
 DEVICES = ("auto", "cpu", "gpu")
@@ -201,9 +203,14 @@ class InstanceLoader:
         self.epoch_unfinished = False
 
 
+class UndecodableImage(UsageError, ValueError):
+    """A file of the dataset that DALI cannot decode: the user's data, reported in one line by trainer.py."""
+
+
 @contextlib.contextmanager
 def decode_errors_explained(root):
-    """Turn DALI's pipeline-killing decoder error into a one-line ValueError naming the file where DALI names it."""
+    """Turn DALI's pipeline-killing decoder error into a one-line UndecodableImage naming the file where DALI
+    names it."""
     try:
         yield
     except RuntimeError as error:
@@ -211,7 +218,7 @@ def decode_errors_explained(root):
             raise
         named = DECODE_FAILURE.search(str(error))
         image = named.group(1).strip() if named else "an image (DALI does not say which)"
-        raise ValueError(f"DALI cannot decode {image} in {root} (truncated or corrupt): replace it, or remove it "
+        raise UndecodableImage(f"DALI cannot decode {image} in {root} (truncated or corrupt): replace it, or remove it "
                          f"and index the folder again") from error
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data.augment import IMAGENET_MEAN, IMAGENET_STD
 from data.index import build_index
-from data.pipelines import augmentation_seed, eval_loader, linear_train_loader, pretrain_loader
+from data.pipelines import UndecodableImage, augmentation_seed, eval_loader, linear_train_loader, pretrain_loader
 from tests.conftest import WORKERS, run_horovod
 from tests.workers import data_batches
 from tests.workers.data_images import image_bytes, write_images
@@ -292,7 +292,7 @@ def damaged_index(tmp_path):
 
 
 def test_a_damaged_image_is_a_one_line_error_naming_it(damaged_index):
-    with pytest.raises(ValueError, match=r"DALI cannot decode .*image15.jpg in .* \(truncated or corrupt\)"):
+    with pytest.raises(UndecodableImage, match=r"DALI cannot decode .*image15.jpg in .* \(truncated or corrupt\)"):
         for _ in eval_loader(damaged_index, batch_size=4, image_size=16, device="cpu"):
             pass
 
