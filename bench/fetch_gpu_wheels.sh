@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fill .whl/ (git-ignored) with what bench/gpu_setup.sh needs on the lent GPU machine, which has no network:
 # the Horovod 0.28.1 sdist and cp312 manylinux wheels of cffi + pycparser (Horovod's setup.py needs cffi to
-# build). Everything else the project runs there (torch 2.11+cu130, triton, numpy, rich, pillow, pytest, cmake,
+# build), and the kernel check's baselines. Everything else the project runs there (torch 2.11+cu130, triton, numpy, rich, pillow, pytest, cmake,
 # nvidia-nccl-cu13) is in that machine's image (/work/.library/device/KINDS.md); DALI is not, and is not fetched.
 # About 4 MB; run it here, where pip reaches PyPI:
 #
@@ -12,8 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-.whl}
 python=${PYTHON:-python3}
-# cffi >= 1.4 is all setup.py asks; pinned so that two fetches give the same folder.
-wheels=(cffi==2.1.1 pycparser==3.12)
+# cffi >= 1.4 is all setup.py asks; pinned so that two fetches give the same folder. liger-kernel and
+# cut-cross-entropy (pure Python, ~1 MB) are bench/gpu_check.sh's optional baselines, the versions issue 9 ran.
+wheels=(cffi==2.1.1 pycparser==3.12 liger-kernel==0.8.5 cut-cross-entropy==25.1.1)
 
 mkdir -p "$dest"
 "$python" -m pip download -q --no-deps --no-binary :all: -d "$dest" horovod==0.28.1
