@@ -14,6 +14,7 @@ or bf16 features and weight, K <= 32 and D <= 256, accumulates and returns stati
 'chunked' (plain torch, no [B, C] buffer) and 'reference' (dense) take any float dtype and compute in
 promote(dtype, fp32). 'auto' is Triton on CUDA and chunked elsewhere. Weight seeding: `seed_rows_`.
 """
+from kernels import reference, triton_seed
 from kernels.topk_xent import (merge_shard_stats, pack_shard_stats, shard_ops, sharded_topk_xent,
                                topk_smoothed_xent)
 
@@ -27,13 +28,10 @@ def seed_rows_(weight, features, ids, shard_start, *, backend="auto"):
     """
     if backend == "auto":
         backend = "triton" if weight.is_cuda else "reference"
-    if backend == "reference":
-        from kernels.reference import seed_rows_ as seed
-    elif backend == "triton":
-        from kernels.triton_seed import seed_rows_ as seed
-    else:
+    seeders = {"reference": reference.seed_rows_, "triton": triton_seed.seed_rows_}
+    if backend not in seeders:
         raise ValueError(f"unknown seeding backend {backend!r}; expected auto, reference or triton")
-    return seed(weight, features, ids, shard_start)
+    return seeders[backend](weight, features, ids, shard_start)
 
 
 __all__ = ["merge_shard_stats", "pack_shard_stats", "seed_rows_", "shard_ops", "sharded_topk_xent",

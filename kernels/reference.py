@@ -10,7 +10,7 @@ against classifier rows W_j (one per image):
     q_ij   = 1 - alpha on j = y_i,  alpha/K on j in T_i,  0 elsewhere   (K = 0 means alpha = 0)
     loss_i = logsumexp_j z_ij - sum_j q_ij z_ij,              loss = mean_i loss_i
 
-Two things live here:
+Three things live here (this module imports no other module of kernels/: the backends build on it):
   * `topk_smoothed_xent`: the dense single-device loss with autograd. It materialises the [B, N]
     logits and is the float64 oracle every other path is tested against.
   * the per-shard "local stats / local backward" pair for a shard of classifier rows
@@ -18,6 +18,8 @@ Two things live here:
     `shard_backward` turns the merged statistics into this shard's gradients. This dense version is
     the plain-torch backend; `kernels.chunked` and the Triton kernels implement the same pair
     without a [B, C] buffer.
+  * `select_topk`, the exact top-K of candidate lists with the oracle's tie rule, which the other
+    backends use to merge their partial top-Ks.
 """
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,19 @@ def hardest_classes(logits, labels, k):
     masked = logits.detach().scatter(1, labels[:, None], float("-inf"))
     # A stable descending sort keeps equal values in index order, which is the tie rule.
     return torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def select_topk(values, indices, k):
+    """The k best candidates of every row from lists in any order, best = larger value, then lower
+    class id (the oracle's tie rule).  values [B, M], indices [B, M] -> values [B, k], indices [B, k]
+
+    Used where the candidates do not arrive in class order: the chunks of kernels.chunked (torch.topk
+    orders equal values arbitrarily) and the class splits of the Triton forward kernel.
+    """
+    by_index = indices.argsort(dim=1)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    best = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    return values.gather(1, best), indices.gather(1, best)
 
 
 def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha):

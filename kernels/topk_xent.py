@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kernels import reference
+from kernels import chunked, reference, triton_topk_xent
 from kernels.reference import effective_alpha, effective_k
 
 
@@ -55,19 +55,6 @@ def merge_shard_stats(gathered, k, temperature):
     order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
     return SimpleNamespace(lse=lse, target_logit=target_logit, topk_values=values.gather(1, order),
                            topk_indices=indices.gather(1, order).long())
-
-
-def select_topk(values, indices, k):
-    """The k best candidates of every row from lists in any order, best = larger value, then lower
-    class id (the oracle's tie rule).  values [B, M], indices [B, M] -> values [B, k], indices [B, k]
-
-    Used where the candidates do not arrive in class order: the chunks of kernels.chunked (torch.topk
-    orders equal values arbitrarily) and the class splits of the Triton forward kernel.
-    """
-    by_index = indices.argsort(dim=1)
-    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
-    best = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
-    return values.gather(1, best), indices.gather(1, best)
 
 
 def smoothed_loss_rows(merged, alpha):
@@ -122,10 +109,8 @@ def shard_ops(backend, device):
     if backend == "reference":
         return reference
     if backend == "chunked":
-        from kernels import chunked
         return chunked
     if backend == "triton":
-        from kernels import triton_topk_xent
         return triton_topk_xent
     raise ValueError(f"unknown kernel backend {backend!r}; expected auto, reference, chunked or triton")
 

@@ -40,8 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import NORM_EPS
-from kernels.topk_xent import select_topk
+from kernels.reference import NORM_EPS, select_topk
 
 # K of the top-K smoothing: the running top-K of a row block lives in registers ([BLOCK_B, K_PAD]
 # values and ids), and the first tile of every program costs K_PAD extraction passes.
