@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from kernels import reference, seed_rows_, sharded_topk_xent, topk_smoothed_xent  # noqa: E402
-from kernels.topk_xent import smoothed_loss_rows  # noqa: E402
+from kernels.reference import relative_error  # noqa: E402
+from kernels.topk_xent import smoothed_losses  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("mode", choices=["cpu", "gpu", "compile"])
@@ -111,11 +112,6 @@ def peak_extra_mib(fn, device):
     fn()
     synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
-def relative_error(actual, expected):
-    """max |a - e| / max |e|, as in tests/test_kernels.py."""
-    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +231,7 @@ def float64_oracle(features, weight, labels, *, temperature, k, alpha):
 def oracle_at_ids(oracle, hardest):
     """The float64 loss on the kernel's operands with the hardest-class set GIVEN (hardest [B, K])
     instead of chosen, and its gradients w.r.t. the raw features and weight: the formula of
-    kernels.reference.topk_smoothed_xent (kernels.topk_xent.smoothed_loss_rows) with T_i = hardest_i.
+    kernels.reference.topk_smoothed_xent (kernels.topk_xent.smoothed_losses) with T_i = hardest_i.
     Returns a namespace of loss and parts: for "dE" [B, D] and "dW" [N, D], the softmax part (gradient
     of mean_i lse_i) and the target part (of -mean_i sum_j q_ij z_ij), which add up to the gradient."""
     features, weight = oracle.features.clone().requires_grad_(True), oracle.weight.clone().requires_grad_(True)
@@ -245,7 +241,7 @@ def oracle_at_ids(oracle, hardest):
     rows = SimpleNamespace(lse=torch.logsumexp(logits, dim=1), topk_values=logits.gather(1, hardest),
                            target_logit=logits.gather(1, oracle.labels[:, None])[:, 0])
     softmax_loss = rows.lse.mean()
-    target_loss = smoothed_loss_rows(rows, oracle.alpha).mean() - softmax_loss
+    target_loss = smoothed_losses(rows, oracle.alpha).mean() - softmax_loss
     softmax_parts = torch.autograd.grad(softmax_loss, (features, weight), retain_graph=True)
     target_parts = torch.autograd.grad(target_loss, (features, weight))
     return SimpleNamespace(loss=(softmax_loss + target_loss).detach(),
@@ -470,7 +466,7 @@ def capture_launches(dtype, k):
         kernel.run = lambda *args, grid, warmup, kernel=kernel, **kwargs: launches.append((kernel, args, kwargs))
     features, weight, labels = make_inputs(4096, 160_000, 128, dtype, torch.device("cpu"))
     features, weight = reference.normalize_rows(features.detach().float()).to(dtype), weight.detach()
-    options = dict(temperature=0.15, block_rows=None, block_classes=None, num_splits=8)
+    options = dict(temperature=0.15, block_batch=None, block_classes=None, num_splits=8)
     triton_topk_xent.shard_forward_stats(features, weight, labels, 0, k=k, **options)
     topk_indices = torch.randint(0, 160_000, (4096, k))
     triton_topk_xent.shard_backward(features, weight, labels, 0, torch.zeros(4096), topk_indices, torch.ones(4096),

@@ -12,7 +12,8 @@ float64 oracle.
 Backends: 'triton' (CUDA, or CPU under TRITON_INTERPRET=1 set before triton is imported) takes fp32
 or bf16 features and weight, K <= 32 and D <= 256, accumulates and returns statistics in fp32;
 'chunked' (plain torch, no [B, C] buffer) and 'reference' (dense) take any float dtype and compute in
-promote(dtype, fp32). 'auto' is Triton on CUDA and chunked elsewhere. Weight seeding: `seed_rows_`.
+reference.accumulation_dtype (fp32 at least). 'auto' is Triton on CUDA and chunked elsewhere.
+Weight seeding: `seed_rows_`. Names (B, C, N, batch, classes) as defined in kernels.reference.
 """
 from kernels import reference, triton_seed
 from kernels.topk_xent import (merge_shard_stats, pack_shard_stats, shard_ops, sharded_topk_xent,

@@ -1,19 +1,19 @@
 """Chunked plain-torch backend of the sharded smoothed cosine-softmax cross-entropy (CPU path).
 
 Same local-stats / local-backward pair as `kernels.reference` (see there for the math), computed over
-chunks of classifier rows so that no [B, C] buffer ever exists: peak extra memory is a few [B, chunk]
+chunks of classes so that no [B, C] buffer ever exists: peak extra memory is a few [B, chunk]
 blocks whatever C is. The forward streams over chunks (fixed-shift sum of exp, target logit, running
 exact top-K); the backward recomputes each chunk's logits from the merged statistics instead of
 storing them, and forms G in place on that one block.
 
 This is what runs on machines without CUDA (the 'auto' backend). Inputs may be fp32, bf16 or
-float64; everything is computed in promote(dtype, fp32), statistics are returned in that dtype and
+float64; everything is computed in reference.accumulation_dtype (fp32 at least), statistics are returned in that dtype and
 gradients in the inputs' dtypes.
 """
 import torch
 
 from kernels import reference
-from kernels.reference import normalize_rows, select_topk
+from kernels.reference import accumulation_dtype, local_class_ids, normalize_rows, select_topk
 
 # Elements of one [B, chunk] block: 2^22 fp32 = 16 MiB. Large enough that the [B, D] x [D, chunk]
 # product runs at full speed and the per-chunk overhead vanishes; at most a few such blocks are alive
@@ -21,18 +21,18 @@ from kernels.reference import normalize_rows, select_topk
 CHUNK_ELEMENTS = 2**22
 
 
-def chunk_bounds(batch, num_rows, chunk_elements=None):
-    """Consecutive [start, stop) row ranges of at most max(1, chunk_elements // batch) rows
+def chunk_bounds(batch, shard_classes, chunk_elements=None):
+    """Consecutive [start, stop) class ranges of at most max(1, chunk_elements // batch) classes
     (chunk_elements defaults to CHUNK_ELEMENTS, read at call time so tests can shrink it)."""
     step = max(1, (chunk_elements or CHUNK_ELEMENTS) // max(batch, 1))
-    return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+    return [(start, min(start + step, shard_classes)) for start in range(0, shard_classes, step)]
 
 
 def exact_topk(logits, k):
     """k largest entries per row, ties to the lower column (the candidates' order is left to select_topk).
 
     torch.topk returns an arbitrary member of a group of equal values that straddles the k-th place,
-    so the rows that have such a group are redone with a stable sort (rare: never in random data).
+    so the samples that have such a group are redone with a stable sort (rare: never in random data).
     logits [B, c], 1 <= k <= c -> values [B, k], columns [B, k] long
     """
     values, columns = logits.topk(k, dim=1)
@@ -46,15 +46,15 @@ def exact_topk(logits, k):
 
 @torch.no_grad()
 def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k, chunk_elements=None):
-    """Local statistics of rows [shard_start, shard_start + C) of W; see kernels.reference.
+    """Local statistics of the classes [shard_start, shard_start + C); see kernels.reference.
 
     features_n [B, D] normalized, weight [C, D] raw, labels [B] global ids. Returns sum_exp [B],
     target_logit [B], topk_values [B, k] (descending, -inf padded), topk_indices [B, k] (global, -1
-    padded), all in promote(features_n.dtype, fp32) except the long ids.
+    padded), all in accumulation_dtype(features_n.dtype) except the long ids.
     """
-    compute_dtype = torch.promote_types(features_n.dtype, torch.float32)
+    compute_dtype = accumulation_dtype(features_n.dtype)
     features_n = features_n.to(compute_dtype)
-    batch, rows = features_n.shape[0], torch.arange(features_n.shape[0], device=features_n.device)
+    batch, batch_idx = features_n.shape[0], torch.arange(features_n.shape[0], device=features_n.device)
     sum_exp = features_n.new_zeros(batch)
     target_logit = features_n.new_zeros(batch)
     topk_values = features_n.new_full((batch, k), float("-inf"))
@@ -65,11 +65,10 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
         # z - 1/tau in one pass over the block (the top-K does not care about the shift).
         shifted = torch.addmm(shift, features_n, weight_n.T, alpha=1.0 / temperature)  # [B, c]
         sum_exp += torch.exp(shifted).sum(dim=1)
-        local = labels - (shard_start + start)
-        owned = (local >= 0) & (local < stop - start)
-        target_logit[owned] = shifted[rows[owned], local[owned]] + 1.0 / temperature
+        local, owned = local_class_ids(labels, shard_start + start, stop - start)
+        target_logit[owned] = shifted[batch_idx[owned], local[owned]] + 1.0 / temperature
         if k > 0:
-            shifted[rows[owned], local[owned]] = float("-inf")  # the target is never a smoothing class
+            shifted[batch_idx[owned], local[owned]] = float("-inf")  # the target is never a smoothing class
             values, columns = exact_topk(shifted, min(k, stop - start))
             # The running top-k and this chunk's candidates, ties to the lower class id.
             topk_values, topk_indices = select_topk(torch.cat([topk_values, values + 1.0 / temperature], dim=1),
@@ -80,18 +79,18 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
 
 
 @torch.no_grad()
-def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_rows, *, temperature, alpha,
+def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_losses, *, temperature, alpha,
                    chunk_elements=None):
-    """(dE_n [B, D], dW [C, D]) of sum_i grad_rows_i loss_i, from the merged lse [B] and top-K ids [B, K].
+    """(dE_n [B, D], dW [C, D]) of sum_i grad_losses_i loss_i, from the merged lse [B] and top-K ids [B, K].
 
-    Per chunk: G = grad_rows / tau (exp(z - lse) - q) with the sparse q subtracted in place (B (K + 1)
-    entries, no dense q block), dE_n += G W_n, and the chunk's dW rows through the Jacobian of the
+    Per chunk: G = grad_losses / tau (exp(z - lse) - q) with the sparse q subtracted in place (B (K + 1)
+    entries, no dense q block), dE_n += G W_n, and the chunk's rows of dW through the Jacobian of the
     row normalisation (reference.normalize_backward). Gradients in the dtypes of features_n and weight.
     """
-    compute_dtype = torch.promote_types(features_n.dtype, torch.float32)
+    compute_dtype = accumulation_dtype(features_n.dtype)
     features_c = features_n.to(compute_dtype)
     neg_lse = -lse.to(compute_dtype)[:, None]  # [B, 1]
-    row_scale = (grad_rows.to(compute_dtype) / temperature)[:, None]  # [B, 1]
+    grad_scale = (grad_losses.to(compute_dtype) / temperature)[:, None]  # [B, 1]
     k = topk_indices.shape[1]
     # q as targets: local ids of y_i (weight 1 - alpha) then of the top-K (alpha / K); -1 padding and
     # other shards' ids fall outside every chunk.
@@ -103,9 +102,9 @@ def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, g
         weight_c = weight[start:stop].to(compute_dtype)
         weight_n = normalize_rows(weight_c)
         grad = torch.addmm(neg_lse, features_c, weight_n.T, alpha=1.0 / temperature).exp_()  # softmax [B, c]
-        rows, slots = ((targets >= start) & (targets < stop)).nonzero(as_tuple=True)
-        grad.index_put_((rows, targets[rows, slots] - start), -q[slots], accumulate=True)
-        grad.mul_(row_scale)
+        batch_idx, slots = ((targets >= start) & (targets < stop)).nonzero(as_tuple=True)
+        grad.index_put_((batch_idx, targets[batch_idx, slots] - start), -q[slots], accumulate=True)
+        grad.mul_(grad_scale)
         grad_features_n.addmm_(grad, weight_n)
         grad_weight[start:stop] = reference.normalize_backward(weight_c, weight_n, grad.T @ features_c)
     return grad_features_n.to(features_n.dtype), grad_weight

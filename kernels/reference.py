@@ -1,8 +1,8 @@
 """Plain-torch reference math of the cosine-softmax cross-entropy with top-K hardest-class smoothing.
 
 Liu et al., "Train a One-Million-Way Instance Classifier for Unsupervised Visual Representation
-Learning" (AAAI 2021), sections 3.1-3.3. For a batch row i with feature f_i and instance id y_i,
-against classifier rows W_j (one per image):
+Learning" (AAAI 2021), sections 3.1-3.3. For a sample i of the batch with feature f_i and instance id
+y_i, against the classes j (one per image, class j has the classifier row W_j):
 
     z_ij   = <f_i/|f_i|, W_j/|W_j|> / tau                    cosine logits, so z_ij <= 1/tau
     T_i    = the K classes j != y_i with the largest z_ij      (no gradient through the choice;
@@ -10,16 +10,22 @@ against classifier rows W_j (one per image):
     q_ij   = 1 - alpha on j = y_i,  alpha/K on j in T_i,  0 elsewhere   (K = 0 means alpha = 0)
     loss_i = logsumexp_j z_ij - sum_j q_ij z_ij,              loss = mean_i loss_i
 
-Three things live here (this module imports no other module of kernels/: the backends build on it):
+Three things live here, with the small helpers every backend shares (this module imports no other
+module of kernels/: the backends build on it):
   * `topk_smoothed_xent`: the dense single-device loss with autograd. It materialises the [B, N]
     logits and is the float64 oracle every other path is tested against.
-  * the per-shard "local stats / local backward" pair for a shard of classifier rows
+  * the per-shard "local stats / local backward" pair for a shard of classes
     [shard_start, shard_start + C): `shard_forward_stats` returns what the ranks exchange and
     `shard_backward` turns the merged statistics into this shard's gradients. This dense version is
     the plain-torch backend; `kernels.chunked` and the Triton kernels implement the same pair
     without a [B, C] buffer.
   * `select_topk`, the exact top-K of candidate lists with the oracle's tie rule, which the other
     backends use to merge their partial top-Ks.
+
+Names, here and in every module of kernels/ and model/classifier.py: `batch` (B) counts samples and
+`batch_idx` indexes them; `num_classes` (N) counts the classes of the whole classifier, `shard_classes`
+(C) those of one shard, local class ids are positions in the shard; "rows" only ever means the rows of
+a matrix (normalize_rows, the rows W_j of the weight).
 """
 import torch
 import torch.nn.functional as F
@@ -35,6 +41,24 @@ def effective_k(k, num_classes):
 def effective_alpha(k, alpha):
     """With no smoothing classes the target keeps all the mass (plain cross-entropy)."""
     return float(alpha) if k > 0 else 0.0
+
+
+def accumulation_dtype(dtype):
+    """The dtype sums and statistics are computed in: the inputs' dtype, but never narrower than fp32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def local_class_ids(ids, shard_start, shard_classes):
+    """Global class ids -> (ids - shard_start, owned): positions in the shard [shard_start, shard_start +
+    shard_classes) and whether the shard holds them (False for other shards' ids and for -1 padding)."""
+    local = ids - shard_start
+    return local, (local >= 0) & (local < shard_classes)
+
+
+def relative_error(actual, expected):
+    """max |a - e| / max |e| in float64: one scale per tensor, so tiny entries do not dominate (the error
+    measure of every comparison with this oracle, in tests/ and bench/)."""
+    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
 
 
 def normalize_rows(x):
@@ -62,7 +86,7 @@ def select_topk(values, indices, k):
 
 
 def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha):
-    """Dense oracle: mean over rows of the smoothed loss. features [B, D], weight [N, D], labels [B]."""
+    """Dense oracle: mean over the batch of the smoothed loss. features [B, D], weight [N, D], labels [B]."""
     k = effective_k(k, weight.shape[0])
     alpha = effective_alpha(k, alpha)
     logits = normalize_rows(features) @ normalize_rows(weight).T / temperature  # [B, N]
@@ -74,7 +98,7 @@ def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha):
 
 
 def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k):
-    """Local statistics of one shard of classifier rows, for the exact cross-rank merge.
+    """Local statistics of one shard of classes, for the exact cross-rank merge.
 
     features_n [B, D]: normalized features of the whole (global) batch; weight [C, D]: raw rows
     [shard_start, shard_start + C) of W; labels [B]: global instance ids; k: global (clamped) K.
@@ -85,16 +109,15 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
       topk_indices [B, k]  their global class ids, -1 padded
     """
     logits = features_n @ normalize_rows(weight).T / temperature  # [B, C]
-    num_rows = weight.shape[0]
-    local = labels - shard_start
-    owned = (local >= 0) & (local < num_rows)
-    local = local.clamp(0, max(num_rows - 1, 0))
+    shard_classes = weight.shape[0]
+    local, owned = local_class_ids(labels, shard_start, shard_classes)
+    local = local.clamp(0, max(shard_classes - 1, 0))
     sum_exp = torch.exp(logits - 1.0 / temperature).sum(dim=1)
     target_logit = torch.where(owned, logits.gather(1, local[:, None])[:, 0], torch.zeros_like(sum_exp))
-    masked = logits.masked_fill(owned[:, None] & (torch.arange(num_rows, device=logits.device) == local[:, None]), float("-inf"))
+    masked = logits.masked_fill(owned[:, None] & (torch.arange(shard_classes, device=logits.device) == local[:, None]), float("-inf"))
     topk_values = logits.new_full((len(labels), k), float("-inf"))
     topk_indices = torch.full((len(labels), k), -1, dtype=torch.long, device=logits.device)
-    take = min(k, num_rows)
+    take = min(k, shard_classes)
     if take > 0:
         order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :take]
         topk_values[:, :take] = masked.gather(1, order)
@@ -102,33 +125,31 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
     return sum_exp, target_logit, topk_values, topk_indices
 
 
-def smoothing_target(labels, topk_indices, shard_start, num_rows, alpha, dtype):
-    """q restricted to this shard's columns, dense.  [B, C]"""
+def smoothing_target(labels, topk_indices, shard_start, shard_classes, alpha, dtype):
+    """q restricted to this shard's classes, dense.  [B, C]"""
     k = topk_indices.shape[1]
-    target = torch.zeros(len(labels), num_rows, dtype=dtype, device=labels.device)
-    local = labels - shard_start
-    rows = torch.arange(len(labels), device=labels.device)
-    owned = (local >= 0) & (local < num_rows)
-    target[rows[owned], local[owned]] = 1.0 - alpha
+    target = torch.zeros(len(labels), shard_classes, dtype=dtype, device=labels.device)
+    batch_idx = torch.arange(len(labels), device=labels.device)
+    local, owned = local_class_ids(labels, shard_start, shard_classes)
+    target[batch_idx[owned], local[owned]] = 1.0 - alpha
     if k > 0:
-        local_topk = topk_indices - shard_start
-        owned_topk = (local_topk >= 0) & (local_topk < num_rows)
-        target[rows[:, None].expand_as(local_topk)[owned_topk], local_topk[owned_topk]] += alpha / k
+        local_topk, owned_topk = local_class_ids(topk_indices, shard_start, shard_classes)
+        target[batch_idx[:, None].expand_as(local_topk)[owned_topk], local_topk[owned_topk]] += alpha / k
     return target
 
 
-def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_rows, *,
+def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_losses, *,
                    temperature, alpha):
-    """Gradients of sum_i grad_rows_i * loss_i w.r.t. features_n [B, D] and this shard's raw weight [C, D].
+    """Gradients of sum_i grad_losses_i * loss_i w.r.t. features_n [B, D] and this shard's raw weight [C, D].
 
-    lse [B] and topk_indices [B, k] are the MERGED (global) statistics. dL/dz_ij = grad_rows_i *
+    lse [B] and topk_indices [B, k] are the MERGED (global) statistics. dL/dz_ij = grad_losses_i *
     (softmax_ij - q_ij); z = E W_n^T / tau; W_n = W / |W| contributes the Jacobian
     (g - W_n <g, W_n>) / |W| per row.
     """
     weight_n = normalize_rows(weight)
     logits = features_n @ weight_n.T / temperature  # [B, C]
     q = smoothing_target(labels, topk_indices, shard_start, weight.shape[0], alpha, logits.dtype)
-    grad_logits = (torch.exp(logits - lse[:, None]) - q) * (grad_rows[:, None] / temperature)
+    grad_logits = (torch.exp(logits - lse[:, None]) - q) * (grad_losses[:, None] / temperature)
     grad_features_n = grad_logits @ weight_n  # [B, D]
     grad_weight_n = grad_logits.T @ features_n  # [C, D]
     return grad_features_n, normalize_backward(weight, weight_n, grad_weight_n)
@@ -149,20 +170,19 @@ def seed_rows_(weight, features, ids, shard_start):
     weight [C, D] is written in place; features [B, D]; ids [B]. With duplicate ids in one call the
     last occurrence wins (deterministic, unlike a plain index_copy_). Returns the number of rows written.
     """
-    sources, rows = last_writers(ids.to(weight.device), shard_start, weight.shape[0])
-    compute_dtype = torch.promote_types(features.dtype, torch.float32)
-    weight[rows] = normalize_rows(features.to(weight.device)[sources].to(compute_dtype)).to(weight.dtype)
-    return len(rows)
+    sources, classes = last_writers(ids.to(weight.device), shard_start, weight.shape[0])
+    features = features.to(weight.device)[sources]
+    weight[classes] = normalize_rows(features.to(accumulation_dtype(features.dtype))).to(weight.dtype)
+    return len(classes)
 
 
-def last_writers(ids, shard_start, num_rows):
-    """Which batch position writes which local row in a seeding: the LAST occurrence of every id in
-    [shard_start, shard_start + num_rows). Returns (sources [M] long positions in ids, rows [M] long
-    local rows), rows distinct and ascending, so the writes can run in parallel without a race."""
-    local = ids - shard_start
-    owned = (local >= 0) & (local < num_rows)
+def last_writers(ids, shard_start, shard_classes):
+    """Which batch position writes which class of the shard in a seeding: the LAST occurrence of every id
+    in [shard_start, shard_start + shard_classes). Returns (sources [M] long positions in ids, classes [M]
+    long local class ids), classes distinct and ascending, so the writes can run in parallel without a race."""
+    local, owned = local_class_ids(ids, shard_start, shard_classes)
     position = torch.arange(len(ids), device=ids.device)
-    last = torch.full((num_rows,), -1, dtype=torch.long, device=ids.device)
+    last = torch.full((shard_classes,), -1, dtype=torch.long, device=ids.device)
     last.scatter_reduce_(0, local[owned], position[owned], reduce="amax")
-    rows = (last >= 0).nonzero()[:, 0]
-    return last[rows], rows
+    classes = (last >= 0).nonzero()[:, 0]
+    return last[classes], classes

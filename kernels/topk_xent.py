@@ -1,4 +1,4 @@
-"""The smoothed cosine-softmax cross-entropy over classifier rows split into shards, exact.
+"""The smoothed cosine-softmax cross-entropy over classes split into shards, exact.
 
 Each shard (one per rank in the hybrid-parallel classifier, or the whole W on one device) computes
 local statistics of its logit block with a backend's `shard_forward_stats`; the statistics of all
@@ -21,14 +21,14 @@ from types import SimpleNamespace
 import torch
 
 from kernels import chunked, reference, triton_topk_xent
-from kernels.reference import effective_alpha, effective_k
+from kernels.reference import accumulation_dtype, effective_alpha, effective_k
 
 
 EXACT_FLOAT32_IDS = 2 ** 24  # float32 holds every integer below this exactly
 
 
 def pack_shard_stats(sum_exp, target_logit, topk_values, topk_indices, num_classes):
-    """One block per row: [sum_exp, target_logit, K values, K class ids].  [B, 2 + 2K]
+    """One block per sample: [sum_exp, target_logit, K values, K class ids].  [B, 2 + 2K]
 
     In the statistics' own dtype (fp32 for fp32 and bf16 inputs), so nothing is rounded on the way, and
     float64 when class ids would not fit a float32 exactly (N > 2^24) or the inputs are float64.
@@ -57,7 +57,7 @@ def merge_shard_stats(gathered, k, temperature):
                            topk_indices=indices.gather(1, order).long())
 
 
-def smoothed_loss_rows(merged, alpha):
+def smoothed_losses(merged, alpha):
     """loss_i = lse_i - (1 - alpha) z_{i,y_i} - alpha/K sum_{j in T_i} z_ij, from merged stats.  [B]"""
     loss = merged.lse - (1.0 - alpha) * merged.target_logit
     if merged.topk_values.shape[1] > 0:
@@ -73,8 +73,8 @@ def single_shard_exchange(packed):
 class ShardedTopKXent(torch.autograd.Function):
     """Global-batch mean loss of one shard's view; gradients for the normalized features and the shard.
 
-    features_n [B, D] are the normalized features of the GLOBAL batch, weight [C, D] this shard's raw
-    rows starting at global row shard_start, labels [B] global ids, k already clamped to N - 1.
+    features_n [B, D] are the normalized features of the GLOBAL batch, weight [C, D] the raw rows of this
+    shard's classes [shard_start, shard_start + C), labels [B] global ids, k already clamped to N - 1.
     features_n.grad is this shard's PARTIAL dE (the caller sums partials over shards).
     """
 
@@ -82,21 +82,20 @@ class ShardedTopKXent(torch.autograd.Function):
     def forward(ctx, features_n, weight, labels, shard_start, num_classes, temperature, k, alpha, exchange, ops):
         stats = ops.shard_forward_stats(features_n, weight, labels, shard_start, temperature=temperature, k=k)
         merged = merge_shard_stats(exchange(pack_shard_stats(*stats, num_classes)), k, temperature)
-        loss = smoothed_loss_rows(merged, alpha).mean()
+        loss = smoothed_losses(merged, alpha).mean()
         ctx.save_for_backward(features_n, weight, labels, merged.lse, merged.topk_indices)
         ctx.config = (shard_start, temperature, alpha, ops)
         ctx.mark_non_differentiable(merged.topk_indices)
-        compute_dtype = torch.promote_types(features_n.dtype, torch.float32)
-        return loss.to(compute_dtype), merged.topk_indices
+        return loss.to(accumulation_dtype(features_n.dtype)), merged.topk_indices
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_topk_indices):
         features_n, weight, labels, lse, topk_indices = ctx.saved_tensors
         shard_start, temperature, alpha, ops = ctx.config
-        compute_dtype = torch.promote_types(features_n.dtype, torch.float32)
-        grad_rows = (grad_loss.to(compute_dtype) / len(labels)).expand(len(labels)).contiguous()
+        compute_dtype = accumulation_dtype(features_n.dtype)
+        grad_losses = (grad_loss.to(compute_dtype) / len(labels)).expand(len(labels)).contiguous()
         grad_features_n, grad_weight = ops.shard_backward(
-            features_n, weight, labels, shard_start, lse.to(compute_dtype), topk_indices, grad_rows,
+            features_n, weight, labels, shard_start, lse.to(compute_dtype), topk_indices, grad_losses,
             temperature=temperature, alpha=alpha)
         return grad_features_n, grad_weight, None, None, None, None, None, None, None, None
 
@@ -134,8 +133,7 @@ def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha, backe
     """
     # Normalized in fp32 at least, then handed over in the input dtype: in bf16 the backward of the
     # normalisation cancels catastrophically (0.24 relative error on dE measured at tau = 1).
-    compute_dtype = torch.promote_types(features.dtype, torch.float32)
-    features_n = reference.normalize_rows(features.to(compute_dtype)).to(features.dtype)
+    features_n = reference.normalize_rows(features.to(accumulation_dtype(features.dtype))).to(features.dtype)
     loss, _ = sharded_topk_xent(features_n, weight, labels, 0, weight.shape[0],
                                 temperature=temperature, k=k, alpha=alpha, backend=backend)
     return loss

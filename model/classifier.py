@@ -1,11 +1,11 @@
 """The hybrid-parallel one-million-way instance classifier (Liu et al., AAAI 2021, section 3.4).
 
 The backbone is data-parallel; the classifier weight W [N, D] (one row per image) is model-parallel:
-rank r of P owns the contiguous rows [start_r, stop_r) of a balanced split. One step:
+rank r of P owns the rows of the contiguous classes [start_r, stop_r) of a balanced split. One step:
 
   1. every rank normalizes its features and ALLGATHERS them with their ids, so each rank sees the
      global batch E [B, D] (B = sum of the ranks' batches, which may differ);
-  2. each rank scores E against its own rows only and reduces the block to per-row statistics
+  2. each rank scores E against its own classes only and reduces the block to per-sample statistics
      (sum of exp with the fixed shift 1/tau, the target logit if it owns it, its local top-K);
   3. ONE packed allgather exchanges those statistics; every rank merges them into the exact global
      logsumexp and top-K (kernels.topk_xent) and so computes the same, bit-identical loss;
@@ -23,18 +23,19 @@ import torch
 
 from kernels import reference, seed_rows_, sharded_topk_xent
 
-INIT_BLOCK_ROWS = 65536  # random init is drawn per block of rows, so it does not depend on P
+INIT_BLOCK_ROWS = 65536  # random init is drawn per block of rows of W, so it does not depend on P
 
 
 def shard_rows(num_instances, num_shards, rank):
-    """Rows [start, stop) of rank `rank` in a balanced split of num_instances (sizes differ by <= 1)."""
+    """The rows of W, i.e. the classes [start, stop), of rank `rank` in a balanced split of num_instances
+    (sizes differ by <= 1)."""
     base, extra = divmod(num_instances, num_shards)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
 
 
 def random_unit_rows(start, stop, dim, seed):
-    """Rows [start, stop) of a random W with unit-norm rows, identical whatever the sharding.
+    """Rows [start, stop) of a random W [N, dim] with unit-norm rows, identical whatever the sharding.
 
     Unit norm matches the scale of the raw-feature init, so that ablation changes directions only.
     """
@@ -68,7 +69,7 @@ def _exchange_stats(packed):  # [B, S] -> [P, B, S], rank order
 
 
 class ShardedInstanceClassifier(torch.nn.Module):
-    """Cosine-softmax classifier over num_instances classes, rows sharded over the Horovod ranks.
+    """Cosine-softmax classifier over num_instances classes, sharded over the Horovod ranks by classes.
 
     forward(features [b, dim], ids [b]) -> global-batch mean loss (scalar, identical on every rank).
     smooth_k / smooth_alpha: top-K hardest-class label smoothing (K clamped to N - 1).
@@ -95,10 +96,10 @@ class ShardedInstanceClassifier(torch.nn.Module):
         self.start, self.stop = shard_rows(num_instances, hvd.size(), hvd.rank())
         self.weight = torch.nn.Parameter(random_unit_rows(self.start, self.stop, dim, seed))
         self.last_hardest = None  # merged top-K ids [B, K] of the last forward, for monitoring/tests
-        self.last_global_rows = 0  # B of the last forward: rows of all ranks together
+        self.last_global_rows = 0  # B of the last forward: the samples of all ranks together
 
     def extra_repr(self):
-        return (f"instances={self.num_instances}, rows=[{self.start}, {self.stop}), dim={self.dim}, "
+        return (f"instances={self.num_instances}, classes=[{self.start}, {self.stop}), dim={self.dim}, "
                 f"temperature={self.temperature}, smooth_k={self.smooth_k}, smooth_alpha={self.smooth_alpha}")
 
     def _gather(self, features, ids, differentiable):
@@ -108,7 +109,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
         if ids.shape != features.shape[:1]:
             raise ValueError(f"ids must be [{features.shape[0]}], got {list(ids.shape)}")
         # At least fp32 on the wire and in the kernels' inputs: D is small, and Horovod has no bf16.
-        features_n = reference.normalize_rows(features.to(torch.promote_types(features.dtype, torch.float32)))
+        features_n = reference.normalize_rows(features.to(reference.accumulation_dtype(features.dtype)))
         gathered = _AllgatherSumBackward.apply(features_n) if differentiable else hvd.allgather(features_n)
         ids = hvd.allgather(ids.long())
         # Checked on the gathered batch so that every rank raises together instead of hanging.
@@ -131,7 +132,8 @@ class ShardedInstanceClassifier(torch.nn.Module):
 
     @torch.no_grad()
     def seed_(self, features, ids):
-        """Raw-feature init: rows of this shard whose ids are in the global batch := normalized features."""
+        """Raw-feature init: the rows of this shard's classes whose ids are in the global batch := normalized
+        features."""
         features_n, ids = self._gather(features, ids, differentiable=False)
         # Seeding has Triton and torch versions only: the chunked loss backend seeds with torch.
         backend = self.backend if self.backend in ("auto", "triton") else "reference"

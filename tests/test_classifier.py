@@ -4,16 +4,12 @@ import torch
 import torch.nn.functional as F
 
 from kernels import merge_shard_stats, pack_shard_stats, reference
+from kernels.reference import relative_error
 from model.classifier import random_unit_rows, shard_rows
 from tests.classifier_problems import CASES, SGD_STEP, make_problem, tiny_backbone
 from tests.conftest import WORKERS, run_horovod
 
 BACKENDS = ["reference", "chunked"]
-
-
-def relative_error(actual, expected):
-    """max |a - e| / max |e|: one scale per tensor, so tiny entries do not dominate."""
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
 
 
 def oracle(case):

@@ -17,23 +17,18 @@ import pytest
 import torch
 
 from kernels import chunked, reference, seed_rows_, shard_ops, topk_smoothed_xent
-from kernels.reference import effective_k
+from kernels.reference import effective_k, relative_error
 from tests.conftest import ROOT
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
 
-def relative_error(actual, expected):
-    """max |a - e| / max |e|: one scale per tensor, so tiny entries do not dominate."""
-    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
-
-
-def make_problem(batch, num_rows, dim, dtype, seed=0):
+def make_problem(batch, num_classes, dim, dtype, seed=0):
     """Raw features [B, D] and weight [C, D] in dtype, labels [B] (repeats allowed when B > C)."""
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(batch, dim, generator=generator).to(dtype)
-    weight = torch.randn(num_rows, dim, generator=generator).to(dtype)
-    return features, weight, torch.randint(0, num_rows, (batch,), generator=generator)
+    weight = torch.randn(num_classes, dim, generator=generator).to(dtype)
+    return features, weight, torch.randint(0, num_classes, (batch,), generator=generator)
 
 
 def loss_and_grads(loss_fn, features, weight):
@@ -43,12 +38,12 @@ def loss_and_grads(loss_fn, features, weight):
     return loss.detach(), features.grad, weight.grad
 
 
-def check_against_oracle(backend, batch, num_rows, dim, k, alpha, temperature, dtype):
+def check_against_oracle(backend, batch, num_classes, dim, k, alpha, temperature, dtype):
     """Loss, dE and dW of the single-device autograd API vs the float64 oracle on the same values;
     the backend's local statistics (top-K ids included) vs the reference's on the same features_n."""
-    features, weight, labels = make_problem(batch, num_rows, dim, dtype)
+    features, weight, labels = make_problem(batch, num_classes, dim, dtype)
     features_n = reference.normalize_rows(features.float()).to(dtype)  # as topk_smoothed_xent hands them on
-    check_shard_stats(shard_ops(backend, weight.device), features_n, weight, labels, 0, effective_k(k, num_rows),
+    check_shard_stats(shard_ops(backend, weight.device), features_n, weight, labels, 0, effective_k(k, num_classes),
                       temperature)
     options = dict(temperature=temperature, k=k, alpha=alpha)
     expected = loss_and_grads(lambda f, w: reference.topk_smoothed_xent(f, w, labels, **options),
@@ -79,10 +74,10 @@ def check_shard_stats(ops, features_n, weight, labels, shard_start, k, temperatu
 
 
 def check_shard_backward(ops, features_n, weight, labels, shard_start, lse, topk_indices, temperature, alpha, **tiles):
-    grad_rows = torch.rand(len(labels), generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    grad_losses = torch.rand(len(labels), generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
     expected = reference.shard_backward(features_n.double(), weight.double(), labels, shard_start, lse, topk_indices,
-                                        grad_rows, temperature=temperature, alpha=alpha)
-    actual = ops.shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_rows,
+                                        grad_losses, temperature=temperature, alpha=alpha)
+    actual = ops.shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_losses,
                                 temperature=temperature, alpha=alpha, **tiles)
     for got, want in zip(actual, expected):
         assert relative_error(got, want) < TOLERANCE[features_n.dtype]
@@ -99,20 +94,20 @@ def test_chunked_matches_oracle(monkeypatch, k, temperature, dtype):
     # Cycle the other parameters through their values so every combination of them is seen somewhere.
     case = 5 * [0.07, 0.15, 1.0].index(temperature) + [0, 1, 5, 16, 32].index(k)
     batch, dim, alpha = [1, 7, 64][case % 3], [16, 64, 128][case // 5 % 3], [0.0, 0.2][case % 2]
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 7 * batch)  # 7-row chunks: 43 rows make 7 ragged chunks
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 7 * batch)  # 7-class chunks: 43 classes make 7 ragged chunks
     check_against_oracle("chunked", batch, 43, dim, k, alpha, temperature, dtype)
 
 
-@pytest.mark.parametrize("batch,num_rows,shard_start,k", [(9, 40, 30, 5), (6, 3, 4, 5), (1, 50, 0, 32)])
-def test_chunked_shard_level_with_offsets_and_padding(batch, num_rows, shard_start, k):
-    """Labels inside and outside the shard; a shard with fewer rows than K pads with -inf / -1."""
-    features, weight, _ = make_problem(batch, num_rows, 16, torch.float32)
-    labels = torch.randint(0, shard_start + num_rows + 20, (batch,), generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("batch,shard_classes,shard_start,k", [(9, 40, 30, 5), (6, 3, 4, 5), (1, 50, 0, 32)])
+def test_chunked_shard_level_with_offsets_and_padding(batch, shard_classes, shard_start, k):
+    """Labels inside and outside the shard; a shard with fewer classes than K pads with -inf / -1."""
+    features, weight, _ = make_problem(batch, shard_classes, 16, torch.float32)
+    labels = torch.randint(0, shard_start + shard_classes + 20, (batch,), generator=torch.Generator().manual_seed(3))
     features_n = reference.normalize_rows(features)
     check_shard_stats(chunked, features_n, weight, labels, shard_start, k, 0.1, chunk_elements=2 * batch)
     lse = torch.logsumexp(torch.randn(batch, 4, dtype=torch.float64), 1) + 10
     check_shard_backward(chunked, features_n, weight, labels, shard_start, lse,
-                         merged_topk_like(labels, shard_start + num_rows + 20, k), 0.1, 0.2, chunk_elements=2 * batch)
+                         merged_topk_like(labels, shard_start + shard_classes + 20, k), 0.1, 0.2, chunk_elements=2 * batch)
 
 
 def merged_topk_like(labels, num_classes, k):
@@ -124,13 +119,13 @@ def merged_topk_like(labels, num_classes, k):
     return topk_indices
 
 
-def ties_problem(batch, num_rows, dim=16):
+def ties_problem(batch, num_classes, dim=16):
     """Entries +-1 (norm 4, a power of two) and tau = 0.5: every logit is exact, and equal logits
     abound, so the top-K tie rule (lower class id first) is tested across chunks, tiles and splits."""
     generator = torch.Generator().manual_seed(5)
     features = torch.randint(0, 2, (batch, dim), generator=generator).float() * 2 - 1
-    weight = torch.randint(0, 2, (num_rows, dim), generator=generator).float() * 2 - 1
-    return reference.normalize_rows(features), weight, torch.randint(0, num_rows, (batch,), generator=generator)
+    weight = torch.randint(0, 2, (num_classes, dim), generator=generator).float() * 2 - 1
+    return reference.normalize_rows(features), weight, torch.randint(0, num_classes, (batch,), generator=generator)
 
 
 def test_chunked_ties_go_to_the_lower_class_id():
@@ -148,22 +143,22 @@ def test_chunked_extra_memory_does_not_grow_with_classes():
         from kernels import chunked, reference
         def rss_mib(field):
             return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) / 1024
-        chunked.CHUNK_ELEMENTS, num_rows = 2**18, int(sys.argv[1])
+        chunked.CHUNK_ELEMENTS, num_classes = 2**18, int(sys.argv[1])
         features_n = reference.normalize_rows(torch.randn(256, 16))
-        weight = torch.randn(num_rows, 16)
-        labels = torch.randint(0, num_rows, (256,))
+        weight = torch.randn(num_classes, 16)
+        labels = torch.randint(0, num_classes, (256,))
         torch.ones(8).sum()  # warm up the allocator and thread pool
         before = rss_mib('VmRSS')
         stats = chunked.shard_forward_stats(features_n, weight, labels, 0, temperature=0.1, k=5)
         chunked.shard_backward(features_n, weight, labels, 0, stats[0].log() + 10, stats[3], torch.ones(256),
                                temperature=0.1, alpha=0.2)
-        print(rss_mib('VmHWM') - before - num_rows * 16 * 4 / 2**20)
+        print(rss_mib('VmHWM') - before - num_classes * 16 * 4 / 2**20)
     """)
     extra = {}
-    for num_rows in (100_000, 400_000):
-        result = subprocess.run([sys.executable, "-c", script, str(num_rows)], cwd=ROOT, capture_output=True,
+    for num_classes in (100_000, 400_000):
+        result = subprocess.run([sys.executable, "-c", script, str(num_classes)], cwd=ROOT, capture_output=True,
                                 text=True, check=True, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"})
-        extra[num_rows] = float(result.stdout.split()[-1])
+        extra[num_classes] = float(result.stdout.split()[-1])
     # From 100k to 400k classes one [B, C] buffer would add 293 MiB, one [C, D] buffer 18 MiB: allow three
     # [C, D] temporaries (the allocator may or may not reuse them) and RSS noise, far below one [B, C].
     column_growth = (400_000 - 100_000) * 16 * 4 / 2**20
@@ -175,7 +170,7 @@ def test_chunked_extra_memory_does_not_grow_with_classes():
 # Triton kernels (interpreter on CPU): every parameter value at least once.
 
 TRITON_CASES = [
-    # batch, num_rows, dim, k, alpha, temperature, dtype
+    # batch, num_classes, dim, k, alpha, temperature, dtype
     (1, 37, 16, 1, 0.2, 0.07, torch.float32),
     (7, 53, 64, 5, 0.2, 0.15, torch.float32),
     (33, 300, 128, 16, 0.0, 1.0, torch.float32),
@@ -187,13 +182,13 @@ TRITON_CASES = [
 ]
 
 
-@pytest.mark.parametrize("batch,num_rows,dim,k,alpha,temperature,dtype", TRITON_CASES)
-def test_triton_matches_oracle(batch, num_rows, dim, k, alpha, temperature, dtype):
-    check_against_oracle("triton", batch, num_rows, dim, k, alpha, temperature, dtype)
+@pytest.mark.parametrize("batch,num_classes,dim,k,alpha,temperature,dtype", TRITON_CASES)
+def test_triton_matches_oracle(batch, num_classes, dim, k, alpha, temperature, dtype):
+    check_against_oracle("triton", batch, num_classes, dim, k, alpha, temperature, dtype)
 
 
 # Small tiles and explicit splits: many row blocks, class tiles and splits, all with ragged edges.
-SMALL_TILES = [dict(block_rows=16, block_classes=16, num_splits=3), dict(block_rows=16, block_classes=32, num_splits=1)]
+SMALL_TILES = [dict(block_batch=16, block_classes=16, num_splits=3), dict(block_batch=16, block_classes=32, num_splits=1)]
 
 
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=["splits3", "splits1"])
@@ -201,8 +196,8 @@ SMALL_TILES = [dict(block_rows=16, block_classes=16, num_splits=3), dict(block_r
 def test_triton_shard_level_tiles_splits_offsets(tiles, dtype):
     """Labels inside and outside the shard, top-K ids of other shards and -1 padding in the backward."""
     from kernels import triton_topk_xent
-    batch, num_rows, shard_start, k = 19, 70, 25, 5
-    features, weight, _ = make_problem(batch, num_rows, 16, dtype)
+    batch, shard_classes, shard_start, k = 19, 70, 25, 5
+    features, weight, _ = make_problem(batch, shard_classes, 16, dtype)
     labels = torch.randint(0, 120, (batch,), generator=torch.Generator().manual_seed(3))
     features_n = reference.normalize_rows(features.float()).to(dtype)
     check_shard_stats(triton_topk_xent, features_n, weight, labels, shard_start, k, 0.1, **tiles)
@@ -232,11 +227,11 @@ def test_triton_writes_every_output_and_is_deterministic(monkeypatch):
     features_n = reference.normalize_rows(features)
     options = dict(temperature=0.1, **SMALL_TILES[0])
     lse = torch.logsumexp(torch.randn(21, 4), 1) + 10
-    grad_rows = torch.rand(21)
+    grad_losses = torch.rand(21)
 
     def run():
         stats = triton_topk_xent.shard_forward_stats(features_n, weight, labels, 0, k=5, **options)
-        return stats + triton_topk_xent.shard_backward(features_n, weight, labels, 0, lse, stats[3], grad_rows,
+        return stats + triton_topk_xent.shard_backward(features_n, weight, labels, 0, lse, stats[3], grad_losses,
                                                        alpha=0.2, **options)
 
     clean = run()

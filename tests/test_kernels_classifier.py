@@ -7,9 +7,9 @@ CUDA). Errors are max |a - e| / max |e| against the reference backend, tolerance
 import pytest
 import torch
 
+from kernels.reference import relative_error
 from tests.classifier_problems import CASES
 from tests.conftest import WORKERS, run_horovod
-from tests.test_kernels import relative_error
 
 BACKENDS = ["chunked", "triton"]
 
