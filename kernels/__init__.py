@@ -4,20 +4,25 @@ Usable alone (no Horovod, no DALI):
     from kernels import topk_smoothed_xent
     loss = topk_smoothed_xent(features, weight, labels, temperature=0.15, k=5, alpha=0.2)
 
-Shard level (what model.classifier uses across ranks): `sharded_topk_xent` with an `exchange`
-collective, built on a backend's `shard_forward_stats` / `shard_backward` pair (kernels.reference,
-kernels.chunked, kernels.triton_topk_xent) and `merge_shard_stats`. `kernels.reference` is the
-float64 oracle.
+Shard level (what model.classifier uses across ranks): `NormalizedExchange` brings the normalized
+features of the global batch with their ids (one collective), `sharded_topk_xent` computes a shard's
+loss with one collective for the statistics (`exchange_stats`), built on a backend's functions
+(`shard_ops`: kernels.reference, kernels.chunked, kernels.triton_topk_xent with the exchange glue of
+kernels.exchange / kernels.triton_exchange). `kernels.reference` is the float64 oracle;
+`kernels.launches` counts launches, collectives and host syncs of a piece of code, on any machine.
 
 Backends: 'triton' (CUDA, or CPU under TRITON_INTERPRET=1 set before triton is imported) takes fp32
 or bf16 features and weight, K <= 32 and D <= 256, accumulates and returns statistics in fp32;
 'chunked' (plain torch, no [B, C] buffer) and 'reference' (dense) take any float dtype and compute in
-reference.accumulation_dtype (fp32 at least). 'auto' is Triton on CUDA and chunked elsewhere.
-Weight seeding: `seed_rows_`. Names (B, C, N, batch, classes) as defined in kernels.reference.
+reference.accumulation_dtype (fp32 at least). All round the products' operands to `compute_dtype`
+when given. 'auto' is Triton on CUDA and chunked elsewhere. Weight seeding: `seed_rows_`.
+Names (B, C, N, batch, classes) as defined in kernels.reference.
 """
 from kernels import reference, triton_seed
-from kernels.topk_xent import (merge_shard_stats, pack_shard_stats, shard_ops, sharded_topk_xent,
-                               topk_smoothed_xent)
+from kernels.exchange import merge_shard_stats
+from kernels.reference import pack_shard_stats
+from kernels.topk_xent import (LocalFeatures, NormalizedExchange, shard_ops, sharded_topk_xent,
+                               sharded_topk_xent_and_stats, topk_smoothed_xent)
 
 
 def seed_rows_(weight, features, ids, shard_start, *, backend="auto"):
@@ -35,5 +40,5 @@ def seed_rows_(weight, features, ids, shard_start, *, backend="auto"):
     return seeders[backend](weight, features, ids, shard_start)
 
 
-__all__ = ["merge_shard_stats", "pack_shard_stats", "seed_rows_", "shard_ops", "sharded_topk_xent",
-           "topk_smoothed_xent"]
+__all__ = ["LocalFeatures", "NormalizedExchange", "merge_shard_stats", "pack_shard_stats", "seed_rows_", "shard_ops",
+           "sharded_topk_xent", "sharded_topk_xent_and_stats", "topk_smoothed_xent"]

@@ -7,13 +7,14 @@ exact top-K); the backward recomputes each chunk's logits from the merged statis
 storing them, and forms G in place on that one block.
 
 This is what runs on machines without CUDA (the 'auto' backend). Inputs may be fp32, bf16 or
-float64; everything is computed in reference.accumulation_dtype (fp32 at least), statistics are returned in that dtype and
-gradients in the inputs' dtypes.
+float64; everything is computed in reference.accumulation_dtype (fp32 at least) on the operands rounded
+to compute_dtype (reference.as_operand), statistics are returned in that dtype and gradients in the
+inputs' dtypes.
 """
 import torch
 
 from kernels import reference
-from kernels.reference import accumulation_dtype, local_class_ids, normalize_rows, select_topk
+from kernels.reference import accumulation_dtype, as_operand, local_class_ids, normalize_rows, select_topk
 
 # Elements of one [B, chunk] block: 2^22 fp32 = 16 MiB. Large enough that the [B, D] x [D, chunk]
 # product runs at full speed and the per-chunk overhead vanishes; at most a few such blocks are alive
@@ -45,23 +46,24 @@ def exact_topk(logits, k):
 
 
 @torch.no_grad()
-def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k, chunk_elements=None):
-    """Local statistics of the classes [shard_start, shard_start + C); see kernels.reference.
+def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k, compute_dtype=None,
+                        chunk_elements=None):
+    """Local statistics of the classes [shard_start, shard_start + C), packed; see kernels.reference.
 
-    features_n [B, D] normalized, weight [C, D] raw, labels [B] global ids. Returns sum_exp [B],
-    target_logit [B], topk_values [B, k] (descending, -inf padded), topk_indices [B, k] (global, -1
-    padded), all in accumulation_dtype(features_n.dtype) except the long ids.
+    features_n [B, D] normalized, weight [C, D] raw, labels [B] global ids. Returns the exchange block
+    [B, 2 + 2k] of sum_exp, target_logit, topk_values (descending, -inf padded) and topk_indices
+    (global, -1 padded), in accumulation_dtype(features_n.dtype).
     """
-    compute_dtype = accumulation_dtype(features_n.dtype)
-    features_n = features_n.to(compute_dtype)
+    dtype = accumulation_dtype(features_n.dtype)
+    features_n = as_operand(features_n, compute_dtype, dtype)
     batch, batch_idx = features_n.shape[0], torch.arange(features_n.shape[0], device=features_n.device)
     sum_exp = features_n.new_zeros(batch)
     target_logit = features_n.new_zeros(batch)
     topk_values = features_n.new_full((batch, k), float("-inf"))
     topk_indices = torch.full((batch, k), -1, dtype=torch.long, device=features_n.device)
-    shift = torch.tensor(-1.0 / temperature, dtype=compute_dtype, device=features_n.device)
+    shift = torch.tensor(-1.0 / temperature, dtype=dtype, device=features_n.device)
     for start, stop in chunk_bounds(batch, weight.shape[0], chunk_elements):
-        weight_n = normalize_rows(weight[start:stop].to(compute_dtype))
+        weight_n = normalize_rows(as_operand(weight[start:stop], compute_dtype, dtype))
         # z - 1/tau in one pass over the block (the top-K does not care about the shift).
         shifted = torch.addmm(shift, features_n, weight_n.T, alpha=1.0 / temperature)  # [B, c]
         sum_exp += torch.exp(shifted).sum(dim=1)
@@ -75,31 +77,31 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
                                                     torch.cat([topk_indices, columns + shard_start + start], dim=1), k)
     # -inf entries are padding or the masked target: not a class, as the exchange format says.
     topk_indices = torch.where(topk_values > float("-inf"), topk_indices, -1)
-    return sum_exp, target_logit, topk_values, topk_indices
+    return reference.pack_shard_stats(sum_exp, target_logit, topk_values, topk_indices)
 
 
 @torch.no_grad()
 def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_losses, *, temperature, alpha,
-                   chunk_elements=None):
+                   compute_dtype=None, chunk_elements=None):
     """(dE_n [B, D], dW [C, D]) of sum_i grad_losses_i loss_i, from the merged lse [B] and top-K ids [B, K].
 
     Per chunk: G = grad_losses / tau (exp(z - lse) - q) with the sparse q subtracted in place (B (K + 1)
     entries, no dense q block), dE_n += G W_n, and the chunk's rows of dW through the Jacobian of the
     row normalisation (reference.normalize_backward). Gradients in the dtypes of features_n and weight.
     """
-    compute_dtype = accumulation_dtype(features_n.dtype)
-    features_c = features_n.to(compute_dtype)
-    neg_lse = -lse.to(compute_dtype)[:, None]  # [B, 1]
-    grad_scale = (grad_losses.to(compute_dtype) / temperature)[:, None]  # [B, 1]
+    dtype = accumulation_dtype(features_n.dtype)
+    features_c = as_operand(features_n, compute_dtype, dtype)
+    neg_lse = -lse.to(dtype)[:, None]  # [B, 1]
+    grad_scale = (grad_losses.to(dtype) / temperature)[:, None]  # [B, 1]
     k = topk_indices.shape[1]
     # q as targets: local ids of y_i (weight 1 - alpha) then of the top-K (alpha / K); -1 padding and
     # other shards' ids fall outside every chunk.
     targets = torch.cat([labels[:, None], topk_indices.to(labels.device)], dim=1) - shard_start  # [B, 1 + K]
-    q = torch.tensor([1.0 - alpha] + [alpha / max(k, 1)] * k, dtype=compute_dtype, device=features_n.device)
+    q = torch.tensor([1.0 - alpha] + [alpha / max(k, 1)] * k, dtype=dtype, device=features_n.device)
     grad_features_n = torch.zeros_like(features_c)
     grad_weight = torch.empty_like(weight)
     for start, stop in chunk_bounds(len(labels), weight.shape[0], chunk_elements):
-        weight_c = weight[start:stop].to(compute_dtype)
+        weight_c = as_operand(weight[start:stop], compute_dtype, dtype)
         weight_n = normalize_rows(weight_c)
         grad = torch.addmm(neg_lse, features_c, weight_n.T, alpha=1.0 / temperature).exp_()  # softmax [B, c]
         batch_idx, slots = ((targets >= start) & (targets < stop)).nonzero(as_tuple=True)

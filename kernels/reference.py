@@ -58,7 +58,8 @@ def local_class_ids(ids, shard_start, shard_classes):
 def relative_error(actual, expected):
     """max |a - e| / max |e| in float64: one scale per tensor, so tiny entries do not dominate (the error
     measure of every comparison with this oracle, in tests/ and bench/)."""
-    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+    actual, expected = actual.detach().double(), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
 
 
 def normalize_rows(x):
@@ -97,18 +98,20 @@ def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha):
     return loss.mean()
 
 
-def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k):
-    """Local statistics of one shard of classes, for the exact cross-rank merge.
+def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k, compute_dtype=None):
+    """Local statistics of one shard of classes, for the exact cross-rank merge, packed for the exchange.
 
     features_n [B, D]: normalized features of the whole (global) batch; weight [C, D]: raw rows
-    [shard_start, shard_start + C) of W; labels [B]: global instance ids; k: global (clamped) K.
-    Returns, in the features' dtype (fp32 at least):
+    [shard_start, shard_start + C) of W; labels [B]: global instance ids; k: how many candidates to
+    report; compute_dtype: the products' operands are rounded to it (None: taken as they are). Returns
+    pack_shard_stats of, in accumulation_dtype(features_n.dtype):
       sum_exp      [B]     sum_j exp(z_ij - 1/tau) over this shard (fixed shift: z <= 1/tau)
       target_logit [B]     z_{i,y_i} if this shard owns y_i, else 0 (so a sum over shards is exact)
       topk_values  [B, k]  this shard's k largest non-target logits, descending, -inf padded
       topk_indices [B, k]  their global class ids, -1 padded
     """
-    logits = features_n @ normalize_rows(weight).T / temperature  # [B, C]
+    features_c, weight_c = product_operands(features_n, weight, compute_dtype)
+    logits = features_c @ normalize_rows(weight_c).T / temperature  # [B, C]
     shard_classes = weight.shape[0]
     local, owned = local_class_ids(labels, shard_start, shard_classes)
     local = local.clamp(0, max(shard_classes - 1, 0))
@@ -122,7 +125,44 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
         order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :take]
         topk_values[:, :take] = masked.gather(1, order)
         topk_indices[:, :take] = torch.where(topk_values[:, :take] > float("-inf"), order + shard_start, -1)
-    return sum_exp, target_logit, topk_values, topk_indices
+    return pack_shard_stats(sum_exp, target_logit, topk_values, topk_indices)
+
+
+def product_operands(features_n, weight, compute_dtype):
+    """features_n and weight as the products see them (as_operand), in accumulation_dtype(features_n.dtype)."""
+    dtype = accumulation_dtype(features_n.dtype)
+    return as_operand(features_n, compute_dtype, dtype), as_operand(weight, compute_dtype, dtype)
+
+
+def as_operand(x, compute_dtype, dtype):
+    """x rounded to compute_dtype (None: as it is), held in dtype. Gradients flow through the rounding
+    unchanged (as through autograd's .to): the parameters and their gradients keep their own dtype."""
+    return x.to(compute_dtype or x.dtype).to(dtype)
+
+
+# The statistics of one shard travel as ONE block per sample, [B, 2 + 2K] in their own float dtype:
+#   [sum_exp, target_logit, K values, K class ids]
+# with the class ids stored as the bits of the integer of the same width (int32 in a float32 block, int64
+# in a float64 one): exact for every id below 2^31, and nothing is rounded on the way.
+ID_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def pack_shard_stats(sum_exp, target_logit, topk_values, topk_indices):
+    """The exchange block [B, 2 + 2K] of one shard (see above), in the dtype of the values."""
+    k = topk_values.shape[1]
+    block = torch.cat([sum_exp[:, None], target_logit[:, None], topk_values, torch.empty_like(topk_values)], dim=1)
+    stats_ids(block, k).copy_(topk_indices)
+    return block
+
+
+def stats_ids(block, k):
+    """The class ids of an exchange block [..., 2 + 2k] (or a stack of them), as integers: a view."""
+    return block[..., 2 + k:].view(ID_BITS[block.dtype])
+
+
+def unpack_shard_stats(block, k):
+    """Views of the four parts of an exchange block: sum_exp, target_logit, topk_values, topk_indices."""
+    return block[..., 0], block[..., 1], block[..., 2:2 + k], stats_ids(block, k)
 
 
 def smoothing_target(labels, topk_indices, shard_start, shard_classes, alpha, dtype):
@@ -139,20 +179,23 @@ def smoothing_target(labels, topk_indices, shard_start, shard_classes, alpha, dt
 
 
 def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_losses, *,
-                   temperature, alpha):
-    """Gradients of sum_i grad_losses_i * loss_i w.r.t. features_n [B, D] and this shard's raw weight [C, D].
+                   temperature, alpha, compute_dtype=None):
+    """Gradients of sum_i grad_losses_i * loss_i w.r.t. features_n [B, D] and this shard's raw weight [C, D],
+    in their dtypes.
 
     lse [B] and topk_indices [B, k] are the MERGED (global) statistics. dL/dz_ij = grad_losses_i *
     (softmax_ij - q_ij); z = E W_n^T / tau; W_n = W / |W| contributes the Jacobian
-    (g - W_n <g, W_n>) / |W| per row.
+    (g - W_n <g, W_n>) / |W| per row. compute_dtype as in shard_forward_stats.
     """
-    weight_n = normalize_rows(weight)
-    logits = features_n @ weight_n.T / temperature  # [B, C]
+    features_c, weight_c = product_operands(features_n, weight, compute_dtype)
+    weight_n = normalize_rows(weight_c)
+    logits = features_c @ weight_n.T / temperature  # [B, C]
     q = smoothing_target(labels, topk_indices, shard_start, weight.shape[0], alpha, logits.dtype)
     grad_logits = (torch.exp(logits - lse[:, None]) - q) * (grad_losses[:, None] / temperature)
     grad_features_n = grad_logits @ weight_n  # [B, D]
-    grad_weight_n = grad_logits.T @ features_n  # [C, D]
-    return grad_features_n, normalize_backward(weight, weight_n, grad_weight_n)
+    grad_weight_n = grad_logits.T @ features_c  # [C, D]
+    return (grad_features_n.to(features_n.dtype),
+            normalize_backward(weight_c, weight_n, grad_weight_n).to(weight.dtype))
 
 
 def normalize_backward(weight, weight_n, grad_weight_n):

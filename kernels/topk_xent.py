@@ -1,72 +1,97 @@
 """The smoothed cosine-softmax cross-entropy over classes split into shards, exact.
 
-Each shard (one per rank in the hybrid-parallel classifier, or the whole W on one device) computes
-local statistics of its logit block with a backend's `shard_forward_stats`; the statistics of all
-shards are exchanged in ONE collective (`exchange`: [B, S] -> [P, B, S]) and merged into the global
-logsumexp, target logit and top-K; the backward pass turns the merged statistics into this shard's
-gradients with the backend's `shard_backward`, so no rank ever sees another shard's logits.
+Each shard (one per rank in the hybrid-parallel classifier, or the whole W on one device) sees the
+normalized features of the whole batch and computes local statistics of its logit block with a
+backend's `shard_forward_stats`; the statistics of all shards are exchanged in ONE collective
+(`exchange_stats`: [B, S] -> [P, B, S]) and merged exactly into the global logsumexp, target logit and
+top-K (kernels.exchange says why the merge is exact); the backward pass turns the merged statistics
+into this shard's gradients with the backend's `shard_backward`, so no rank ever sees another shard's
+logits. The features themselves reach the shards through `NormalizedExchange`: normalized and packed
+with their ids into one block per sample, one collective (`exchange_features`, the identity on one
+device), and on the way back the dE of every shard summed and taken through the normalisation.
 
-Merge (why it is exact):
-  * logsumexp: every cosine logit is <= 1/tau, so each shard reports sum_j exp(z_ij - 1/tau) with the
-    same fixed shift and lse_i = 1/tau + log(sum over shards); no max exchange is needed.
-  * target logit: only the owner of y_i reports a non-zero value, so the sum over shards is exact.
-  * top-K: the global top-K of non-target logits is inside the union of the shards' local top-Ks.
-    Shards are contiguous and concatenated in rank order, so a stable descending sort of the
-    concatenation breaks ties by the lower class index, as the oracle does.
-Statistics travel packed as one [B, 2 + 2K] block in their own dtype, fp32 (values and class ids, the
-ids exact below 2^24 classes; float64 beyond that or for float64 inputs).
+A backend is the namespace of five functions (`shard_ops`): the loss pair shard_forward_stats /
+shard_backward, merge_shard_stats, pack_features and features_backward. 'reference' (dense torch, the
+oracle) and 'chunked' (torch, no [B, C] buffer) use the torch exchange glue of kernels.exchange;
+'triton' uses the kernels of kernels.triton_topk_xent and kernels.triton_exchange, which makes one
+forward + backward 14 launches on a GPU (kernels.launches counts them).
+
+The merge always receives K' = max(K, 1) candidates per shard, so that the best non-target class is
+known for the diagnostics (is the own class the top-1?) even without smoothing.
 """
 from types import SimpleNamespace
 
 import torch
 
-from kernels import chunked, reference, triton_topk_xent
-from kernels.reference import accumulation_dtype, effective_alpha, effective_k
+from kernels import chunked, exchange, reference, triton_exchange, triton_topk_xent
+from kernels.reference import effective_alpha, effective_k
+
+TORCH_GLUE = dict(merge_shard_stats=exchange.merge_shard_stats, pack_features=exchange.pack_features,
+                  features_backward=exchange.features_backward)
+BACKENDS = {
+    "reference": SimpleNamespace(shard_forward_stats=reference.shard_forward_stats,
+                                 shard_backward=reference.shard_backward, **TORCH_GLUE),
+    "chunked": SimpleNamespace(shard_forward_stats=chunked.shard_forward_stats, shard_backward=chunked.shard_backward,
+                               **TORCH_GLUE),
+    "triton": SimpleNamespace(shard_forward_stats=triton_topk_xent.shard_forward_stats,
+                              shard_backward=triton_topk_xent.shard_backward,
+                              merge_shard_stats=triton_exchange.merge_shard_stats,
+                              pack_features=triton_exchange.pack_features,
+                              features_backward=triton_exchange.features_backward),
+}
+MAX_CLASSES = 2**31  # class ids travel as int32 bits in the fp32 statistics
 
 
-EXACT_FLOAT32_IDS = 2 ** 24  # float32 holds every integer below this exactly
+def shard_ops(backend, device):
+    """The backend's functions: 'reference' (dense torch), 'chunked' (torch, no [B, C] buffer) or
+    'triton'; 'auto' is Triton on CUDA and the chunked torch path elsewhere."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "chunked"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected auto, reference, chunked or triton")
+    return BACKENDS[backend]
 
 
-def pack_shard_stats(sum_exp, target_logit, topk_values, topk_indices, num_classes):
-    """One block per sample: [sum_exp, target_logit, K values, K class ids].  [B, 2 + 2K]
+class LocalFeatures:
+    """The features exchange of a single device: one copy, nothing to send."""
+    copies = 1
 
-    In the statistics' own dtype (fp32 for fp32 and bf16 inputs), so nothing is rounded on the way, and
-    float64 when class ids would not fit a float32 exactly (N > 2^24) or the inputs are float64.
+    def forward(self, packed):  # [1, b, W] -> [b, W]
+        return packed[0]
+
+    def backward(self, grad_features_n):  # [b, D] -> [1, b, D]
+        return grad_features_n[None]
+
+
+class NormalizedExchange(torch.autograd.Function):
+    """(features_n [B, D], labels [B]) of the global batch from this rank's (features [b, D], ids [b]).
+
+    Forward: ops.pack_features normalizes the features (accumulation dtype) and packs them with their
+    ids, `collective.copies` times; collective.forward exchanges the packed blocks and returns the
+    global block [B, W] in rank order; both outputs are views of it. Backward: collective.backward
+    returns the dE_n [copies, b, D] that every shard computed for this rank's samples, and
+    ops.features_backward sums them and applies the Jacobian of the normalisation.
     """
-    exact_in_float32 = sum_exp.dtype != torch.float64 and num_classes <= EXACT_FLOAT32_IDS
-    dtype = torch.float32 if exact_in_float32 else torch.float64
-    return torch.cat([sum_exp[:, None], target_logit[:, None], topk_values, topk_indices.to(topk_values.dtype)],
-                     dim=1).to(dtype)
 
+    @staticmethod
+    def forward(ctx, features, ids, ops, collective):
+        received = collective.forward(ops.pack_features(features, ids, collective.copies))
+        features_n, labels = exchange.unpack_features(received, features.shape[1])
+        ctx.save_for_backward(features)
+        ctx.ops, ctx.collective = ops, collective
+        ctx.mark_non_differentiable(labels)
+        ctx.set_materialize_grads(False)  # no zero tensors made for the outputs without a gradient
+        return features_n, labels
 
-def merge_shard_stats(gathered, k, temperature):
-    """Merge the stats of all shards, gathered [P, B, 2 + 2K] in rank order, into the global ones.
-
-    Returns a namespace of lse [B], target_logit [B], topk_values [B, K] in the packed dtype and long
-    topk_indices [B, K]. Deterministic: every rank merges the same gathered block the same way, so the loss is
-    bit-identical on every rank.
-    """
-    num_shards, batch = gathered.shape[:2]
-    lse = gathered[:, :, 0].sum(dim=0).log() + 1.0 / temperature
-    target_logit = gathered[:, :, 1].sum(dim=0)
-    candidates = gathered[:, :, 2:].permute(1, 0, 2)  # [B, P, 2K]
-    values = candidates[:, :, :k].reshape(batch, num_shards * k)
-    indices = candidates[:, :, k:].reshape(batch, num_shards * k)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
-    return SimpleNamespace(lse=lse, target_logit=target_logit, topk_values=values.gather(1, order),
-                           topk_indices=indices.gather(1, order).long())
-
-
-def smoothed_losses(merged, alpha):
-    """loss_i = lse_i - (1 - alpha) z_{i,y_i} - alpha/K sum_{j in T_i} z_ij, from merged stats.  [B]"""
-    loss = merged.lse - (1.0 - alpha) * merged.target_logit
-    if merged.topk_values.shape[1] > 0:
-        loss = loss - alpha * merged.topk_values.mean(dim=1)
-    return loss
+    @staticmethod
+    def backward(ctx, grad_features_n, _grad_labels):
+        features, = ctx.saved_tensors
+        grad = ctx.collective.backward(grad_features_n.contiguous())
+        return ctx.ops.features_backward(grad, features), None, None, None
 
 
 def single_shard_exchange(packed):
-    """The exchange of a job with one shard: nothing to send."""
+    """The statistics exchange of a job with one shard: nothing to send."""
     return packed[None]
 
 
@@ -75,65 +100,75 @@ class ShardedTopKXent(torch.autograd.Function):
 
     features_n [B, D] are the normalized features of the GLOBAL batch, weight [C, D] the raw rows of this
     shard's classes [shard_start, shard_start + C), labels [B] global ids, k already clamped to N - 1.
-    features_n.grad is this shard's PARTIAL dE (the caller sums partials over shards).
+    features_n.grad is this shard's PARTIAL dE (the caller sums partials over shards). Besides the loss
+    it returns the merged per-sample results (kernels.exchange.merge_shard_stats), not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, features_n, weight, labels, shard_start, num_classes, temperature, k, alpha, exchange, ops):
-        stats = ops.shard_forward_stats(features_n, weight, labels, shard_start, temperature=temperature, k=k)
-        merged = merge_shard_stats(exchange(pack_shard_stats(*stats, num_classes)), k, temperature)
-        loss = smoothed_losses(merged, alpha).mean()
-        ctx.save_for_backward(features_n, weight, labels, merged.lse, merged.topk_indices)
-        ctx.config = (shard_start, temperature, alpha, ops)
-        ctx.mark_non_differentiable(merged.topk_indices)
-        return loss.to(accumulation_dtype(features_n.dtype)), merged.topk_indices
+    def forward(ctx, features_n, weight, labels, shard_start, num_classes, temperature, k, alpha, compute_dtype,
+                exchange_stats, ops):
+        stats = ops.shard_forward_stats(features_n, weight, labels, shard_start, temperature=temperature,
+                                        k=max(k, 1), compute_dtype=compute_dtype)
+        merged = ops.merge_shard_stats(exchange_stats(stats), labels, num_classes=num_classes, k=k,
+                                       temperature=temperature, alpha=alpha)
+        loss = merged.losses.mean()
+        topk_indices = merged.topk_indices[:, :k]
+        ctx.save_for_backward(features_n, weight, labels, merged.lse, topk_indices)
+        ctx.config = (shard_start, temperature, alpha, compute_dtype, ops)
+        outputs = (merged.lse, topk_indices, merged.topk_indices[:, 0], merged.own_probability, merged.own_is_top1)
+        ctx.mark_non_differentiable(*outputs)
+        ctx.set_materialize_grads(False)
+        return (loss, *outputs)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_topk_indices):
+    def backward(ctx, grad_loss, *_grad_outputs):
         features_n, weight, labels, lse, topk_indices = ctx.saved_tensors
-        shard_start, temperature, alpha, ops = ctx.config
-        compute_dtype = accumulation_dtype(features_n.dtype)
-        grad_losses = (grad_loss.to(compute_dtype) / len(labels)).expand(len(labels)).contiguous()
+        shard_start, temperature, alpha, compute_dtype, ops = ctx.config
+        grad_losses = (grad_loss / len(labels)).expand(len(labels))  # d(mean)/d(loss_i), not copied
         grad_features_n, grad_weight = ops.shard_backward(
-            features_n, weight, labels, shard_start, lse.to(compute_dtype), topk_indices, grad_losses,
-            temperature=temperature, alpha=alpha)
-        return grad_features_n, grad_weight, None, None, None, None, None, None, None, None
+            features_n, weight, labels, shard_start, lse, topk_indices, grad_losses,
+            temperature=temperature, alpha=alpha, compute_dtype=compute_dtype)
+        return grad_features_n, grad_weight, *[None] * 9
 
 
-def shard_ops(backend, device):
-    """The local stats / local backward pair: 'reference' (dense torch), 'chunked' (torch, no [B, C]
-    buffer) or 'triton'; 'auto' is Triton on CUDA and the chunked torch path elsewhere."""
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "chunked"
-    if backend == "reference":
-        return reference
-    if backend == "chunked":
-        return chunked
-    if backend == "triton":
-        return triton_topk_xent
-    raise ValueError(f"unknown kernel backend {backend!r}; expected auto, reference, chunked or triton")
-
-
-def sharded_topk_xent(features_n, weight, labels, shard_start, num_classes, *, temperature, k, alpha,
-                      exchange=single_shard_exchange, backend="auto"):
-    """Loss (scalar) and merged top-K ids [B, K] of one shard; see ShardedTopKXent. K and alpha are
-    clamped here (K <= N - 1; alpha = 0 when K = 0)."""
+def sharded_topk_xent_and_stats(features_n, weight, labels, shard_start, num_classes, *, temperature, k, alpha,
+                                compute_dtype=None, exchange_stats=single_shard_exchange, backend="auto"):
+    """Loss (scalar, differentiable) of one shard, see ShardedTopKXent, and per sample of the global batch a
+    namespace of: lse, hardest (merged top-K ids [B, K]), best_other (the best non-target id), and the
+    diagnostics own_probability = exp(z_{i,y_i} - lse_i) and own_is_top1 (bool). K and alpha are clamped
+    here (K <= N - 1; alpha = 0 when K = 0). `backend` is a name or a namespace from shard_ops.
+    """
+    if num_classes >= MAX_CLASSES:
+        raise ValueError(f"at most 2^31 - 1 classes (ids travel as int32), got {num_classes}")
     k = effective_k(k, num_classes)
-    return ShardedTopKXent.apply(features_n, weight, labels, shard_start, num_classes, float(temperature), k,
-                                 effective_alpha(k, alpha), exchange, shard_ops(backend, weight.device))
+    ops = shard_ops(backend, weight.device) if isinstance(backend, str) else backend
+    loss, lse, hardest, best_other, own_probability, own_is_top1 = ShardedTopKXent.apply(
+        features_n, weight, labels, shard_start, num_classes, float(temperature), k, effective_alpha(k, alpha),
+        compute_dtype, exchange_stats, ops)
+    return loss, SimpleNamespace(lse=lse, hardest=hardest, best_other=best_other, own_probability=own_probability,
+                                 own_is_top1=own_is_top1)
+
+
+def sharded_topk_xent(features_n, weight, labels, shard_start, num_classes, **options):
+    """Loss (scalar) and merged top-K ids [B, K] of one shard; see sharded_topk_xent_and_stats."""
+    loss, merged = sharded_topk_xent_and_stats(features_n, weight, labels, shard_start, num_classes, **options)
+    return loss, merged.hardest
 
 
 def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha, backend="auto"):
     """Single-device loss: mean_i of the smoothed cosine-softmax cross-entropy (see kernels.reference).
 
-    features [B, D] raw (normalized here), weight [N, D] raw, labels [B] long in [0, N).
-    fp32 or bf16 inputs; statistics and accumulation in fp32 (float64 inputs stay float64 on the
-    torch backends). Autograd flows to features and weight. Limits of the 'triton' backend: fp32 or
-    bf16 only, K <= 32, D <= 256 (kernels.triton_topk_xent.MAX_K / MAX_FEATURE_DIM).
+    features [B, D] raw (normalized here, in fp32 at least), weight [N, D] raw, labels [B] long in [0, N).
+    fp32 or bf16 inputs (bf16 products when both are bf16); statistics and accumulation in fp32 (float64
+    inputs stay float64 on the torch backends). Autograd flows to features and weight, gradients in their
+    dtypes. Limits of the 'triton' backend: fp32 or bf16 only, K <= 32, D <= 256
+    (kernels.triton_topk_xent.MAX_K / MAX_FEATURE_DIM).
     """
-    # Normalized in fp32 at least, then handed over in the input dtype: in bf16 the backward of the
-    # normalisation cancels catastrophically (0.24 relative error on dE measured at tau = 1).
-    features_n = reference.normalize_rows(features.to(accumulation_dtype(features.dtype))).to(features.dtype)
-    loss, _ = sharded_topk_xent(features_n, weight, labels, 0, weight.shape[0],
-                                temperature=temperature, k=k, alpha=alpha, backend=backend)
+    ops = shard_ops(backend, weight.device)
+    # Normalized in fp32 at least: in bf16 the backward of the normalisation cancels catastrophically
+    # (0.24 relative error on dE measured at tau = 1); the products then round to the inputs' dtype.
+    features_n, labels = NormalizedExchange.apply(features, labels, ops, LocalFeatures())
+    compute_dtype = torch.promote_types(features.dtype, weight.dtype)
+    loss, _ = sharded_topk_xent(features_n, weight, labels, 0, weight.shape[0], temperature=temperature, k=k,
+                                alpha=alpha, compute_dtype=compute_dtype, backend=ops)
     return loss

@@ -2,7 +2,7 @@
 
 Math (see kernels.reference): for the normalized features e_i of the global batch and this shard's
 raw rows W_j, z_ij = <e_i, W_j / |W_j|> / tau <= 1/tau. The forward returns the local statistics the
-exchange merges (kernels.topk_xent); the backward gets the merged lse_i and top-K ids T_i and returns
+exchange merges (kernels.exchange); the backward gets the merged lse_i and top-K ids T_i and returns
 this shard's gradients of sum_i grad_losses_i loss_i with
 
     G_ij  = grad_losses_i / tau * (exp(z_ij - lse_i) - q_ij),   q = 1 - alpha on y_i, alpha / K on T_i
@@ -17,30 +17,39 @@ The plain way writes it, reads it for topk and softmax, writes G, reads G for ea
             taken with the raw W tile and scaled by 1/|W_j| per column (bf16 operands stay exact).
   forward   programs (batch block, class split) stream over the split's class tiles: z tile, sum of
             exp(z - 1/tau) (fixed shift), an exact streaming top-K per sample (_insert_candidates); split 0
-            also computes the target logit. Per-split partials are O(B K); the host sums / merges them.
+            also computes the target logit. The splits' partials [S, B, 2 + 2 K_PAD] are merged into
+            this shard's exchange block by one more kernel (triton_exchange._merge_splits_kernel).
   backward  G is recomputed tile by tile, never stored (FlashAttention-2 style):
             dW kernel: one program per class block owns its dW tile and loops over all batch blocks
-                       (dW_n += G^T E, on transposed logit tiles), adds the sparse -q part from
-                       (sample, class) pairs sorted by class, then the normalisation Jacobian: no atomics;
+                       (dW_n += G^T E, on transposed logit tiles), then over them again for the -q part
+                       of G, with a product only where a batch block has a target in the class tile
+                       (rare: _targets_tile_t), then the normalisation Jacobian: no atomics, no sort;
             dE kernel: programs (batch block, class split) accumulate the softmax part of G W_n, and
                        _target_rows_kernel the -q part (K + 1 gathered rows of W per sample); the
-                       partials [S + 1, B, D] are summed on the host in order. Deterministic.
-  So 5 products of 2BCD flops in all (1 forward, 2 per backward kernel), each tile streamed once.
+                       partials [S + 1, B, D] are summed in order. Deterministic.
+  So 5 products of 2BCD flops in all (1 forward, 2 per backward kernel), each tile streamed once, and
+  5 launches per forward + backward besides the sum of the dE partials; the labels and top-K ids are
+  read as they are (int64, any row stride) and made local in the kernels.
   `python bench/kernel.py compile` shows registers / spills / shared memory of every kernel for sm_90.
 
-Dtypes: features_n and weight fp32 or bf16 (any mix). Both bf16: bf16 tensor-core products with fp32
-accumulation. Otherwise fp32 products with input_precision="ieee": TF32 (the default on GPUs) would
-cost ~1e-3 relative error. Statistics, G and accumulators are fp32. With bf16 operands the softmax and
-the -q parts of G reach the products separately rounded to bf16, so an entry where p_ij ~ q_ij (a target
-the model already fits) has relative error ~2^-9 (p + q) / |p - q| instead of 2^-9. Under TRITON_INTERPRET=1 (set it
-before triton is imported) operands are always upcast to fp32 first: the triton 3.9 interpreter returns
-garbage for tl.dot on bf16 operands, so the bf16 tensor-core product is only exercised on a GPU.
+Dtypes: features_n and weight fp32 or bf16 (any mix, any row stride). The products' operands are the
+inputs rounded to compute_dtype (bf16 or fp32; None: bf16 when both inputs are bf16, else fp32), in
+the kernels: so fp32 parameters feed bf16 tensor cores without a bf16 copy, and |W_j| is the norm of
+the rounded row. bf16: tensor-core products with fp32 accumulation; fp32: input_precision="ieee" (TF32,
+the default on GPUs, would cost ~1e-3 relative error). Statistics, G and accumulators are fp32. With bf16
+operands the softmax and -q parts of G reach the products separately rounded to bf16 (the dE kernel's
+-q part even exact, in fp32: _target_rows_kernel), so an entry where p_ij ~ q_ij (a target the model
+already fits) has relative error ~2^-9 (p + q) / |p - q| instead of 2^-9. Under
+TRITON_INTERPRET=1 (set it before triton is imported) operands are rounded to compute_dtype and then
+multiplied in fp32: the triton 3.9 interpreter returns garbage for tl.dot on bf16 operands, so the bf16
+tensor-core product is only exercised on a GPU.
 """
 import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import NORM_EPS, local_class_ids, select_topk
+from kernels.reference import NORM_EPS, stats_ids
+from kernels.triton_exchange import merge_splits
 
 # K of the top-K smoothing: the running top-K of a batch block lives in registers ([BLOCK_B, K_PAD]
 # values and ids), and the first tile of every program costs K_PAD extraction passes.
@@ -48,24 +57,39 @@ MAX_K = 32
 # D: whole feature rows are held on chip (an E tile and a W tile of [BLOCK, D], no loop over D).
 # Above 128 the tiles are halved to stay within registers and shared memory.
 MAX_FEATURE_DIM = 256
-# (sample, class) target pairs scattered per one-hot product in the dW kernel: tl.dot needs >= 16, and
-# a class tile rarely holds more (B (K + 1) / (C / BLOCK_C) pairs: ~20 at B = 4096, C = 160,000, K = 5).
-PAIR_BLOCK = 16
+# Samples per -q product of the dW kernel: tl.dot's minimum, so that its [BLOCK_C, 16] tile adds few
+# registers to the accumulator's.
+TARGET_PRODUCT_BLOCK = 16
 # Samples per program of the dE target-part kernel: it gathers K + 1 whole rows of W per sample.
 TARGET_BATCH_BLOCK = 32
 # Classes per program of the norm pre-pass: a [64, D] tile is 32 KB of fp32 at D = 128, and 2,500 programs
 # at C = 160,000 fill every SM of a GPU.
 NORM_BLOCK = 64
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))  # TRITON_INTERPRET=1, read at import like triton
 
 
 @triton.jit
-def _row_norms_kernel(weight_ptr, norm_ptr, shard_classes, dim, stride_weight, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pre-pass: norm_ptr[j] = |W_j| in fp32 for the classes of one block.  Grid (cdiv(C, BLOCK_C),)."""
+def _as_operand(x, ROUND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """x rounded to the compute dtype, in the dtype tl.dot gets (the same on a GPU; fp32 in the interpreter)."""
+    if INTERPRETED and ROUND_DTYPE == tl.bfloat16 and x.dtype == tl.float32:
+        # The interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even (as torch does):
+        # round by hand, so that the CPU tests see the GPU's operands. Then the cast below is exact.
+        bits = x.to(tl.int32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return x.to(ROUND_DTYPE).to(DOT_DTYPE)
+
+
+@triton.jit
+def _row_norms_kernel(weight_ptr, norm_ptr, shard_classes, dim, stride_weight,
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_DTYPE: tl.constexpr):
+    """Pre-pass: norm_ptr[j] = |W_j| in fp32 of the rows rounded to ROUND_DTYPE, for the classes of one
+    block.  Grid (cdiv(C, BLOCK_C),)."""
     classes = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     dims = tl.arange(0, BLOCK_D)
     w = tl.load(weight_ptr + classes[:, None].to(tl.int64) * stride_weight + dims[None, :],
-                mask=(classes < shard_classes)[:, None] & (dims < dim)[None, :], other=0.0).to(tl.float32)
+                mask=(classes < shard_classes)[:, None] & (dims < dim)[None, :], other=0.0)
+    w = _as_operand(w, ROUND_DTYPE, tl.float32)
     tl.store(norm_ptr + classes, tl.sqrt(tl.sum(w * w, axis=1)), mask=classes < shard_classes)
 
 
@@ -135,41 +159,57 @@ def _insert_candidates(z, tile_start, target, top_value, top_index, threshold, B
 
 
 @triton.jit
+def _target_ids(labels_ptr, stride_labels, topk_ptr, stride_topk, slot, batch_idx, batch_ok):
+    """Global class id of target `slot` of each sample: y_i for slot 0, the merged top-K id T_i[slot - 1]
+    after it (-1 where padded or past the batch).  int64 [BLOCK_B]"""
+    if slot == 0:
+        ids = tl.load(labels_ptr + batch_idx * stride_labels, mask=batch_ok, other=-1).to(tl.int64)
+    else:
+        ids = tl.load(topk_ptr + batch_idx * stride_topk + slot - 1, mask=batch_ok, other=-1).to(tl.int64)
+    return ids
+
+
+@triton.jit
 def _shard_forward_kernel(
-    features_ptr, weight_ptr, norm_ptr, target_ptr,
-    sum_exp_ptr, topk_value_ptr, topk_index_ptr, target_logit_ptr,
-    batch, shard_classes, dim, classes_per_split, stride_features, stride_weight,
+    features_ptr, weight_ptr, norm_ptr, labels_ptr, partial_ptr, partial_ids_ptr,
+    batch, shard_classes, dim, classes_per_split, shard_start, stride_features, stride_weight, stride_labels,
     inv_temperature, norm_eps,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
-    TOPK: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr, KC: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Local statistics of one batch block against one class split.  Grid (cdiv(B, BLOCK_B), S).
 
-    features_ptr   [B, D] normalized features (row stride stride_features)
-    weight_ptr     [C, D] raw rows of the shard (row stride stride_weight)
-    norm_ptr       [C] fp32 |W_j|
-    target_ptr     [B] int32 local id of y_i, -1 when another shard owns it
-    sum_exp_ptr    [S, B] fp32 out: sum over the split's classes of exp(z_ij - 1/tau)
-    topk_value_ptr [S, B, K_PAD] fp32 out: the split's K_PAD largest non-target logits (unordered, -inf padded)
-    topk_index_ptr [S, B, K_PAD] int32 out: their local ids (negative where padded)
-    target_logit_ptr [B] fp32 out (split 0 only): z_{i, y_i}, 0 when not owned
+    features_ptr    [B, D] normalized features (row stride stride_features)
+    weight_ptr      [C, D] raw rows of the shard (row stride stride_weight)
+    norm_ptr        [C] fp32 |W_j|
+    labels_ptr      [B] global ids y_i (row stride stride_labels); the shard holds [shard_start, + C)
+    partial_ptr     [S, B, 2 + 2 KC] fp32 out, an exchange block per split (kernels.reference): the
+                    split's sum of exp(z_ij - 1/tau), z_{i, y_i} (split 0, when owned; else 0), and its
+                    KC largest non-target logits (unordered, -inf padded); their local ids (negative
+                    where padded) go to partial_ids_ptr, the int32 view of the last KC columns.
+                    KC = K_PAD, the running top-K's width (a power of two), or 0 without smoothing.
     classes_per_split: a multiple of BLOCK_C; split s covers [s * classes_per_split, ...) within [0, C)
     """
     split = tl.program_id(1)
     batch_idx, batch_ok, dims, dim_ok, e = _load_batch_block(features_ptr, batch, dim, stride_features, BLOCK_B, BLOCK_D)
-    target = tl.load(target_ptr + batch_idx, mask=batch_ok, other=-1)  # [BLOCK_B]
+    e = _as_operand(e, ROUND_DTYPE, DOT_DTYPE)
+    labels = tl.load(labels_ptr + batch_idx * stride_labels, mask=batch_ok, other=-1).to(tl.int64) - shard_start
+    target = tl.where((labels >= 0) & (labels < shard_classes), labels, -1).to(tl.int32)  # local id of y_i, or -1
+    out = (split * batch + batch_idx) * (2 + 2 * KC)
 
     # 1. Target logit, once per batch block: a row-wise dot with the gathered rows W_{y_i}.
+    target_logit = tl.zeros([BLOCK_B], tl.float32)
     if split == 0:
         owned = target >= 0
         w_target, inv_norm_target, _ = _load_class_tile(weight_ptr, norm_ptr, target, owned, dims, dim_ok, stride_weight,
                                                         norm_eps)
-        z_target = tl.sum(e.to(tl.float32) * w_target.to(tl.float32), axis=1) * inv_norm_target * inv_temperature
-        tl.store(target_logit_ptr + batch_idx, tl.where(owned, z_target, 0.0), mask=batch_ok)
+        w_target = _as_operand(w_target, ROUND_DTYPE, tl.float32)
+        z_target = tl.sum(e.to(tl.float32) * w_target, axis=1) * inv_norm_target * inv_temperature
+        target_logit = tl.where(owned, z_target, 0.0)
+    tl.store(partial_ptr + out + 1, target_logit, mask=batch_ok)
 
     # 2. Stream over the split's class tiles. Empty top-K slots hold -inf with distinct negative ids
     #    (so exactly one is evicted at a time); positions past the batch hold +inf so nothing ever enters.
-    e = e.to(DOT_DTYPE)
     slots = tl.arange(0, K_PAD)
     top_value = tl.where(batch_ok[:, None], float("-inf"), float("inf")) + tl.zeros([BLOCK_B, K_PAD], tl.float32)
     top_index = -1 - slots[None, :] + tl.zeros([BLOCK_B, K_PAD], tl.int32)
@@ -181,45 +221,66 @@ def _shard_forward_kernel(
         classes = tile_start + tl.arange(0, BLOCK_C)
         class_ok = classes < class_stop
         w, inv_norm, _ = _load_class_tile(weight_ptr, norm_ptr, classes, class_ok, dims, dim_ok, stride_weight, norm_eps)
-        z = _cosine_logits(e, w.to(DOT_DTYPE), inv_norm, class_ok, inv_temperature, INPUT_PRECISION)
+        z = _cosine_logits(e, _as_operand(w, ROUND_DTYPE, DOT_DTYPE), inv_norm, class_ok, inv_temperature,
+                           INPUT_PRECISION)
         # Fixed shift: z <= 1/tau, so exp(z - 1/tau) <= 1 and the splits' sums add up without rescaling.
         sum_exp += tl.sum(tl.exp(z - inv_temperature), axis=1)
-        if TOPK:
+        if KC > 0:
             top_value, top_index, threshold = _insert_candidates(z, tile_start, target, top_value, top_index,
                                                                  threshold, BLOCK_C)
 
-    # 3. Per-split partials; the host merges the S splits.
-    tl.store(sum_exp_ptr + split * batch + batch_idx, sum_exp, mask=batch_ok)
-    if TOPK:
-        out = (split * batch + batch_idx)[:, None] * K_PAD + slots[None, :]
-        tl.store(topk_value_ptr + out, top_value, mask=batch_ok[:, None])
-        tl.store(topk_index_ptr + out, top_index, mask=batch_ok[:, None])
+    # 3. This split's part of the partials; triton_exchange merges the S splits.
+    tl.store(partial_ptr + out, sum_exp, mask=batch_ok)
+    if KC > 0:
+        tl.store(partial_ptr + out[:, None] + 2 + slots[None, :], top_value, mask=batch_ok[:, None])
+        tl.store(partial_ids_ptr + out[:, None] + slots[None, :], top_index, mask=batch_ok[:, None])
+
+
+@triton.jit
+def _targets_tile_t(labels_ptr, stride_labels, topk_ptr, stride_topk, num_topk, batch_idx, batch_ok, tile_first_class,
+                    grad_scale, target_weight, topk_weight, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The -q part of G^T on a tile [BLOCK_C, BLOCK_B]: -q_ij grad_scale_i where class tile_first_class + j is a
+    target of sample i (slot 0: y_i, weight 1 - alpha; then the top-K, alpha / K each), and how many
+    targets fell in the tile.
+
+    A batch block rarely has a target in a given class tile (B (K + 1) targets among C classes), so
+    each slot costs a [BLOCK_B] test and only a hit a pass over the tile: no pair list, no sort.
+    """
+    positions = tl.arange(0, BLOCK_C)
+    tile = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
+    hits = 0
+    for slot in range(0, num_topk + 1):
+        column = _target_ids(labels_ptr, stride_labels, topk_ptr, stride_topk, slot, batch_idx, batch_ok) - tile_first_class
+        hit = batch_ok & (column >= 0) & (column < BLOCK_C)
+        slot_hits = tl.sum(hit.to(tl.int32))
+        if slot_hits > 0:
+            q = tl.where(hit, tl.where(slot == 0, target_weight, topk_weight) * grad_scale, 0.0)
+            tile -= tl.where(positions[:, None] == column[None, :], q[None, :], 0.0)
+        hits += slot_hits
+    return tile, hits
 
 
 @triton.jit
 def _shard_backward_weight_kernel(
-    features_ptr, weight_ptr, norm_ptr, lse_ptr, grad_scale_ptr, grad_weight_ptr,
-    pair_offsets_ptr, pair_batch_idx_ptr, pair_classes_ptr, pair_grads_ptr,
-    batch, shard_classes, dim, stride_features, stride_weight, inv_temperature, norm_eps,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    features_ptr, weight_ptr, norm_ptr, lse_ptr, grad_losses_ptr, labels_ptr, topk_ptr, grad_weight_ptr,
+    batch, shard_classes, dim, shard_start, num_topk, stride_features, stride_weight, stride_grad_losses,
+    stride_labels, stride_topk, inv_temperature, target_weight, topk_weight, norm_eps,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, TARGET_BLOCK: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dW of one class block: dW_n = G^T E_n over all batch blocks, then the Jacobian.  Grid (cdiv(C, BLOCK_C),).
 
-    lse_ptr [B] fp32 merged logsumexp; grad_scale_ptr [B] fp32 grad_losses / tau; grad_weight_ptr [C, D]
-    out, contiguous, in the weight's dtype. The sparse -q part of G comes as (sample, class, value) pairs
-    sorted by class: pair_batch_idx_ptr / pair_classes_ptr int32 and pair_grads_ptr fp32 [M] (value
-    -q_ij grad_losses_i / tau), the pairs of class tile t at [pair_offsets_ptr[t], pair_offsets_ptr[t + 1]).
+    lse_ptr [B] fp32 merged logsumexp; grad_losses_ptr [B] fp32 (any stride, 0 for a broadcast scalar);
+    labels_ptr [B] and topk_ptr [B, num_topk] global ids (int64, -1 padded) for the -q part;
+    grad_weight_ptr [C, D] out, contiguous, in the weight's dtype.
     """
-    tile = tl.program_id(0)
-    tile_start = tile * BLOCK_C
-    positions = tl.arange(0, BLOCK_C)
-    classes = tile_start + positions
+    tile_start = tl.program_id(0) * BLOCK_C
+    classes = tile_start + tl.arange(0, BLOCK_C)
     class_ok = classes < shard_classes
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < dim
     w, inv_norm, long_row = _load_class_tile(weight_ptr, norm_ptr, classes, class_ok, dims, dim_ok, stride_weight, norm_eps)
-    w = w.to(DOT_DTYPE)
+    w = _as_operand(w, ROUND_DTYPE, DOT_DTYPE)
 
     # 1. Softmax part: dW_n tile [BLOCK_C, BLOCK_D] += softmax^T E, owned by this program, in registers.
     grad_weight_n = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
@@ -227,9 +288,11 @@ def _shard_backward_weight_kernel(
         batch_idx = batch_start + tl.arange(0, BLOCK_B)
         batch_ok = batch_idx < batch
         e = tl.load(features_ptr + batch_idx[:, None] * stride_features + dims[None, :],
-                    mask=batch_ok[:, None] & dim_ok[None, :], other=0.0).to(DOT_DTYPE)
+                    mask=batch_ok[:, None] & dim_ok[None, :], other=0.0)
+        e = _as_operand(e, ROUND_DTYPE, DOT_DTYPE)
         lse = tl.load(lse_ptr + batch_idx, mask=batch_ok, other=0.0)
-        grad_scale = tl.load(grad_scale_ptr + batch_idx, mask=batch_ok, other=0.0)  # 0 past the batch: no gradient
+        grad_scale = tl.load(grad_losses_ptr + batch_idx * stride_grad_losses, mask=batch_ok,
+                             other=0.0) * inv_temperature  # 0 past the batch: no gradient
         # Logits transposed, z^T = W_n E^T [BLOCK_C, BLOCK_B], so that G^T comes out of the product in
         # the layout of the next product's left operand (transposing a register tile costs a trip
         # through shared memory; the FlashAttention-2 dK/dV pass does the same).
@@ -237,27 +300,29 @@ def _shard_backward_weight_kernel(
         softmax_grad_t = tl.exp(z_t - lse[None, :]) * grad_scale[None, :]  # [BLOCK_C, BLOCK_B]
         grad_weight_n = tl.dot(softmax_grad_t.to(DOT_DTYPE), e, acc=grad_weight_n, input_precision=INPUT_PRECISION)
 
-    # 2. Target part: the tile's few (sample, class) pairs, scattered by a one-hot product in the same
-    #    dot dtype as step 1 (so the accumulator keeps its layout; the one-hot operand is exact).
-    pair_end = tl.load(pair_offsets_ptr + tile + 1)
-    for pair_start in range(tl.load(pair_offsets_ptr + tile), pair_end, BLOCK_P):
-        pairs = pair_start + tl.arange(0, BLOCK_P)
-        pair_ok = pairs < pair_end
-        pair_batch_idx = tl.load(pair_batch_idx_ptr + pairs, mask=pair_ok, other=0)
-        pair_positions = tl.load(pair_classes_ptr + pairs, mask=pair_ok, other=-1) - tile_start
-        pair_grads = tl.load(pair_grads_ptr + pairs, mask=pair_ok, other=0.0)
-        e = tl.load(features_ptr + pair_batch_idx[:, None] * stride_features + dims[None, :],
-                    mask=pair_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
-        one_hot = (positions[:, None] == pair_positions[None, :]).to(DOT_DTYPE)  # [BLOCK_C, BLOCK_P]
-        grad_weight_n = tl.dot(one_hot, (pair_grads[:, None] * e).to(DOT_DTYPE), acc=grad_weight_n,
-                               input_precision=INPUT_PRECISION)
+    # 2. Target part, in a second pass so that step 1 keeps its registers: the batch blocks with a target
+    #    in this class tile add -(q grad_scale)^T E by a product with their (mostly zero) -q tile, in
+    #    blocks of TARGET_BLOCK samples (a [BLOCK_C, TARGET_BLOCK] tile next to the accumulator).
+    for batch_start in range(0, batch, TARGET_BLOCK):
+        batch_idx = batch_start + tl.arange(0, TARGET_BLOCK)
+        batch_ok = batch_idx < batch
+        grad_scale = tl.load(grad_losses_ptr + batch_idx * stride_grad_losses, mask=batch_ok,
+                             other=0.0) * inv_temperature
+        targets_t, hits = _targets_tile_t(labels_ptr, stride_labels, topk_ptr, stride_topk, num_topk, batch_idx,
+                                          batch_ok, shard_start + tile_start, grad_scale, target_weight, topk_weight,
+                                          TARGET_BLOCK, BLOCK_C)
+        if hits > 0:
+            e = tl.load(features_ptr + batch_idx[:, None] * stride_features + dims[None, :],
+                        mask=batch_ok[:, None] & dim_ok[None, :], other=0.0)
+            grad_weight_n = tl.dot(targets_t.to(DOT_DTYPE), _as_operand(e, ROUND_DTYPE, DOT_DTYPE), acc=grad_weight_n,
+                                   input_precision=INPUT_PRECISION)
 
-    # 3. Through W_n = W / max(|W|, eps): dW = (dW_n - W_n <dW_n, W_n>) / |W|, written with the raw W
-    #    (reloaded rather than kept in registers through the loop) to keep one [BLOCK_C, BLOCK_D] fp32 tile
-    #    live besides the accumulator. Rows not longer than eps were divided by the constant eps: no
-    #    radial term (reference.normalize_backward).
+    # 2. Through W_n = W / max(|W|, eps): dW = (dW_n - W_n <dW_n, W_n>) / |W|, written with the (rounded)
+    #    W reloaded rather than kept in registers through the loop, to keep one [BLOCK_C, BLOCK_D] fp32
+    #    tile live besides the accumulator. Rows not longer than eps were divided by the constant eps:
+    #    no radial term (reference.normalize_backward).
     w, _, _ = _load_class_tile(weight_ptr, norm_ptr, classes, class_ok, dims, dim_ok, stride_weight, norm_eps)
-    w = w.to(tl.float32)
+    w = _as_operand(w, ROUND_DTYPE, tl.float32)
     radial = tl.where(long_row, tl.sum(grad_weight_n * w, axis=1) * inv_norm * inv_norm, 0.0)  # <dW_n, W_n> / |W|
     grad_weight = (grad_weight_n - w * radial[:, None]) * inv_norm[:, None]
     tl.store(grad_weight_ptr + classes[:, None].to(tl.int64) * dim + dims[None, :],
@@ -266,22 +331,23 @@ def _shard_backward_weight_kernel(
 
 @triton.jit
 def _shard_backward_features_kernel(
-    features_ptr, weight_ptr, norm_ptr, lse_ptr, grad_scale_ptr, grad_features_ptr,
-    batch, shard_classes, dim, classes_per_split, stride_features, stride_weight, inv_temperature, norm_eps,
+    features_ptr, weight_ptr, norm_ptr, lse_ptr, grad_losses_ptr, grad_features_ptr,
+    batch, shard_classes, dim, classes_per_split, stride_features, stride_weight, stride_grad_losses,
+    inv_temperature, norm_eps,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Partial dE_n = softmax-part of G, times W_n, for one batch block over one class split.  Grid (cdiv(B, BLOCK_B), S).
 
-    lse_ptr, grad_scale_ptr as in _shard_backward_weight_kernel; grad_features_ptr [S + 1, B, D] fp32
+    lse_ptr, grad_losses_ptr as in _shard_backward_weight_kernel; grad_features_ptr [S + 1, B, D] fp32
     out: slice s is split s's partial (slice S is the target part, _target_rows_kernel); the host
     sums the slices in order, so the result is deterministic.
     """
     split = tl.program_id(1)
     batch_idx, batch_ok, dims, dim_ok, e = _load_batch_block(features_ptr, batch, dim, stride_features, BLOCK_B, BLOCK_D)
-    e = e.to(DOT_DTYPE)
+    e = _as_operand(e, ROUND_DTYPE, DOT_DTYPE)
     lse = tl.load(lse_ptr + batch_idx, mask=batch_ok, other=0.0)
-    grad_scale = tl.load(grad_scale_ptr + batch_idx, mask=batch_ok, other=0.0)
+    grad_scale = tl.load(grad_losses_ptr + batch_idx * stride_grad_losses, mask=batch_ok, other=0.0) * inv_temperature
     class_start = split * classes_per_split
     class_stop = tl.minimum(class_start + classes_per_split, shard_classes)
 
@@ -292,7 +358,7 @@ def _shard_backward_features_kernel(
         classes = tile_start + tl.arange(0, BLOCK_C)
         class_ok = classes < class_stop
         w, inv_norm, _ = _load_class_tile(weight_ptr, norm_ptr, classes, class_ok, dims, dim_ok, stride_weight, norm_eps)
-        w = w.to(DOT_DTYPE)
+        w = _as_operand(w, ROUND_DTYPE, DOT_DTYPE)
         z = _cosine_logits(e, w, inv_norm, class_ok, inv_temperature, INPUT_PRECISION)
         softmax_grad = tl.exp(z - lse[:, None]) * (grad_scale[:, None] * inv_norm[None, :])  # [BLOCK_B, BLOCK_C]
         grad_features_n = tl.dot(softmax_grad.to(DOT_DTYPE), w, acc=grad_features_n, input_precision=INPUT_PRECISION)
@@ -303,41 +369,43 @@ def _shard_backward_features_kernel(
 
 @triton.jit
 def _target_rows_kernel(
-    weight_ptr, norm_ptr, grad_scale_ptr, targets_ptr, grad_features_ptr,
-    batch, shard_classes, dim, num_targets, stride_weight, stride_targets, target_weight, topk_weight, norm_eps,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    weight_ptr, norm_ptr, grad_losses_ptr, labels_ptr, topk_ptr, grad_features_ptr,
+    batch, shard_classes, dim, shard_start, num_topk, stride_weight, stride_grad_losses, stride_labels, stride_topk,
+    inv_temperature, target_weight, topk_weight, norm_eps,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_DTYPE: tl.constexpr,
 ):
     """Target part of dE_n: -grad_losses_i / tau sum_j q_ij W_n,j over the K + 1 targets of each sample.  Grid (cdiv(B, BLOCK_B),).
 
-    targets_ptr [B, 1 + K] int32 local ids of y_i, then of the merged top-K (-1: not in this shard),
-    weighted 1 - alpha and alpha / K; grad_features_ptr [B, D] fp32 out. A separate kernel: gathering
-    whole rows next to the accumulator of the softmax part would spill registers there.
+    labels_ptr / topk_ptr as in _shard_backward_weight_kernel (targets of other shards are skipped);
+    grad_features_ptr [B, D] fp32 out. A separate kernel: gathering whole rows next to the accumulator of
+    the softmax part would spill registers there.
     """
     batch_idx = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     batch_ok = batch_idx < batch
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < dim
-    grad_scale = tl.load(grad_scale_ptr + batch_idx, mask=batch_ok, other=0.0)
+    grad_scale = tl.load(grad_losses_ptr + batch_idx * stride_grad_losses, mask=batch_ok, other=0.0) * inv_temperature
     grad_features_n = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
-    for slot in range(num_targets):
-        target = tl.load(targets_ptr + batch_idx * stride_targets + slot, mask=batch_ok, other=-1)
-        w, inv_norm, _ = _load_class_tile(weight_ptr, norm_ptr, target, target >= 0, dims, dim_ok, stride_weight,
-                                          norm_eps)
+    for slot in range(0, num_topk + 1):
+        local = _target_ids(labels_ptr, stride_labels, topk_ptr, stride_topk, slot, batch_idx, batch_ok) - shard_start
+        owned = (local >= 0) & (local < shard_classes)
+        w, inv_norm, _ = _load_class_tile(weight_ptr, norm_ptr, tl.where(owned, local, 0), owned, dims, dim_ok,
+                                          stride_weight, norm_eps)
         q = tl.where(slot == 0, target_weight, topk_weight)
-        grad_features_n -= (q * grad_scale * inv_norm)[:, None] * w.to(tl.float32)
+        grad_features_n -= (q * grad_scale * inv_norm)[:, None] * _as_operand(w, ROUND_DTYPE, tl.float32)
     tl.store(grad_features_ptr + batch_idx[:, None] * dim + dims[None, :], grad_features_n,
              mask=batch_ok[:, None] & dim_ok[None, :])
 
 
-def _check_inputs(features_n, weight, labels, temperature):
+def _check_inputs(features_n, weight, labels, temperature, compute_dtype):
     """Host-side validation shared by both launchers; raises ValueError naming the bad value."""
     if features_n.dim() != 2 or weight.dim() != 2 or features_n.shape[1] != weight.shape[1]:
         raise ValueError(f"need features_n [B, D] and weight [C, D], got {list(features_n.shape)} and {list(weight.shape)}")
-    if labels.shape != features_n.shape[:1]:
-        raise ValueError(f"labels must be [{features_n.shape[0]}], got {list(labels.shape)}")
-    for name, tensor in (("features_n", features_n), ("weight", weight)):
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} must be float32 or bfloat16 for the Triton kernels, got {tensor.dtype}")
+    if labels.shape != features_n.shape[:1] or labels.is_floating_point():
+        raise ValueError(f"labels must be integer ids [{features_n.shape[0]}], got {labels.dtype} {list(labels.shape)}")
+    for name, dtype in (("features_n", features_n.dtype), ("weight", weight.dtype), ("compute_dtype", compute_dtype)):
+        if dtype not in SUPPORTED_DTYPES and not (name == "compute_dtype" and dtype is None):
+            raise ValueError(f"{name} must be float32 or bfloat16 for the Triton kernels, got {dtype}")
     if not features_n.device == weight.device == labels.device:
         raise ValueError(f"all inputs must be on one device, got {features_n.device}, {weight.device}, {labels.device}")
     batch, dim = features_n.shape
@@ -354,19 +422,15 @@ def _rows_contiguous(x):
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _row_norms(weight):
-    """|W_j| in fp32 [C]: one read of W (40 MB at 160,000 x 128 bf16, ~15 us on an H100), no fp32 copy."""
+def _row_norms(weight, round_dtype):
+    """|W_j| in fp32 [C] of the rows rounded to the compute dtype: one read of W (40 MB at 160,000 x 128 bf16,
+    ~15 us on an H100), no fp32 copy."""
     shard_classes, dim = weight.shape
     norms = torch.empty(shard_classes, dtype=torch.float32, device=weight.device)
-    _row_norms_kernel[(triton.cdiv(shard_classes, NORM_BLOCK),)](weight, norms, shard_classes, dim, weight.stride(0),
-                                                         BLOCK_C=NORM_BLOCK, BLOCK_D=triton.next_power_of_2(dim))
+    _row_norms_kernel[(triton.cdiv(shard_classes, NORM_BLOCK),)](
+        weight, norms, shard_classes, dim, weight.stride(0), BLOCK_C=NORM_BLOCK, BLOCK_D=triton.next_power_of_2(dim),
+        ROUND_DTYPE=round_dtype)
     return norms
-
-
-def _local_ids(ids, shard_start, shard_classes):
-    """Global class ids -> int32 positions in this shard; -1 for ids it does not own and for -1 padding."""
-    local, owned = local_class_ids(ids, shard_start, shard_classes)
-    return torch.where(owned, local, -1).to(torch.int32).contiguous()
 
 
 # Largest (BLOCK_B, BLOCK_C) of each kernel for bf16 operands and D <= 128, as in FlashAttention-2 on
@@ -376,14 +440,18 @@ def _local_ids(ids, shard_start, shard_classes):
 TILE_CAPS = {"forward": (128, 64), "features": (128, 64), "weight": (64, 128)}
 
 
-def _launch_config(kind, features_n, weight, block_batch, block_classes, num_splits):
-    """Tile sizes, class splits, warps and dot dtype of one kernel ('forward', 'features' or 'weight').
+def _launch_config(kind, features_n, weight, compute_dtype, block_batch, block_classes, num_splits):
+    """Tile sizes, class splits, warps and operand dtypes of one kernel ('forward', 'features' or 'weight').
     block_batch / block_classes / num_splits override the heuristics (tests use small tiles)."""
     (batch, dim), shard_classes, device = features_n.shape, weight.shape[0], weight.device
+    if compute_dtype is None:
+        both_bf16 = features_n.dtype == weight.dtype == torch.bfloat16
+        compute_dtype = torch.bfloat16 if both_bf16 else torch.float32
+    round_dtype = tl.bfloat16 if compute_dtype == torch.bfloat16 else tl.float32
+    bf16_products = round_dtype == tl.bfloat16 and not triton.knobs.runtime.interpret
     block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs every dimension >= 16
-    bf16_operands = features_n.dtype == weight.dtype == torch.bfloat16 and not triton.knobs.runtime.interpret
     cap_b, cap_c = TILE_CAPS[kind]
-    if not bf16_operands or block_d > 128:
+    if not bf16_products or block_d > 128:
         cap_b, cap_c = cap_b // 2, cap_c // 2
     block_b = block_batch or min(cap_b, max(16, triton.next_power_of_2(batch)))
     block_c = block_classes or min(cap_c, max(16, triton.next_power_of_2(shard_classes)))
@@ -396,98 +464,84 @@ def _launch_config(kind, features_n, weight, block_batch, block_classes, num_spl
     classes_per_split = triton.cdiv(class_tiles, min(max(num_splits, 1), class_tiles)) * block_c
     return dict(block_b=block_b, block_c=block_c, block_d=block_d, batch_blocks=batch_blocks, class_tiles=class_tiles,
                 num_splits=triton.cdiv(shard_classes, classes_per_split), classes_per_split=classes_per_split,
-                num_warps=8 if block_b * block_c >= 128 * 64 else 4,
-                dot_dtype=tl.bfloat16 if bf16_operands else tl.float32)
+                num_warps=8 if block_b * block_c >= 128 * 64 else 4, round_dtype=round_dtype,
+                dot_dtype=tl.bfloat16 if bf16_products else tl.float32)
 
 
-def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k,
+def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k, compute_dtype=None,
                         block_batch=None, block_classes=None, num_splits=None):
-    """Local statistics of this shard's classes [shard_start, shard_start + C) (see kernels.reference).
+    """Local statistics of this shard's classes [shard_start, shard_start + C), packed (see kernels.reference).
 
-    features_n [B, D] normalized, weight [C, D] raw rows, fp32 or bf16; labels [B] global ids;
-    0 <= k <= MAX_K, 1 <= D <= MAX_FEATURE_DIM. Returns fp32 sum_exp [B] (fixed shift 1/tau),
-    target_logit [B] (0 when not owned), topk_values [B, k] (descending, ties to the lower id, -inf
-    padded) and long topk_indices [B, k] (global ids, -1 padded). No [B, C] buffer.
+    features_n [B, D] normalized, weight [C, D] raw rows, fp32 or bf16, any row stride; labels [B] global
+    ids (any integer dtype and stride); 0 <= k <= MAX_K, 1 <= D <= MAX_FEATURE_DIM. Returns the fp32
+    exchange block [B, 2 + 2k]: sum_exp (fixed shift 1/tau), target_logit (0 when not owned), topk_values
+    (descending, ties to the lower id, -inf padded) and topk_indices (global ids, -1 padded). No [B, C]
+    buffer; two launches besides the norm pre-pass (the forward kernel and the merge of its splits).
     """
-    _check_inputs(features_n, weight, labels, temperature)
+    _check_inputs(features_n, weight, labels, temperature, compute_dtype)
     if not 0 <= k <= MAX_K:
         raise ValueError(f"k must be in [0, {MAX_K}], got {k}")
     features_n, weight = _rows_contiguous(features_n), _rows_contiguous(weight)
     (batch, dim), shard_classes = features_n.shape, weight.shape[0]
-    config = _launch_config("forward", features_n, weight, block_batch, block_classes, num_splits)
+    config = _launch_config("forward", features_n, weight, compute_dtype, block_batch, block_classes, num_splits)
     splits, k_pad = config["num_splits"], triton.next_power_of_2(max(k, 1))
-    out = dict(dtype=torch.float32, device=weight.device)
-    sum_exp = torch.empty(splits, batch, **out)
-    target_logit = torch.empty(batch, **out)
-    topk_values = torch.empty(splits, batch, k_pad if k else 0, **out)
-    topk_local = torch.empty(splits, batch, k_pad if k else 0, dtype=torch.int32, device=weight.device)
+    candidates = k_pad if k else 0  # per split
+    partial = torch.empty(splits, batch, 2 + 2 * candidates, dtype=torch.float32, device=weight.device)
     _shard_forward_kernel[(config["batch_blocks"], splits)](
-        features_n, weight, _row_norms(weight), _local_ids(labels, shard_start, shard_classes),
-        sum_exp, topk_values, topk_local, target_logit,
-        batch, shard_classes, dim, config["classes_per_split"], features_n.stride(0), weight.stride(0),
-        1.0 / temperature, NORM_EPS,
-        BLOCK_B=config["block_b"], BLOCK_C=config["block_c"], BLOCK_D=config["block_d"], K_PAD=k_pad, TOPK=k > 0,
-        DOT_DTYPE=config["dot_dtype"], INPUT_PRECISION="ieee", num_warps=config["num_warps"])
-
-    # Merge the splits: sums in split order; the top-k of the union of their candidates.
-    candidates = topk_values.transpose(0, 1).reshape(batch, -1)  # [B, S * K_PAD]
-    ids = torch.where(candidates > float("-inf"), topk_local.transpose(0, 1).reshape(batch, -1).long() + shard_start, -1)
-    values, indices = select_topk(candidates, ids, k)
-    return sum_exp.sum(dim=0), target_logit, values, indices
+        features_n, weight, _row_norms(weight, config["round_dtype"]), labels, partial, stats_ids(partial, candidates),
+        batch, shard_classes, dim, config["classes_per_split"], shard_start, features_n.stride(0), weight.stride(0),
+        labels.stride(0), 1.0 / temperature, NORM_EPS,
+        BLOCK_B=config["block_b"], BLOCK_C=config["block_c"], BLOCK_D=config["block_d"], K_PAD=k_pad, KC=candidates,
+        ROUND_DTYPE=config["round_dtype"], DOT_DTYPE=config["dot_dtype"], INPUT_PRECISION="ieee",
+        num_warps=config["num_warps"])
+    return merge_splits(partial, batch, candidates, k, shard_start)
 
 
 def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, grad_losses, *, temperature, alpha,
-                   block_batch=None, block_classes=None, num_splits=None):
+                   compute_dtype=None, block_batch=None, block_classes=None, num_splits=None):
     """(dE_n [B, D] in features_n's dtype, dW [C, D] in weight's dtype) of sum_i grad_losses_i loss_i.
 
-    lse [B] and topk_indices [B, K] (global ids, -1 padded) are the MERGED statistics; grad_losses [B].
-    dW is w.r.t. the raw rows (normalisation Jacobian included). Deterministic (no atomics).
+    lse [B] and topk_indices [B, K] (global ids, -1 padded, any row stride) are the MERGED statistics;
+    grad_losses [B] (any stride: a broadcast scalar is not copied). dW is w.r.t. the raw rows
+    (normalisation Jacobian included). Deterministic (no atomics). Four launches besides the norm
+    pre-pass: dW, dE's softmax part, dE's target part, the sum of the dE partials.
     """
-    _check_inputs(features_n, weight, labels, temperature)
+    _check_inputs(features_n, weight, labels, temperature, compute_dtype)
     features_n, weight = _rows_contiguous(features_n), _rows_contiguous(weight)
     (batch, dim), shard_classes, device = features_n.shape, weight.shape[0], weight.device
     k = topk_indices.shape[1]
-    lse = lse.to(torch.float32).contiguous()
-    grad_scale = (grad_losses.to(torch.float32) / temperature).contiguous()  # [B]
-    norms = _row_norms(weight)
-    weight_config, features_config = (_launch_config(kind, features_n, weight, block_batch, block_classes, num_splits)
-                                      for kind in ("weight", "features"))
-
-    # q as (sample, class) targets: y_i with weight 1 - alpha, then the merged top-K with alpha / K each.
-    targets = _local_ids(torch.cat([labels[:, None], topk_indices.to(device)], dim=1), shard_start, shard_classes)
+    lse, grad_losses = lse.to(torch.float32).contiguous(), grad_losses.to(torch.float32)
+    # Without smoothing the kernels read no top-K id: any valid pointer will do (an empty tensor has none).
+    topk_indices = topk_indices if k else labels
+    weight_config, features_config = (
+        _launch_config(kind, features_n, weight, compute_dtype, block_batch, block_classes, num_splits)
+        for kind in ("weight", "features"))
+    norms = _row_norms(weight, weight_config["round_dtype"])
     target_weight, topk_weight = 1.0 - alpha, (alpha / k if k else 0.0)
-    # Every (sample, target) pair with its -q_ij grad_losses_i / tau, sorted by class for the dW tiles. Pairs
-    # of other shards get the class INT32_MAX and sort past the last tile: no boolean indexing, which
-    # would wait for the GPU.
-    q = torch.full((1 + k,), topk_weight, device=device)
-    q[0] = target_weight
-    pair_classes = torch.where(targets >= 0, targets, torch.iinfo(torch.int32).max).flatten()  # [B (1 + K)]
-    order = torch.argsort(pair_classes, stable=True)
-    pair_classes_local = pair_classes[order]
-    pair_batch_idx = (order // targets.shape[1]).to(torch.int32)
-    pair_grads = (-q[None, :] * grad_scale[:, None]).flatten()[order]
-    tile_starts = torch.arange(weight_config["class_tiles"] + 1, dtype=torch.int32, device=device) * weight_config["block_c"]
-    pair_offsets = torch.searchsorted(pair_classes_local, tile_starts).to(torch.int32)
+    topk_stride = topk_indices.stride(0)
+    strides = (features_n.stride(0), weight.stride(0), grad_losses.stride(0))
 
     grad_weight = torch.empty(shard_classes, dim, dtype=weight.dtype, device=device)
     _shard_backward_weight_kernel[(weight_config["class_tiles"],)](
-        features_n, weight, norms, lse, grad_scale, grad_weight, pair_offsets, pair_batch_idx, pair_classes_local, pair_grads,
-        batch, shard_classes, dim, features_n.stride(0), weight.stride(0), 1.0 / temperature, NORM_EPS,
+        features_n, weight, norms, lse, grad_losses, labels, topk_indices, grad_weight,
+        batch, shard_classes, dim, shard_start, k, *strides, labels.stride(0), topk_stride,
+        1.0 / temperature, target_weight, topk_weight, NORM_EPS,
         BLOCK_B=weight_config["block_b"], BLOCK_C=weight_config["block_c"], BLOCK_D=weight_config["block_d"],
-        BLOCK_P=PAIR_BLOCK, DOT_DTYPE=weight_config["dot_dtype"], INPUT_PRECISION="ieee",
-        num_warps=weight_config["num_warps"])
+        TARGET_BLOCK=TARGET_PRODUCT_BLOCK, ROUND_DTYPE=weight_config["round_dtype"], DOT_DTYPE=weight_config["dot_dtype"],
+        INPUT_PRECISION="ieee", num_warps=weight_config["num_warps"])
 
     # dE_n partials: one slice per class split (softmax part), then the target part.
     splits = features_config["num_splits"]
     partial = torch.empty(splits + 1, batch, dim, dtype=torch.float32, device=device)
     _shard_backward_features_kernel[(features_config["batch_blocks"], splits)](
-        features_n, weight, norms, lse, grad_scale, partial,
-        batch, shard_classes, dim, features_config["classes_per_split"], features_n.stride(0), weight.stride(0),
-        1.0 / temperature, NORM_EPS,
+        features_n, weight, norms, lse, grad_losses, partial,
+        batch, shard_classes, dim, features_config["classes_per_split"], *strides, 1.0 / temperature, NORM_EPS,
         BLOCK_B=features_config["block_b"], BLOCK_C=features_config["block_c"], BLOCK_D=features_config["block_d"],
-        DOT_DTYPE=features_config["dot_dtype"], INPUT_PRECISION="ieee", num_warps=features_config["num_warps"])
+        ROUND_DTYPE=features_config["round_dtype"], DOT_DTYPE=features_config["dot_dtype"], INPUT_PRECISION="ieee",
+        num_warps=features_config["num_warps"])
     _target_rows_kernel[(triton.cdiv(batch, TARGET_BATCH_BLOCK),)](
-        weight, norms, grad_scale, targets, partial[splits],
-        batch, shard_classes, dim, targets.shape[1], weight.stride(0), targets.stride(0), target_weight, topk_weight,
-        NORM_EPS, BLOCK_B=TARGET_BATCH_BLOCK, BLOCK_D=features_config["block_d"])
+        weight, norms, grad_losses, labels, topk_indices, partial[splits],
+        batch, shard_classes, dim, shard_start, k, weight.stride(0), grad_losses.stride(0), labels.stride(0),
+        topk_stride, 1.0 / temperature, target_weight, topk_weight, NORM_EPS,
+        BLOCK_B=TARGET_BATCH_BLOCK, BLOCK_D=features_config["block_d"], ROUND_DTYPE=features_config["round_dtype"])
     return partial.sum(dim=0).to(features_n.dtype), grad_weight

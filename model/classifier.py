@@ -1,18 +1,27 @@
 """The hybrid-parallel one-million-way instance classifier (Liu et al., AAAI 2021, section 3.4).
 
 The backbone is data-parallel; the classifier weight W [N, D] (one row per image) is model-parallel:
-rank r of P owns the rows of the contiguous classes [start_r, stop_r) of a balanced split. One step:
+rank r of P owns the rows of the contiguous classes [start_r, stop_r) of a balanced split. One step
+issues three collectives, each under a stable name (Horovod's response cache then recognises them):
 
-  1. every rank normalizes its features and ALLGATHERS them with their ids, so each rank sees the
-     global batch E [B, D] (B = sum of the ranks' batches, which may differ);
+  1. "classifier.features": every rank normalizes its features, packs them with their ids into one
+     block (kernels.exchange) and sends it to every rank in ONE alltoall, so each rank sees the global
+     batch E [B, D] with its ids (B = sum of the ranks' batches, which may differ: the alltoall also
+     returns every rank's batch size, which the backward needs, without a collective of its own);
   2. each rank scores E against its own classes only and reduces the block to per-sample statistics
      (sum of exp with the fixed shift 1/tau, the target logit if it owns it, its local top-K);
-  3. ONE packed allgather exchanges those statistics; every rank merges them into the exact global
-     logsumexp and top-K (kernels.topk_xent) and so computes the same, bit-identical loss;
-  4. backward: each rank forms softmax - q on its own columns from the merged statistics; dW stays
-     local (never all-reduced) and the partial dE of every rank goes back to the owners of the
-     features with a SUM reduce-scatter (the backward of our allgather). Horovod's own allgather
-     backward averages, which would give 1/P of the gradient.
+     "classifier.stats": ONE packed allgather exchanges them; every rank merges them into the exact
+     global logsumexp and top-K (kernels.exchange) and so computes the same, bit-identical loss;
+  3. backward: each rank forms softmax - q on its own columns from the merged statistics; dW stays
+     local (never all-reduced) and "classifier.grad_features", an alltoall, sends the partial dE of
+     every sample back to the rank that owns it, where the partials are SUMMED (the backward of our
+     gather); Horovod's own allgather backward averages, which would give 1/P of the gradient.
+
+No host synchronisation in the forward or backward (nothing waits for the GPU but the collectives):
+bad input is not checked there but made detectable. An id outside [0, N) makes that sample's loss,
+and so the loss, NaN on every rank, and NaN/Inf features do so by themselves; the trainer checks the
+loss once per step anyway and then calls `check_input()`, which raises the one-line error (ValueError
+for ids, FloatingPointError for features) on every rank together, since it reads the global batch.
 
 Gradient convention: after loss.backward(), features.grad on each rank is d(global mean loss)/d(its
 features) and weight.grad is d(global mean loss)/d(this shard). Backbone gradients therefore have to
@@ -21,7 +30,9 @@ be SUMMED over ranks, not averaged: see `distributed_backbone_optimizer`.
 import horovod.torch as hvd
 import torch
 
-from kernels import reference, seed_rows_, sharded_topk_xent
+from kernels import NormalizedExchange, seed_rows_, shard_ops, sharded_topk_xent_and_stats
+from kernels.reference import normalize_rows
+from model.distributed import default_horovod_environment
 
 INIT_BLOCK_ROWS = 65536  # random init is drawn per block of rows of W, so it does not depend on P
 
@@ -47,25 +58,33 @@ def random_unit_rows(start, stop, dim, seed):
         lo = max(start, block * INIT_BLOCK_ROWS) - block * INIT_BLOCK_ROWS
         hi = min(stop, (block + 1) * INIT_BLOCK_ROWS) - block * INIT_BLOCK_ROWS
         rows.append(block_rows[lo:hi])
-    return reference.normalize_rows(torch.cat(rows)) if rows else torch.empty(0, dim)
+    return normalize_rows(torch.cat(rows)) if rows else torch.empty(0, dim)
 
 
-class _AllgatherSumBackward(torch.autograd.Function):
-    """Allgather along dim 0 whose backward is a SUM reduce-scatter back to the owners."""
+class _AlltoallFeatures:
+    """The features exchange of kernels.NormalizedExchange across the ranks, for one step.
 
-    @staticmethod
-    def forward(ctx, local):  # [b, D] -> [B, D]
-        ctx.sizes = hvd.allgather(torch.tensor([local.shape[0]])).tolist()
-        return hvd.allgather(local)
+    forward: this rank's packed block [P, b, W] (one copy per rank) -> the global block [B, W] in rank
+    order, in ONE alltoall whose received splits are every rank's b; backward: the partial dE_n [B, D]
+    of this rank -> [P, b, D], the partials of this rank's samples from every rank, by the alltoall back.
+    """
 
-    @staticmethod
-    def backward(ctx, grad_global):  # [B, D] partial dE of this rank -> [b, D] summed over ranks
-        received, _ = hvd.alltoall(grad_global.contiguous(), splits=torch.tensor(ctx.sizes, dtype=torch.int32))  # [P * b, D]
-        return received.view(hvd.size(), -1, grad_global.shape[1]).sum(dim=0)
+    def __init__(self, name):
+        self.name, self.copies, self.sizes = name, hvd.size(), None
+
+    def forward(self, packed):
+        copies, batch, width = packed.shape
+        received, self.sizes = hvd.alltoall(packed.view(copies * batch, width), splits=[batch] * copies,
+                                            name=f"classifier.{self.name}")
+        return received
+
+    def backward(self, grad_features_n):
+        received, _ = hvd.alltoall(grad_features_n, splits=self.sizes, name=f"classifier.grad_{self.name}")
+        return received.view(self.copies, -1, grad_features_n.shape[1])
 
 
 def _exchange_stats(packed):  # [B, S] -> [P, B, S], rank order
-    return hvd.allgather(packed).view(hvd.size(), *packed.shape)
+    return hvd.allgather(packed, name="classifier.stats").view(hvd.size(), *packed.shape)
 
 
 class ShardedInstanceClassifier(torch.nn.Module):
@@ -74,9 +93,10 @@ class ShardedInstanceClassifier(torch.nn.Module):
     forward(features [b, dim], ids [b]) -> global-batch mean loss (scalar, identical on every rank).
     smooth_k / smooth_alpha: top-K hardest-class label smoothing (K clamped to N - 1).
     backend: 'auto' (Triton on CUDA, chunked torch on CPU), 'chunked', 'triton' or 'reference'.
-    compute_dtype: dtype of the kernels' inputs (normalized features and a copy of the shard); None means
-    bf16 on CUDA (tensor cores; statistics and accumulation stay fp32) and the parameters' dtype elsewhere.
-    The shard itself and its optimizer state stay in the parameters' dtype.
+    compute_dtype: the dtype the kernels round the products' operands to (normalized features and the
+    shard); None means bf16 on CUDA (tensor cores; statistics and accumulation stay fp32) and the
+    inputs' own dtypes elsewhere. The shard itself, its gradient and its optimizer state stay in the
+    parameters' dtype.
     """
 
     def __init__(self, num_instances, dim, *, temperature=0.15, smooth_k=0, smooth_alpha=0.0,
@@ -89,6 +109,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not hvd.is_initialized():
+            default_horovod_environment()
             hvd.init()
         self.num_instances, self.dim = num_instances, dim
         self.temperature, self.smooth_k, self.smooth_alpha = temperature, smooth_k, smooth_alpha
@@ -97,44 +118,53 @@ class ShardedInstanceClassifier(torch.nn.Module):
         self.weight = torch.nn.Parameter(random_unit_rows(self.start, self.stop, dim, seed))
         self.last_hardest = None  # merged top-K ids [B, K] of the last forward, for monitoring/tests
         self.last_global_rows = 0  # B of the last forward: the samples of all ranks together
+        self._last_input = None  # (features_n, ids) of the global batch, for check_input
 
     def extra_repr(self):
         return (f"instances={self.num_instances}, classes=[{self.start}, {self.stop}), dim={self.dim}, "
                 f"temperature={self.temperature}, smooth_k={self.smooth_k}, smooth_alpha={self.smooth_alpha}")
 
-    def _gather(self, features, ids, differentiable):
-        """Normalized features and ids of the global batch, validated identically on every rank."""
+    def _gather(self, features, ids, name):
+        """Normalized features [B, D] and ids [B] of the global batch (differentiable w.r.t. features)."""
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"features must be [batch, {self.dim}], got {list(features.shape)}")
         if ids.shape != features.shape[:1]:
             raise ValueError(f"ids must be [{features.shape[0]}], got {list(ids.shape)}")
-        # At least fp32 on the wire and in the kernels' inputs: D is small, and Horovod has no bf16.
-        features_n = reference.normalize_rows(features.to(reference.accumulation_dtype(features.dtype)))
-        gathered = _AllgatherSumBackward.apply(features_n) if differentiable else hvd.allgather(features_n)
-        ids = hvd.allgather(ids.long())
-        # Checked on the gathered batch so that every rank raises together instead of hanging.
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_instances):
-            raise ValueError(f"instance ids must be in [0, {self.num_instances}), got range "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
-        if not torch.isfinite(gathered).all():  # FloatingPointError: the trainer names the step
-            raise FloatingPointError("features contain NaN or Inf (on at least one rank)")
-        return gathered, ids.to(gathered.device)
+        ops = shard_ops(self.backend, self.weight.device)
+        return NormalizedExchange.apply(features, ids.to(features.device, non_blocking=True), ops, _AlltoallFeatures(name))
 
     def forward(self, features, ids):
-        features_n, ids = self._gather(features, ids, differentiable=True)
-        self.last_global_rows = len(ids)
-        dtype = self.compute_dtype or (torch.bfloat16 if self.weight.is_cuda else self.weight.dtype)
-        loss, self.last_hardest = sharded_topk_xent(
-            features_n.to(dtype), self.weight.to(dtype), ids, self.start, self.num_instances,
-            temperature=self.temperature, k=self.smooth_k, alpha=self.smooth_alpha, exchange=_exchange_stats,
+        features_n, ids = self._gather(features, ids, "features")
+        compute_dtype = self.compute_dtype or (torch.bfloat16 if self.weight.is_cuda else None)
+        loss, merged = sharded_topk_xent_and_stats(
+            features_n, self.weight, ids, self.start, self.num_instances, temperature=self.temperature,
+            k=self.smooth_k, alpha=self.smooth_alpha, compute_dtype=compute_dtype, exchange_stats=_exchange_stats,
             backend=self.backend)
+        self.last_hardest, self.last_global_rows = merged.hardest, len(ids)
+        self._last_input = (features_n.detach(), ids)
         return loss
+
+    def check_input(self):
+        """Raise the one-line error for bad input to the last forward, if it had any: ValueError for ids
+        outside [0, num_instances), FloatingPointError for NaN/Inf features (on any rank). Every rank
+        raises the same, as it reads the global batch. Reads the device (one host sync): call it where
+        the loss was found non-finite, which bad input guarantees."""
+        if self._last_input is not None:
+            self._validate(*self._last_input)
+
+    def _validate(self, features_n, ids):
+        if ids.numel() and bool(((ids < 0) | (ids >= self.num_instances)).any()):
+            raise ValueError(f"instance ids must be in [0, {self.num_instances}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        if not bool(torch.isfinite(features_n).all()):  # FloatingPointError: the trainer names the step
+            raise FloatingPointError("features contain NaN or Inf (on at least one rank)")
 
     @torch.no_grad()
     def seed_(self, features, ids):
         """Raw-feature init: the rows of this shard's classes whose ids are in the global batch := normalized
-        features."""
-        features_n, ids = self._gather(features, ids, differentiable=False)
+        features. Bad input raises here (seeding is not the training step: the host check is cheap)."""
+        features_n, ids = self._gather(features, ids, "seed_features")
+        self._validate(features_n, ids)
         # Seeding has Triton and torch versions only: the chunked loss backend seeds with torch.
         backend = self.backend if self.backend in ("auto", "triton") else "reference"
         return seed_rows_(self.weight.data, features_n, ids, self.start, backend=backend)

@@ -5,8 +5,9 @@ Nothing is allocated: the classifier is sized by formula and the backbone by tra
 batch b, global batch B = P b, N instances, feature dim D, top-K K, C = ceil(N / P) rows per shard.
 
 Communication is counted as the bytes one rank RECEIVES per step (what the wire must carry into it):
-  hybrid:     allgather of sizes (P-1) 8 + features (B-b) D 4 + ids (B-b) 8
-              + packed fp32 stats (P-1) B (2+2K) 4 + the dE reduce-scatter (alltoall) (P-1) b D 4
+  hybrid:     features with their ids, one alltoall (B-b) W 4 (W = D rounded up to even + 2 columns
+              holding the int64 id, kernels.exchange) + packed fp32 stats (P-1) B (2+2K') 4 with
+              K' = max(K, 1) + the dE reduce-scatter (alltoall) (P-1) b D 4
   replicated: ring allreduce of dW, 2 (P-1)/P N D 4 (every rank holds all of W, PIC-style)
 The backbone's gradient allreduce, 2 (P-1)/P |theta| 4, is the same in both layouts.
 tests/test_plan.py checks these formulas against the bytes that pass through Horovod in real runs.
@@ -15,16 +16,17 @@ import math
 
 import torch
 
+from kernels.exchange import packed_width
 from model.head import ProjectionHead
 from model.resnet import build_backbone
 
-FLOAT, LONG, STATS = 4, 8, 4  # bytes: fp32 weights/activations, int64 ids, fp32 packed statistics
+FLOAT, STATS = 4, 4  # bytes: fp32 weights/activations (and packed features), fp32 packed statistics
 
 
 def hybrid_received_bytes(num_ranks, batch_per_rank, dim, k):
     P, b, D = num_ranks, batch_per_rank, dim
     B = P * b
-    return (P - 1) * LONG + (B - b) * D * FLOAT + (B - b) * LONG + (P - 1) * B * (2 + 2 * k) * STATS \
+    return (B - b) * packed_width(D, torch.float32) * FLOAT + (P - 1) * B * (2 + 2 * max(k, 1)) * STATS \
         + (P - 1) * b * D * FLOAT
 
 
@@ -61,7 +63,7 @@ def plan(*, instances, gpus, batch_size, feat_dim, k, arch="resnet50", small_ste
         ("classifier weight", C * D * FLOAT, N * D * FLOAT),
         ("classifier grad + momentum", 2 * C * D * FLOAT, 2 * N * D * FLOAT),
         # Fused kernels in both layouts: features (+ their grad) and per-row statistics, never logits.
-        ("classifier step activations", 2 * B * D * FLOAT + P * B * (2 + 2 * k) * STATS,
+        ("classifier step activations", 2 * B * D * FLOAT + P * B * (2 + 2 * max(k, 1)) * STATS,
          2 * b * D * FLOAT + b * (2 + 2 * k) * STATS),
         ("backbone+head weights, grad, momentum", backbone_state, backbone_state),
         ("backbone+head activations (fp32)", activations, activations),

@@ -1,4 +1,6 @@
 """The hybrid-parallel classifier against the float64 single-process oracle, in real Horovod jobs."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,9 +111,9 @@ def test_merge_of_simulated_shards_is_exact():
     features, weight, labels = make_problem(case)
     features_n = reference.normalize_rows(features)
     bounds = [0, 3, 15, 23]
-    gathered = torch.stack([pack_shard_stats(*reference.shard_forward_stats(
-        features_n, weight[a:b], labels, a, temperature=0.1, k=5), 23) for a, b in zip(bounds, bounds[1:])])
-    merged = merge_shard_stats(gathered, 5, 0.1)
+    gathered = torch.stack([reference.shard_forward_stats(features_n, weight[a:b], labels, a, temperature=0.1, k=5)
+                            for a, b in zip(bounds, bounds[1:])])
+    merged = merge_shard_stats(gathered, labels, num_classes=23, k=5, temperature=0.1, alpha=0.2)
     logits = features_n @ reference.normalize_rows(weight).T / 0.1
     assert relative_error(merged.lse, torch.logsumexp(logits, 1)) < 1e-14
     assert torch.equal(merged.topk_indices, reference.hardest_classes(logits, labels, 5))
@@ -134,18 +136,43 @@ def test_random_init_does_not_depend_on_sharding():
 
 
 @pytest.mark.parametrize("features,ids,message", [
-    (torch.randn(4, 16), torch.tensor([0, 1, 2, 1001]), "instance ids must be in [0, 1001)"),
-    (torch.randn(4, 16), torch.tensor([0, -1, 2, 3]), "instance ids must be in [0, 1001)"),
     (torch.randn(4, 9), torch.tensor([0, 1, 2, 3]), "features must be [batch, 16]"),
-    (torch.tensor([[float("nan")] * 16] * 4), torch.tensor([0, 1, 2, 3]), "features contain NaN or Inf"),
-    (torch.tensor([[float("inf")] * 16] * 4), torch.tensor([0, 1, 2, 3]), "features contain NaN or Inf"),
     (torch.randn(4, 16), torch.tensor([0, 1, 2]), "ids must be [4]"),
 ])
-def test_bad_input_is_a_clear_error(features, ids, message):
+def test_bad_shapes_are_a_clear_error(features, ids, message):
     from model.classifier import ShardedInstanceClassifier
     classifier = ShardedInstanceClassifier(1001, 16)
-    with pytest.raises((ValueError, FloatingPointError), match=message.replace("[", r"\[").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         classifier(features, ids)
+
+
+@pytest.mark.parametrize("features,ids,error,message", [
+    (torch.randn(4, 16), torch.tensor([0, 1, 2, 1001]), ValueError, "instance ids must be in [0, 1001), got range [0, 1001]"),
+    (torch.randn(4, 16), torch.tensor([0, -1, 2, 3]), ValueError, "instance ids must be in [0, 1001), got range [-1, 3]"),
+    (torch.tensor([[float("nan")] * 16] * 4), torch.tensor([0, 1, 2, 3]), FloatingPointError, "features contain NaN or Inf"),
+    (torch.tensor([[float("inf")] * 16] * 4), torch.tensor([0, 1, 2, 3]), FloatingPointError, "features contain NaN or Inf"),
+])
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf in the interpreter
+def test_bad_input_makes_the_loss_nan_and_check_input_names_it(features, ids, error, message, backend):
+    """No host check in the forward: the loss is NaN (on every rank: it is computed from the global batch),
+    and check_input raises the one-line error. Good input passes check_input."""
+    from model.classifier import ShardedInstanceClassifier
+    classifier = ShardedInstanceClassifier(1001, 16, smooth_k=5, smooth_alpha=0.2, backend=backend)
+    loss = classifier(features, ids)
+    assert torch.isnan(loss)
+    with pytest.raises(error, match=re.escape(message)):
+        classifier.check_input()
+    good = classifier(torch.randn(4, 16), torch.tensor([0, 1, 2, 1000]))
+    assert torch.isfinite(good)
+    classifier.check_input()
+
+
+def test_seed_rejects_bad_ids_at_once():
+    from model.classifier import ShardedInstanceClassifier
+    classifier = ShardedInstanceClassifier(1001, 16)
+    with pytest.raises(ValueError, match=r"instance ids must be in \[0, 1001\)"):
+        classifier.seed_(torch.randn(2, 16), torch.tensor([5, 1001]))
 
 
 def test_bf16_compute_dtype_keeps_fp32_parameters_and_gradients():

@@ -1,5 +1,7 @@
 """Worker: the sharded classifier on the shared float32 cases with each kernel backend; every rank
-saves what it computed (compared across backends by tests/test_kernels_classifier.py).
+saves what it computed (compared across backends by tests/test_kernels_classifier.py), then counts what
+one more Triton step launches, and last runs a few unnamed collectives (a control for the test that
+Horovod's response cache does not evict under the classifier's own, named, collectives).
 
 Usage: python kernels_classifier.py OUT_DIR BACKEND [BACKEND ...]   (under horovodrun)
 """
@@ -8,6 +10,7 @@ import sys
 import horovod.torch as hvd
 import torch
 
+from kernels.launches import LaunchCounter
 from model.classifier import ShardedInstanceClassifier
 from tests.classifier_problems import CASES, batch_slice, make_problem
 
@@ -26,4 +29,14 @@ for backend in backends:
         loss.backward()
         results[(backend, name)] = {"loss": loss.detach(), "features_grad": local_features.grad,
                                     "weight_grad": classifier.weight.grad, "hardest": classifier.last_hardest}
+
+# One more step of the last Triton classifier, with fresh gradients as after optimizer.zero_grad().
+classifier.weight.grad = local_features.grad = None
+with LaunchCounter() as counted:
+    classifier(local_features, labels[batch_slice(case["batch"], hvd.rank(), hvd.size())]).backward()
+results["counted"] = {"launches": counted.launches, "collectives": counted.collectives, "syncs": counted.syncs}
+
+print("unnamed control", file=sys.stderr, flush=True)
+for _ in range(8):
+    hvd.allgather(torch.zeros(1))
 torch.save(results, f"{out_dir}/rank{hvd.rank()}.pt")
