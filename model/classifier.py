@@ -27,6 +27,8 @@ Gradient convention: after loss.backward(), features.grad on each rank is d(glob
 features) and weight.grad is d(global mean loss)/d(this shard). Backbone gradients therefore have to
 be SUMMED over ranks, not averaged: see `distributed_backbone_optimizer`.
 """
+from types import SimpleNamespace
+
 import horovod.torch as hvd
 import torch
 
@@ -97,6 +99,11 @@ class ShardedInstanceClassifier(torch.nn.Module):
     shard); None means bf16 on CUDA (tensor cores; statistics and accumulation stay fp32) and the
     inputs' own dtypes elsewhere. The shard itself, its gradient and its optimizer state stay in the
     parameters' dtype.
+
+    After a forward, `last_diagnostics` holds per sample of the GLOBAL batch (tensors on the device, no
+    host sync; rank order): ids, own_probability = exp(z_{i,y_i} - lse_i), own_is_top1 (bool: the
+    image's own class is the classifier's top-1, ties to the lower id as in an argmax), hardest (the
+    merged top-K ids [B, K], also `last_hardest`).
     """
 
     def __init__(self, num_instances, dim, *, temperature=0.15, smooth_k=0, smooth_alpha=0.0,
@@ -116,6 +123,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
         self.backend, self.compute_dtype = backend, compute_dtype
         self.start, self.stop = shard_rows(num_instances, hvd.size(), hvd.rank())
         self.weight = torch.nn.Parameter(random_unit_rows(self.start, self.stop, dim, seed))
+        self.last_diagnostics = None
         self.last_hardest = None  # merged top-K ids [B, K] of the last forward, for monitoring/tests
         self.last_global_rows = 0  # B of the last forward: the samples of all ranks together
         self._last_input = None  # (features_n, ids) of the global batch, for check_input
@@ -140,6 +148,8 @@ class ShardedInstanceClassifier(torch.nn.Module):
             features_n, self.weight, ids, self.start, self.num_instances, temperature=self.temperature,
             k=self.smooth_k, alpha=self.smooth_alpha, compute_dtype=compute_dtype, exchange_stats=_exchange_stats,
             backend=self.backend)
+        self.last_diagnostics = SimpleNamespace(ids=ids, own_probability=merged.own_probability,
+                                                own_is_top1=merged.own_is_top1, hardest=merged.hardest)
         self.last_hardest, self.last_global_rows = merged.hardest, len(ids)
         self._last_input = (features_n.detach(), ids)
         return loss

@@ -14,11 +14,14 @@ SGD_STEP = dict(instances=50, dim=8, lr=0.5,
 
 
 def make_problem(case, seed=0):
-    """Global float64 features [B, D], weight [N, D] and labels [B] (distinct ids, as in an epoch)."""
+    """Global float64 features [B, D], weight [N, D] and labels [B] (distinct ids, as in an epoch). Every
+    other sample's own row is its feature (as after the raw-feature init), so that the own class is the
+    top-1 for some samples and not for others."""
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(case["batch"], case["dim"], dtype=torch.float64, generator=generator)
     weight = torch.randn(case["instances"], case["dim"], dtype=torch.float64, generator=generator)
     labels = torch.randperm(case["instances"], generator=generator)[:case["batch"]]
+    weight[labels[::2]] = features[::2]
     return features, weight, labels
 
 

@@ -57,6 +57,24 @@ def test_merged_topk_equals_dense_topk(ranks, backend):
         assert torch.equal(rank[(backend, "smooth")]["hardest"], expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_diagnostics_match_the_dense_oracle(ranks, name, backend):
+    """Per sample of the global batch, on every rank: its id, exp(z_{i,y_i} - lse_i), whether its own class
+    is the argmax, and the merged top-K ids, against the float64 logits."""
+    case = CASES[name]
+    features, weight, labels = make_problem(case)
+    logits = F.normalize(features) @ F.normalize(weight).T / case["temperature"]
+    hardest = reference.hardest_classes(logits, labels, reference.effective_k(case["k"], case["instances"]))
+    for rank in ranks:
+        diagnostics = rank[(backend, name)]["diagnostics"]
+        assert torch.equal(diagnostics["ids"], labels)
+        assert relative_error(diagnostics["own_probability"], torch.softmax(logits, 1).gather(1, labels[:, None])[:, 0]) < 1e-12
+        assert torch.equal(diagnostics["own_is_top1"], logits.argmax(dim=1) == labels)
+        assert torch.equal(diagnostics["hardest"], hardest)
+    assert diagnostics["own_is_top1"].any() and not diagnostics["own_is_top1"].all()
+
+
 def test_k_zero_and_alpha_zero_are_cross_entropy():
     for name in ["plain_k0", "plain_alpha0"]:
         case = CASES[name]

@@ -46,6 +46,9 @@ def test_classifier_with_kernels_equals_reference_path(job, name, backend):
         assert torch.equal(got["hardest"], want["hardest"])
         for key in ("loss", "features_grad", "weight_grad"):
             assert relative_error(got[key], want[key].double()) < 1e-5, key
+        for key in ("ids", "own_is_top1", "hardest"):
+            assert torch.equal(got["diagnostics"][key], want["diagnostics"][key]), key
+        assert relative_error(got["diagnostics"]["own_probability"], want["diagnostics"]["own_probability"]) < 1e-5
 
 
 def test_triton_step_has_three_named_collectives_few_launches_and_no_host_sync(job):

@@ -31,7 +31,7 @@ for backend in backends:
         results[(backend, name)] = {
             "start": classifier.start, "stop": classifier.stop, "loss": loss.detach(),
             "features_grad": local_features.grad, "weight_grad": classifier.weight.grad,
-            "hardest": classifier.last_hardest}
+            "hardest": classifier.last_hardest, "diagnostics": vars(classifier.last_diagnostics)}
 
 # seed_: a batch with one duplicated id; rows not in the batch must stay untouched.
 case = CASES["smooth"]

@@ -28,7 +28,8 @@ for backend in backends:
         loss = classifier(local_features, labels[batch_slice(case["batch"], hvd.rank(), hvd.size())])
         loss.backward()
         results[(backend, name)] = {"loss": loss.detach(), "features_grad": local_features.grad,
-                                    "weight_grad": classifier.weight.grad, "hardest": classifier.last_hardest}
+                                    "weight_grad": classifier.weight.grad, "hardest": classifier.last_hardest,
+                                    "diagnostics": vars(classifier.last_diagnostics)}
 
 # One more step of the last Triton classifier, with fresh gradients as after optimizer.zero_grad().
 classifier.weight.grad = local_features.grad = None
