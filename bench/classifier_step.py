@@ -1,20 +1,30 @@
-"""The paper's point, measured: one classifier step, hybrid-parallel (sharded W) vs replicated W.
+"""The classifier step, measured: hybrid-parallel vs replicated W, and what one step costs beyond its math.
 
-    .venv/bin/python bench/classifier_step.py            # runs every configuration, prints a table
-    .venv/bin/python bench/classifier_step.py --np 2 --instances 100000 1281167
+    .venv/bin/python bench/classifier_step.py layouts            # hybrid vs replicated, P = 2 ranks, a table
+    .venv/bin/python bench/classifier_step.py layouts --np 2 --instances 100000 1281167
+    .venv/bin/python bench/classifier_step.py overhead           # CPU, P = 2: ms, launches, collectives, syncs
+    .venv/bin/python bench/classifier_step.py overhead --backend triton   # launch count of the Triton path
+    python bench/classifier_step.py cuda                          # one GPU, P = 1: B = 128, C = 20,019 and 1,281,167
 
-Each configuration is its own `horovodrun --gloo -np P` job (so peak RSS is per configuration).
+layouts: each configuration is its own `horovodrun --gloo -np P` job (so peak RSS is per configuration).
 One step = forward + backward + SGD-momentum update of the classifier from given features [b, D]:
-  hybrid:     ShardedInstanceClassifier (each rank C = N/P rows, global batch, packed stats exchange)
+  hybrid:     ShardedInstanceClassifier (each rank C = N/P classes, global batch, packed stats exchange)
   replicated: every rank holds all of W, scores its own batch, and hvd.DistributedOptimizer
               all-reduces dW [N, D] (PIC-style baseline).
 Both use the same local kernels (backend flag). Communicated bytes come from model.plan's formulas
 (checked against real traffic in tests/test_plan.py).
+
+overhead / cuda: one step = the classifier's forward + backward from given features [b, D] (what the
+trainer adds to its backbone step). Launches, collectives and host syncs of one step are counted by
+kernels.launches.LaunchCounter (aten ops + Triton launches: a proxy that runs on any machine); on CUDA
+the profiler also counts the GPU kernels that really ran (NCCL's excluded). Time: median over --steps
+steps after warm-up, the slower rank; CUDA times with the GPU synchronised after each step.
 """
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,25 +37,38 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--np", type=int, default=2, help="Horovod ranks (default: 2)")
-parser.add_argument("--instances", type=int, nargs="+", default=[10_000, 100_000, 1_281_167],
-                    help="classifier rows N (default: 10000 100000 1281167)")
-parser.add_argument("--batch-size", type=int, default=128, help="samples PER RANK (default: 128)")
+parser.add_argument("mode", nargs="?", choices=["layouts", "overhead", "cuda"], default="layouts",
+                    help="what to measure (default: layouts)")
+parser.add_argument("--np", type=int, default=2, help="Horovod ranks of the CPU modes (default: 2)")
+parser.add_argument("--instances", type=int, nargs="+", default=None,
+                    help="classifier rows N (default: 10000 100000 1281167 layouts; 10000 overhead; "
+                         "20019 1281167 cuda)")
+parser.add_argument("--batch-size", type=int, default=None,
+                    help="samples PER RANK (default: 128; 64 overhead)")
 parser.add_argument("--dim", type=int, default=128, help="feature dim D (default: 128)")
 parser.add_argument("--k", type=int, default=5, help="top-K smoothing classes (default: 5)")
-parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (default: 3)")
+parser.add_argument("--steps", type=int, default=None,
+                    help="timed steps after the warm-up, median reported (default: 3 layouts, 20 overhead, 100 cuda)")
 parser.add_argument("--backend", default="auto", help="kernel backend (default: auto)")
-parser.add_argument("--worker", choices=["hybrid", "replicated"], help=argparse.SUPPRESS)
+parser.add_argument("--worker", choices=["hybrid", "replicated", "overhead"], help=argparse.SUPPRESS)
 parser.add_argument("--result", help=argparse.SUPPRESS)
-args = parser.parse_args()
+DEFAULTS = {"layouts": ([10_000, 100_000, 1_281_167], 128, 3), "overhead": ([10_000], 64, 20),
+            "cuda": ([20_019, 1_281_167], 128, 100)}
 
 
-def run_worker(layout, instances):
+def init_horovod():
     import horovod.torch as hvd
+    from model.distributed import default_horovod_environment
+    default_horovod_environment()
+    hvd.init()
+    return hvd
+
+
+def run_layout_worker(layout, instances):
     from kernels import topk_smoothed_xent
     from model.classifier import ShardedInstanceClassifier
 
-    hvd.init()
+    hvd = init_horovod()
     generator = torch.Generator().manual_seed(hvd.rank())
     if layout == "hybrid":
         classifier = ShardedInstanceClassifier(instances, args.dim, smooth_k=args.k, smooth_alpha=0.2,
@@ -64,31 +87,80 @@ def run_worker(layout, instances):
     for step in range(args.steps + 1):
         features = torch.randn(args.batch_size, args.dim, generator=generator, requires_grad=True)
         ids = torch.randint(0, instances, (args.batch_size,), generator=generator)
-        hvd.allreduce(torch.zeros(1), name=f"sync{step}")  # start the clock together
+        hvd.allreduce(torch.zeros(1), name="bench.sync")  # start the clock together
         start = time.perf_counter()
         optimizer.zero_grad()
         loss_of(features, ids).backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peaks = hvd.allgather(torch.tensor([peak_rss])).tolist()
-    step_ms = hvd.allreduce(torch.tensor(sorted(times[1:])[len(times[1:]) // 2] * 1e3), op=hvd.Max).item()
+    peaks = hvd.allgather(torch.tensor([peak_rss]), name="bench.peak_rss").tolist()
+    step_ms = hvd.allreduce(torch.tensor(statistics.median(times[1:]) * 1e3), op=hvd.Max, name="bench.ms").item()
     if hvd.rank() == 0:
         Path(args.result).write_text(json.dumps({"step_ms": step_ms, "peak_rss_per_rank": peaks}))
 
 
-def launch(layout, instances):
+def random_batch(instances, device, generator):
+    """This rank's features [b, D] (a leaf, as a backbone's output would be) and distinct ids [b]."""
+    features = torch.randn(args.batch_size, args.dim, generator=generator).to(device).requires_grad_(True)
+    return features, torch.randperm(instances, generator=generator)[:args.batch_size].to(device)
+
+
+def classifier_step(classifier, features, ids):
+    """One forward + backward of the classifier, from fresh gradients (as after optimizer.zero_grad())."""
+    classifier.weight.grad = None
+    classifier(features, ids).backward()
+
+
+def time_and_count(classifier, instances, device, synchronize, seed):
+    """Wall ms of --steps classifier steps after one warm-up step (each started after `synchronize` and
+    ended by it), and a LaunchCounter of one more step."""
+    from kernels.launches import LaunchCounter
+
+    generator = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(args.steps + 1):
+        batch = random_batch(instances, device, generator)
+        synchronize()
+        start = time.perf_counter()
+        classifier_step(classifier, *batch)
+        synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    batch = random_batch(instances, device, generator)
+    with LaunchCounter() as counted:
+        classifier_step(classifier, *batch)
+    return statistics.median(times[1:]), counted
+
+
+def run_overhead_worker(instances):
+    from model.classifier import ShardedInstanceClassifier
+
+    hvd = init_horovod()
+    classifier = ShardedInstanceClassifier(instances, args.dim, smooth_k=args.k, smooth_alpha=0.2, backend=args.backend)
+    milliseconds, counted = time_and_count(classifier, instances, torch.device("cpu"), seed=hvd.rank(),
+                                           synchronize=lambda: hvd.allreduce(torch.zeros(1), name="bench.sync"))
+    step_ms = hvd.allreduce(torch.tensor(milliseconds), op=hvd.Max, name="bench.ms").item()
+    if hvd.rank() == 0:
+        Path(args.result).write_text(json.dumps({
+            "step_ms": step_ms, "launches": len(counted.launches), "collectives": counted.collectives,
+            "syncs": counted.syncs}))
+
+
+def launch(worker, instances):
     result = Path(tempfile.mkdtemp()) / "result.json"
     command = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(args.np),
-               "-H", f"localhost:{args.np}", sys.executable, __file__, "--worker", layout,
+               "-H", f"localhost:{args.np}", sys.executable, __file__, args.mode, "--worker", worker,
                "--np", str(args.np), "--instances", str(instances), "--batch-size", str(args.batch_size),
-               "--dim", str(args.dim), "--k", str(args.k), "--steps", str(args.steps), "--backend", args.backend, "--result", str(result)]
+               "--dim", str(args.dim), "--k", str(args.k), "--steps", str(args.steps), "--backend", args.backend,
+               "--result", str(result)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // args.np))}
+    if args.backend == "triton" and not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(result.read_text())
 
 
-def main():
+def layouts():
     from model.plan import hybrid_received_bytes, ring_allreduce_received_bytes
 
     print(f"P = {args.np}, batch {args.batch_size}/rank (global {args.np * args.batch_size}), D = {args.dim}, "
@@ -106,5 +178,60 @@ def main():
               f"{max(replicated['peak_rss_per_rank']) / 2**20:.0f} |", flush=True)
 
 
+def overhead():
+    print(f"Classifier forward + backward on CPU: P = {args.np}, batch {args.batch_size}/rank, D = {args.dim}, "
+          f"K = {args.k}, backend {args.backend}{' (Triton interpreter)' if args.backend == 'triton' else ''}, "
+          f"median of {args.steps} steps (slower rank)")
+    print("| N | ms/step | launches/step | collectives/step | host syncs/step |")
+    print("|---|---|---|---|---|")
+    for instances in args.instances:
+        result = launch("overhead", instances)
+        print(f"| {instances:,} | {result['step_ms']:.2f} | {result['launches']} | "
+              f"{len(result['collectives'])}: {', '.join(result['collectives'])} | "
+              f"{len(result['syncs'])}{': ' + ', '.join(result['syncs']) if result['syncs'] else ''} |", flush=True)
+
+
+def cuda():
+    """P = 1 on one GPU: the classifier step alone at the ImageNet shapes of one rank."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.classifier import ShardedInstanceClassifier
+
+    if not torch.cuda.is_available():
+        sys.exit("cuda mode needs a GPU (the CPU figures come from the overhead mode)")
+    hvd = init_horovod()
+    device = torch.device("cuda", hvd.local_rank())
+    torch.cuda.set_device(device)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+          f"Horovod size {hvd.size()}, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')} ms; "
+          f"B = {args.batch_size}, D = {args.dim}, K = {args.k}, backend {args.backend}, bf16 kernel inputs, "
+          f"median of {args.steps} steps")
+    print("| C | ms/step | GPU kernels/step (profiler) | launches/step (counter) | collectives/step | host syncs/step |")
+    print("|---|---|---|---|---|---|")
+    for instances in args.instances:
+        classifier = ShardedInstanceClassifier(instances, args.dim, smooth_k=args.k, smooth_alpha=0.2,
+                                               backend=args.backend).to(device)
+        milliseconds, counted = time_and_count(classifier, instances, device, torch.cuda.synchronize, seed=0)
+        batch = random_batch(instances, device, torch.Generator().manual_seed(1))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+            classifier_step(classifier, *batch)
+            torch.cuda.synchronize()
+        kernels = [event for event in profiled.events() if event.device_type == torch.autograd.DeviceType.CUDA
+                   and not any(word in event.name.lower() for word in ("nccl", "memcpy", "memset"))]
+        print(f"| {instances:,} | {milliseconds:.3f} | {len(kernels)} | {len(counted.launches)} | "
+              f"{len(counted.collectives)} | {len(counted.syncs)} |", flush=True)
+
+
 if __name__ == "__main__":
-    run_worker(args.worker, args.instances[0]) if args.worker else main()
+    args = parser.parse_args()
+    defaults = DEFAULTS[args.mode]
+    args.instances = args.instances or defaults[0]
+    args.batch_size = args.batch_size or defaults[1]
+    args.steps = args.steps or defaults[2]
+    if args.worker in ("hybrid", "replicated"):
+        run_layout_worker(args.worker, args.instances[0])
+    elif args.worker == "overhead":
+        run_overhead_worker(args.instances[0])
+    else:
+        {"layouts": layouts, "overhead": overhead, "cuda": cuda}[args.mode]()

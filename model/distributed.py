@@ -12,19 +12,22 @@ import torch
 # default cycle and 0.16 ms at 0.1 ms, and the classifier step 7.9 ms vs 4.05 ms. At 0.1 ms the wait is
 # at most 0.1 of those 0.16 ms, so a shorter cycle could save little more and would wake the thread more
 # often; a longer one fuses more of the backbone's gradient all-reduces per cycle, which this step does
-# not need (they are large enough to run at full bandwidth on their own).
-DEFAULT_CYCLE_TIME_MS = "0.1"
+# not need (they are large enough to run at full bandwidth on their own). On CPU ranks (gloo) a step
+# takes tens of milliseconds or more and the cycle is lost in it: there Horovod's own default stays (on
+# the 2-core development VM, P = 2, bench/RESULTS.md, 0.1 ms made no difference beyond the noise).
+GPU_CYCLE_TIME_MS = "0.1"
 
 
 def default_horovod_environment():
     """Set Horovod's settings this workload needs where the user has not set them; call before hvd.init().
 
-    HOROVOD_CYCLE_TIME (ms): DEFAULT_CYCLE_TIME_MS (see there: the classifier's collectives are small and
-    on the critical path, so latency matters more than fusing). Returns {variable: value} of what it set.
+    HOROVOD_CYCLE_TIME (ms): GPU_CYCLE_TIME_MS when the ranks train on GPUs (see there: the classifier's
+    collectives are small and on the critical path, so latency matters more than fusing). Returns
+    {variable: value} of what it set.
     """
     chosen = {}
-    if "HOROVOD_CYCLE_TIME" not in os.environ:
-        chosen["HOROVOD_CYCLE_TIME"] = os.environ["HOROVOD_CYCLE_TIME"] = DEFAULT_CYCLE_TIME_MS
+    if "HOROVOD_CYCLE_TIME" not in os.environ and torch.cuda.is_available():
+        chosen["HOROVOD_CYCLE_TIME"] = os.environ["HOROVOD_CYCLE_TIME"] = GPU_CYCLE_TIME_MS
     return chosen
 
 

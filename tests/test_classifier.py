@@ -1,4 +1,5 @@
 """The hybrid-parallel classifier against the float64 single-process oracle, in real Horovod jobs."""
+import os
 import re
 
 import pytest
@@ -211,3 +212,17 @@ def test_bf16_compute_dtype_keeps_fp32_parameters_and_gradients():
     assert relative_error(loss.detach().double(), expected_loss) < 2e-2
     assert relative_error(local_features.grad.double(), expected_features_grad) < 2e-2
     assert relative_error(classifier.weight.grad.double(), expected_weight_grad) < 2e-2
+
+
+@pytest.mark.parametrize("cuda,user_value,expected", [(True, None, "0.1"), (True, "2", "2"), (False, None, None)])
+def test_default_horovod_environment(monkeypatch, cuda, user_value, expected):
+    """HOROVOD_CYCLE_TIME = 0.1 ms for GPU ranks unless the user chose one; CPU ranks keep Horovod's default."""
+    from model.distributed import default_horovod_environment
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if user_value is None:
+        monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    else:
+        monkeypatch.setenv("HOROVOD_CYCLE_TIME", user_value)
+    chosen = default_horovod_environment()
+    assert os.environ.get("HOROVOD_CYCLE_TIME") == expected
+    assert chosen == ({"HOROVOD_CYCLE_TIME": "0.1"} if cuda and user_value is None else {})
