@@ -28,8 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from kernels import reference, seed_rows_, sharded_topk_xent, topk_smoothed_xent  # noqa: E402
-from kernels.reference import relative_error  # noqa: E402
-from kernels.topk_xent import smoothed_losses  # noqa: E402
+from kernels.reference import relative_error, smoothed_losses  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("mode", choices=["cpu", "gpu", "compile"])
@@ -231,7 +230,7 @@ def float64_oracle(features, weight, labels, *, temperature, k, alpha):
 def oracle_at_ids(oracle, hardest):
     """The float64 loss on the kernel's operands with the hardest-class set GIVEN (hardest [B, K])
     instead of chosen, and its gradients w.r.t. the raw features and weight: the formula of
-    kernels.reference.topk_smoothed_xent (kernels.topk_xent.smoothed_losses) with T_i = hardest_i.
+    kernels.reference.topk_smoothed_xent (kernels.reference.smoothed_losses) with T_i = hardest_i.
     Returns a namespace of loss and parts: for "dE" [B, D] and "dW" [N, D], the softmax part (gradient
     of mean_i lse_i) and the target part (of -mean_i sum_j q_ij z_ij), which add up to the gradient."""
     features, weight = oracle.features.clone().requires_grad_(True), oracle.weight.clone().requires_grad_(True)
@@ -458,9 +457,10 @@ def gpu_check(args):
 
 def capture_launches(dtype, k):
     """Run the launchers on CPU tensors with every kernel's launch replaced by a recorder."""
-    from kernels import triton_seed, triton_topk_xent
+    from kernels import triton_exchange, triton_seed, triton_topk_xent
     kernels = [triton_topk_xent._row_norms_kernel, triton_topk_xent._shard_forward_kernel, triton_topk_xent._target_rows_kernel, triton_topk_xent._shard_backward_weight_kernel,
-               triton_topk_xent._shard_backward_features_kernel, triton_seed._seed_rows_kernel]
+               triton_topk_xent._shard_backward_features_kernel, triton_seed._seed_rows_kernel,
+               triton_exchange._merge_splits_kernel]
     launches = []
     for kernel in kernels:
         kernel.run = lambda *args, grid, warmup, kernel=kernel, **kwargs: launches.append((kernel, args, kwargs))

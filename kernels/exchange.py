@@ -26,7 +26,8 @@ from types import SimpleNamespace
 
 import torch
 
-from kernels.reference import accumulation_dtype, normalize_backward, normalize_rows, select_topk, stats_ids
+from kernels.reference import (accumulation_dtype, normalize_backward, normalize_rows, select_topk, smoothed_losses,
+                               stats_ids)
 
 
 def packed_width(dim, dtype):
@@ -80,9 +81,7 @@ def merge_shard_stats(gathered, labels, *, num_classes, k, temperature, alpha):
     values = gathered[:, :, 2:2 + candidates].permute(1, 0, 2).reshape(batch, -1)  # [B, P K']
     indices = stats_ids(gathered, candidates).permute(1, 0, 2).reshape(batch, -1).long()
     topk_values, topk_indices = select_topk(values, indices, candidates)
-    losses = lse - (1.0 - alpha) * target_logit
-    if k > 0:
-        losses = losses - alpha * topk_values[:, :k].mean(dim=1)
+    losses = smoothed_losses(SimpleNamespace(lse=lse, target_logit=target_logit, topk_values=topk_values[:, :k]), alpha)
     bad_label = (labels < 0) | (labels >= num_classes)
     best_other, best_other_id = topk_values[:, 0], topk_indices[:, 0]
     return SimpleNamespace(

@@ -98,6 +98,15 @@ def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha):
     return loss.mean()
 
 
+def smoothed_losses(stats, alpha):
+    """loss_i = lse_i - (1 - alpha) z_{i,y_i} - alpha/K sum_{j in T_i} z_ij from per-sample statistics: a
+    namespace of lse [B], target_logit [B] and topk_values [B, K] (the logits of the K smoothing classes)."""
+    losses = stats.lse - (1.0 - alpha) * stats.target_logit
+    if stats.topk_values.shape[1] > 0:
+        losses = losses - alpha * stats.topk_values.mean(dim=1)
+    return losses
+
+
 def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature, k, compute_dtype=None):
     """Local statistics of one shard of classes, for the exact cross-rank merge, packed for the exchange.
 
