@@ -34,7 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from data.builtin import builtin_dataset
 from data.index import InstanceIndex, build_index
-from data.loaders import eval_loader, is_synthetic, pretrain_loader
+from data.loaders import is_synthetic, pretrain_loader
 from model.checkpoint import load_state, resolve_checkpoint, restore_checkpoint, save_checkpoint
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
 from model.distributed import average_batchnorm_statistics, barrier, setup_device
@@ -42,6 +42,7 @@ from model.encoder import build_encoder, embed
 from model.errors import UsageError
 from model.evaluation import knn_monitor, linear_evaluation, random_backbones, report
 from model.export import export_backbone
+from model.initialisation import raw_feature_init
 from model.plan import plan
 from model.run_log import RunLog
 from model.schedule import set_learning_rate, warmup_cosine
@@ -179,9 +180,9 @@ def pretrain(config):
         hvd.broadcast_parameters([*backbone.state_dict().items(), *head.state_dict().items()], root_rank=0)
         if config.raw_init:
             started = time.perf_counter()
-            raw_feature_init(backbone, head, classifier, eval_loader(train_index, config))
-            log.print(f"raw-feature init: one pass of the random network over the training images in "
-                      f"{time.perf_counter() - started:.1f}s")
+            raw_feature_init(backbone, head, classifier, train_index, config)
+            log.print(f"raw-feature init: BatchNorm statistics of the random network from one shuffled pass, then "
+                      f"each image's feature in eval mode: {time.perf_counter() - started:.1f}s")
 
     # Train: one loader per epoch, seeded by (seed, epoch), so a resumed epoch draws what it would have drawn.
     epoch_losses, knn = [], {}
@@ -212,17 +213,6 @@ def pretrain(config):
             ("first -> last epoch loss", f"{epoch_losses[0]:.4f} -> {epoch_losses[-1]:.4f}" if epoch_losses else "-"),
             *[(name, f"{value:.2f}%") for name, value in knn.items()],
             ("outputs", str(out))])
-
-
-@torch.no_grad()
-def raw_feature_init(backbone, head, classifier, loader):
-    """One pass of the random network over every image: BatchNorm in train mode, so only its running
-    statistics move; each image's normalized head output becomes its classifier row (seed_)."""
-    backbone.train()
-    head.train()
-    for images, ids in loader:
-        classifier.seed_(embed(backbone, head, images), ids)
-    average_batchnorm_statistics(backbone, head)
 
 
 def train_one_epoch(epoch, loader, run, config, log):

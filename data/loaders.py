@@ -50,10 +50,13 @@ def linear_train_loader(index, config, epoch, batch_size):
         device=config.dali_device, threads=config.threads, seed=epoch_seed(config.seed, epoch))
 
 
-def eval_loader(index, config, batch_size=None):
-    """One deterministic pass (resize + center crop) over this rank's share of `index`, in id order."""
+def eval_loader(index, config, batch_size=None, shuffle=False):
+    """One deterministic pass (resize + center crop) over this rank's share of `index`, in id order; shuffle:
+    in one permutation of the whole dataset shared by the ranks (drawn from the run's seed), so that every batch
+    mixes the classes, as BatchNorm statistics need (the index is sorted by path, so id order is class order)."""
     if is_synthetic(config):
         return synthetic_loader(config, epoch=-1, views=None)
     return pipelines().eval_loader(
         index, batch_size=batch_size or config.batch_size, image_size=config.image_size, rank=hvd.rank(),
-        world_size=hvd.size(), device=config.dali_device, threads=config.threads, crop_ratio=config.crop_ratio)
+        world_size=hvd.size(), device=config.dali_device, threads=config.threads, crop_ratio=config.crop_ratio,
+        shuffle_seed=config.seed if shuffle else None)

@@ -8,7 +8,8 @@ divide (checked at P=2 over several epochs by tests/test_data_pipelines.py). Tra
 whole dataset each epoch (shuffle_after_epoch) with a seed that all ranks share, because they must agree on
 the permutation they cut into disjoint shards; `random_shuffle` would only mix a 1024-image window of the
 class-sorted list, and each rank would keep seeing a fixed subset of classes. Evaluation loaders read their
-shard in id order.
+shard in id order, or shuffled the same way when given a shuffle_seed (BatchNorm statistics need batches
+that mix the classes).
 
 Devices. "gpu" decodes with nvJPEG (`device="mixed"`) on the current CUDA device (call
 `model.distributed.setup_device()` first: it makes the local rank modulo the visible GPUs current) and augments
@@ -85,12 +86,15 @@ def pretrain_loader(index, *, batch_size, image_size, views=2, rank=0, world_siz
         min_scale=min_scale, flip=flip)
 
 
-def eval_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, crop_ratio=0.875):
-    """One pass of (images [b, 3, S, S] float32, ids [b] int64) per `for`: center crops, id order per rank."""
+def eval_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, crop_ratio=0.875,
+                shuffle_seed=None):
+    """One pass of (images [b, 3, S, S] float32, ids [b] int64) per `for`: center crops, id order per rank, or
+    with a shuffle_seed the whole dataset shuffled as for training (batches that mix the classes)."""
     check_crop_ratio(crop_ratio)
     return InstanceLoader(
-        eval_pipeline, ["images"], index, shuffle=False, batch_size=batch_size, rank=rank, world_size=world_size,
-        device=device, threads=threads, seed=0, image_size=image_size, crop_ratio=crop_ratio)
+        eval_pipeline, ["images"], index, shuffle=shuffle_seed is not None, batch_size=batch_size, rank=rank,
+        world_size=world_size, device=device, threads=threads, seed=shuffle_seed or 0, image_size=image_size,
+        crop_ratio=crop_ratio)
 
 
 def linear_train_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, seed=0,

@@ -9,7 +9,7 @@ so no rank ever holds the whole bank (ImageNet: 1.28M x 2048).
 Linear evaluation follows MoCo's protocol (He et al., CVPR 2020, main_lincls.py): the backbone frozen in
 eval mode, SGD on a linear layer over its pooled features, step decays of the lr, and a sanity check that
 the backbone did not change. The baselines are the same architecture at random initialisation, as is and
-with its BatchNorm statistics estimated on the train split.
+with its BatchNorm statistics estimated on shuffled batches of the train split.
 """
 import copy
 
@@ -18,9 +18,9 @@ import torch
 
 from data.loaders import eval_loader, linear_train_loader
 from kernels.reference import normalize_rows
-from model.distributed import average_batchnorm_statistics
 from model.encoder import build_encoder
 from model.errors import UsageError
+from model.initialisation import calibrate_batchnorm
 from model.schedule import set_learning_rate
 
 KNN_SETTINGS = ((20, 0.07), (200, 0.1))  # (k, T): the values of Wu et al. and of the InstDisc/PIC monitors
@@ -96,27 +96,13 @@ def knn_monitor(backbone, train_index, val_index, config, device):
 def random_backbones(config, device, train_index):
     """The baselines: the same architecture at random initialisation (the run's seed), as is (BatchNorm
     statistics at their init, mean 0 and variance 1, so its features are badly scaled) and with its
-    BatchNorm statistics estimated on the train split, as the raw-feature pass does for the pretrained one."""
+    BatchNorm statistics estimated on shuffled batches of the train split, as the raw-feature init does for the
+    network that pretraining starts from (model/initialisation.py)."""
     torch.manual_seed(config.seed)
     as_is = build_encoder(config, device)[0].eval()
-    return {"random init": as_is,
-            "random init + BN stats": calibrate_batchnorm(copy.deepcopy(as_is), config, train_index)}
-
-
-@torch.no_grad()
-def calibrate_batchnorm(backbone, config, train_index):
-    """BatchNorm running statistics := exact averages over one pass of the train split (all ranks)."""
-    backbone.train()
-    batchnorms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for module in batchnorms:
-        module.reset_running_stats()
-        module.momentum = None  # cumulative moving average: the mean over all batches
-    for images, _ in eval_loader(train_index, config):
-        backbone(images)
-    for module in batchnorms:
-        module.momentum = 0.1
-    average_batchnorm_statistics(backbone)
-    return backbone.eval()
+    calibrated = copy.deepcopy(as_is)
+    calibrate_batchnorm(calibrated, (calibrated,), eval_loader(train_index, config, shuffle=True))
+    return {"random init": as_is, "random init + BN stats": calibrated}
 
 
 def linear_evaluation(backbone, train_index, val_index, config, settings, device, log):

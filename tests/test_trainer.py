@@ -134,28 +134,35 @@ def test_linear_evaluation_knn_and_export(run_two_epochs, tmp_path):
 
 
 def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path):
-    """After the init pass, row i of W is the normalized head output of image i (same batches, BN in train mode)."""
+    """After the init, row i of W is the normalized head output of image i in eval mode under the BatchNorm
+    statistics of the shuffled pass (tests/test_initialisation.py checks those against their oracle), the weights
+    are untouched and the encoder is back in train mode."""
     import horovod.torch as hvd
-    import trainer as trainer_module
     from data.index import build_index
-    from data.pipelines import eval_loader
+    from data.loaders import eval_loader
     from model.classifier import ShardedInstanceClassifier
     from model.encoder import build_encoder, embed
+    from model.initialisation import raw_feature_init
     hvd.init()
     index = build_index(tiny_dataset / "train", out_dir=tmp_path, log=lambda *_: None)
-    config = argparse.Namespace(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16)
+    config = argparse.Namespace(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16, data=None,
+                                batch_size=16, image_size=32, dali_device="cpu", threads=1, crop_ratio=1.0, seed=0)
     backbone, head = build_encoder(config, torch.device("cpu"))
     classifier = ShardedInstanceClassifier(index.num_instances, 16)
     before = copy.deepcopy((backbone, head))
-    loader = eval_loader(index, batch_size=16, image_size=32, device="cpu", threads=1, crop_ratio=1.0)
-    trainer_module.raw_feature_init(backbone, head, classifier, loader)
+    raw_feature_init(backbone, head, classifier, index, config)
+    assert backbone.training and head.training
     assert not torch.equal(backbone.bn1.running_mean, before[0].bn1.running_mean), "BN statistics must move"
+    assert not torch.equal(head.mlp[1].running_var, before[1].mlp[1].running_var), "head BN statistics too"
     assert torch.equal(backbone.conv1.weight, before[0].conv1.weight), "weights must not move"
+    calibrated = copy.deepcopy((backbone, head))
+    for module in calibrated:
+        module.eval()
     seen = set()
     with torch.no_grad():
-        for images, ids in loader:
-            expected = torch.nn.functional.normalize(embed(*before, images), dim=1)
-            assert torch.allclose(classifier.weight[ids], expected, atol=1e-6)
+        for images, ids in eval_loader(index, config, batch_size=7):  # eval mode: batch-size independent
+            expected = torch.nn.functional.normalize(embed(*calibrated, images), dim=1)
+            assert torch.allclose(classifier.weight[ids], expected, atol=1e-5)
             seen.update(ids.tolist())
     assert seen == set(range(index.num_instances))
 
