@@ -93,9 +93,10 @@ group.add_argument("--batch-size", type=int, help="images PER RANK per step; the
                    "(default: 64; 128 built-in)")
 group.add_argument("--lr", type=float, help="learning rate per 256 images; the applied rate is "
                    "lr x global batch / 256 (default: 0.03; 0.24 built-in)")
-group.add_argument("--classifier-lr-mult", type=float, help="classifier learning rate / encoder learning rate: "
-                   "each row gets a gradient only when its image is in the batch, about once per epoch "
-                   "(default: 1; 10 built-in, to move the rows within a few epochs)")
+group.add_argument("--classifier-lr-mult", type=float, help="classifier learning rate / encoder learning rate. "
+                   "With a full softmax every row is pushed away from the batch's features at every step, but "
+                   "pulled toward its own image's feature only when that image is in the batch, about once per "
+                   "epoch (default: 1; 10 built-in, so that the rows follow their images within a few epochs)")
 group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
 group.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
 group.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay "
