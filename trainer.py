@@ -40,7 +40,7 @@ from model.classifier import ShardedInstanceClassifier, distributed_backbone_opt
 from model.distributed import average_batchnorm_statistics, barrier, setup_device
 from model.encoder import build_encoder, embed
 from model.errors import UsageError
-from model.evaluation import knn_monitor, linear_evaluation, random_backbones, report
+from model.evaluation import baselines, knn_monitor, linear_evaluation, report
 from model.export import export_backbone
 from model.initialisation import raw_feature_init
 from model.plan import plan
@@ -344,12 +344,13 @@ def evaluation_setup(args):
 
 def knn_command(argv):
     sub = evaluation_parser("knn", "Weighted kNN (k=20, T=0.07 and k=200, T=0.1) of the pooled backbone features.")
-    sub.add_argument("--baseline", action="store_true", help="also evaluate the architecture at random init")
+    sub.add_argument("--baseline", action="store_true", help="also evaluate the raw pixels and the architecture "
+                     "at random init, as is and with BatchNorm statistics of the train split (default: off)")
     args = sub.parse_args(argv)
     device, checkpoint, backbone, config, train_index, val_index = evaluation_setup(args)
     results = {"pretrained": knn_monitor(backbone, train_index, val_index, config, device)}
     if args.baseline:
-        for name, baseline in random_backbones(config, device, train_index).items():
+        for name, baseline in baselines(config, device, train_index).items():
             results[name] = knn_monitor(baseline, train_index, val_index, config, device)
     report(RunLog(checkpoint.parent, hvd.rank() == 0), f"kNN of {checkpoint}", results)
 
@@ -364,8 +365,9 @@ def linear(argv):
     sub.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
                      help="fractions of the epochs where the lr drops 10x (default: 0.6 0.8, i.e. 60/80 of 100)")
     sub.add_argument("--batch-size", type=int, help="images PER RANK (default: 256 / ranks, 256 in all as in MoCo)")
-    sub.add_argument("--baseline", action="store_true", help="also evaluate the architecture at random init, "
-                     "with kNN and linear top-1 side by side")
+    sub.add_argument("--baseline", action="store_true", help="also evaluate the raw pixels and the architecture "
+                     "at random init, as is and with BatchNorm statistics of the train split, kNN and linear side by "
+                     "side (default: off)")
     args = sub.parse_args(argv)
     device, checkpoint, backbone, config, train_index, val_index = evaluation_setup(args)
     builtin = config.data is None
@@ -377,7 +379,7 @@ def linear(argv):
     log = RunLog(checkpoint.parent, hvd.rank() == 0)
     backbones = {"pretrained": backbone}
     if args.baseline:
-        backbones.update(random_backbones(config, device, train_index))
+        backbones.update(baselines(config, device, train_index))
     results = {}
     for name, candidate in backbones.items():
         log.print(f"linear evaluation of the {name} backbone: {args.epochs} epochs, lr {args.lr}")
