@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo ablations bench clean
 
 # Idempotent: the stamp is rebuilt only when requirements.txt or the Horovod build scripts change.
 setup: $(VENV)/.setup-done
@@ -25,6 +25,11 @@ test: setup
 demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(PY) trainer.py --out runs/demo
 	$(PY) trainer.py linear --ckpt runs/demo --baseline
+
+# The paper's ablations (raw init, K, alpha, tau) on the built-in data: resumable, writes runs/ablations/results.md,
+# knn.png and loss.png (bench/ablations.py says what each variant is and what it costs).
+ablations: setup
+	$(PY) bench/ablations.py --np $(NP)
 
 clean:
 	rm -rf $(VENV) runs
