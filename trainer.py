@@ -62,6 +62,9 @@ group.add_argument("--steps-per-epoch", type=int, help="--data synthetic only: c
 group.add_argument("--image-size", type=int, help="crop side in pixels (default: 224; 32 built-in)")
 group.add_argument("--min-scale", type=float, help="smallest random-resized-crop area fraction "
                    "(default: 0.2; 0.5 built-in, digits cut to a fifth lose their identity)")
+group.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (p = 0.5) of "
+                   "the pretraining views and of the linear evaluation's training crops (default: on; off built-in: "
+                   "a mirrored digit is another glyph)")
 group.add_argument("--views", type=int, default=2, choices=[1, 2], help="augmented views per image, each "
                    "classified as the image's instance (default: 2)")
 group.add_argument("--dali-device", default="auto", choices=["auto", "cpu", "gpu"],
@@ -118,10 +121,10 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 # Flags left unset take the built-in demo's values without --data, the ImageNet-scale ones with it.
 BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=15,
                         batch_size=128, warmup_epochs=1, classifier_lr_mult=10.0, lr=0.24, min_scale=0.5,
-                        crop_ratio=1.0)
+                        crop_ratio=1.0, flip=False)
 DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=False, hidden_dim=2048, epochs=200,
                         batch_size=64, warmup_epochs=10, classifier_lr_mult=1.0, lr=0.03, min_scale=0.2,
-                        crop_ratio=0.875)
+                        crop_ratio=0.875, flip=True)
 
 
 # -------------------------------------------------------------------------------- pretraining

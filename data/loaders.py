@@ -40,14 +40,16 @@ def pretrain_loader(index, config, epoch):
     return pipelines().pretrain_loader(
         index, batch_size=config.batch_size, image_size=config.image_size, views=config.views, rank=hvd.rank(),
         world_size=hvd.size(), device=config.dali_device, threads=config.threads,
-        seed=epoch_seed(config.seed, epoch), min_scale=config.min_scale)
+        seed=epoch_seed(config.seed, epoch), min_scale=config.min_scale, flip=config.flip)
 
 
 def linear_train_loader(index, config, epoch, batch_size):
-    """One epoch of (images, ids) of this rank for linear evaluation: random resized crop + flip."""
+    """One epoch of (images, ids) of this rank for linear evaluation: random resized crop, and a random flip when
+    the run flipped its pretraining views."""
     return pipelines().linear_train_loader(
         index, batch_size=batch_size, image_size=config.image_size, rank=hvd.rank(), world_size=hvd.size(),
-        device=config.dali_device, threads=config.threads, seed=epoch_seed(config.seed, epoch))
+        device=config.dali_device, threads=config.threads, seed=epoch_seed(config.seed, epoch),
+        flip=getattr(config, "flip", True))  # the configs of runs from before --flip existed lack it: they flipped
 
 
 def eval_loader(index, config, batch_size=None, shuffle=False):

@@ -1,0 +1,28 @@
+"""The built-in and dataset defaults of the flags that issue 10 set (--flip), resolved by trainer.resolve_config
+and passed on by data.loaders to the DALI loaders (whose flip itself tests/test_data_pipelines.py checks)."""
+import types
+
+import pytest
+
+import trainer
+from data import loaders
+
+
+@pytest.mark.parametrize("argv, flip", [([], False), (["--flip"], True), (["--data", "/some/folder"], True),
+                                        (["--data", "/some/folder", "--no-flip"], False)])
+def test_flip_defaults_off_for_the_builtin_digits_and_on_for_folders(argv, flip):
+    assert trainer.resolve_config(trainer.parser.parse_args(argv)).flip is flip
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_loaders_pass_the_runs_flip_to_both_training_loaders(flip, monkeypatch):
+    calls = {}
+    fake = types.SimpleNamespace(**{name: (lambda name: lambda index, **kwargs: calls.setdefault(name, kwargs))(name)
+                                    for name in ("pretrain_loader", "linear_train_loader")})
+    monkeypatch.setattr(loaders, "pipelines", lambda: fake)
+    monkeypatch.setattr(loaders.hvd, "rank", lambda: 0)
+    monkeypatch.setattr(loaders.hvd, "size", lambda: 1)
+    config = trainer.resolve_config(trainer.parser.parse_args(["--flip" if flip else "--no-flip"]))
+    loaders.pretrain_loader(None, config, epoch=0)
+    loaders.linear_train_loader(None, config, epoch=0, batch_size=8)
+    assert calls["pretrain_loader"]["flip"] is flip and calls["linear_train_loader"]["flip"] is flip
