@@ -37,7 +37,9 @@ from data.index import InstanceIndex, build_index
 from data.loaders import is_synthetic, pretrain_loader
 from model.checkpoint import load_state, resolve_checkpoint, restore_checkpoint, save_checkpoint
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
-from model.distributed import average_batchnorm_statistics, barrier, setup_device
+from model.diagnostics import EpochDiagnostics
+from model.distributed import (average_batchnorm_statistics, barrier, default_horovod_environment, describe_device,
+                               setup_device)
 from model.encoder import build_encoder, embed
 from model.errors import UsageError
 from model.evaluation import baselines, knn_monitor, linear_evaluation, report
@@ -131,6 +133,7 @@ DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=Fa
 def pretrain(config):
     """config: the resolved flags (resolve_config); completed here with what the run derives, saved as
     config.json and in every checkpoint."""
+    horovod_settings = default_horovod_environment()  # before hvd.init(), which reads them
     hvd.init()
     master = hvd.rank() == 0
     device = setup_device()
@@ -160,6 +163,8 @@ def pretrain(config):
     log.print("config: " + " ".join(f"{key}={value}" for key, value in vars(config).items() if key != "versions"))
     log.print(f"{config.num_instances} instances, {config.world_size} ranks x {config.batch_size} images = global "
               f"batch {config.global_batch}, lr {config.base_lr:.4g}; config: {out / 'config.json'}")
+    log.print(f"rank 0 on {describe_device(device)}" + "".join(f", {name}={value} (default of this trainer)"
+                                                              for name, value in horovod_settings.items()))
 
     # Model: data-parallel encoder, model-parallel classifier (rows [start, stop) on this rank).
     torch.manual_seed(config.seed)
@@ -190,9 +195,11 @@ def pretrain(config):
 
     # Train: one loader per epoch, seeded by (seed, epoch), so a resumed epoch draws what it would have drawn.
     epoch_losses, knn = [], {}
+    labels = None if train_index is None else torch.from_numpy(train_index.labels)
     for epoch in range(start_epoch, config.epochs):
         loader = pretrain_loader(train_index, config, epoch)
-        epoch_losses.append(train_one_epoch(epoch, loader, run, config, log))
+        diagnostics = EpochDiagnostics(labels, device)
+        epoch_losses.append(train_one_epoch(epoch, loader, run, config, log, diagnostics))
         del loader  # its prefetched batches and decoder go before the kNN pass and the next epoch's pipeline
         last = epoch + 1 == config.epochs
         if (config.knn_every and (epoch + 1) % config.knn_every == 0) or last:
@@ -219,8 +226,9 @@ def pretrain(config):
             ("outputs", str(out))])
 
 
-def train_one_epoch(epoch, loader, run, config, log):
-    """One pass over the data; returns the epoch's mean loss (the global-batch loss, same on every rank)."""
+def train_one_epoch(epoch, loader, run, config, log, diagnostics):
+    """One pass over the data; returns the epoch's mean loss (the global-batch loss, same on every rank).
+    diagnostics (EpochDiagnostics) accumulates the classifier's per-sample numbers; they are logged at the end."""
     backbone, head, encoder_optimizer, classifier, classifier_optimizer = run
     optimizers = (encoder_optimizer, classifier_optimizer)
     steps = len(loader)  # equal on every rank: the reader pads every shard to the same number of batches
@@ -238,10 +246,12 @@ def train_one_epoch(epoch, loader, run, config, log):
             try:
                 losses.append(train_step(backbone, head, classifier, optimizers, views, ids).item())
                 if not math.isfinite(losses[-1]):
+                    classifier.check_input()  # names bad ids or non-finite features, when they are the cause
                     raise FloatingPointError(f"non-finite loss {losses[-1]}")
-            except FloatingPointError as error:  # the loss and the check are global: all ranks stop together
+            except (FloatingPointError, ValueError) as error:  # global loss and check: all ranks stop together
                 raise FloatingPointError(f"{error} at epoch {epoch + 1} step {step + 1}; stopped, the last good "
                                          f"checkpoint in {config.out} is kept") from None
+            diagnostics.update(classifier.last_diagnostics)
             images_seen += classifier.last_global_rows // len(views)
             images_per_s = images_seen / (time.perf_counter() - started)
             progress.update(task, advance=1, status=f"loss {losses[-1]:.4f} lr {lr:.4g} {images_per_s:.0f} img/s")
@@ -249,8 +259,10 @@ def train_one_epoch(epoch, loader, run, config, log):
                 log.record(epoch=epoch + 1, step=global_step + 1, loss=losses[-1], lr=lr, images_per_s=images_per_s)
     average_batchnorm_statistics(backbone, head)
     mean_loss = sum(losses) / max(len(losses), 1)
+    summary = diagnostics.summary(classifier.weight)
+    log.print(f"epoch {epoch + 1}: loss {mean_loss:.4f}, " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
     log.record(epoch=epoch + 1, epoch_loss=mean_loss, images_per_s=images_seen / (time.perf_counter() - started),
-               seconds=time.perf_counter() - started)
+               seconds=time.perf_counter() - started, **summary)
     return mean_loss
 
 

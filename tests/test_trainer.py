@@ -60,6 +60,9 @@ def test_pretraining_writes_config_metrics_checkpoints_and_backbone(run_two_epoc
     # 120 images / (2 ranks x 16) -> 4 steps per epoch, every one logged
     assert len(step_losses(metrics, 1)) == 4 and len(step_losses(metrics, 2)) == 4
     assert all(0 < m["epoch_loss"] < 2 * torch.log(torch.tensor(120.0)) for m in epochs)
+    for m in epochs:  # the classifier's diagnostics of the epoch (model/diagnostics.py)
+        assert 0 <= m["instance_accuracy"] <= 100 and 0 < m["own_probability"] <= 1
+        assert 0 <= m["hardest_same_label"] <= 100 and 0 < m["row_norm_min"] <= m["row_norm_mean"] <= m["row_norm_max"]
     knn = [m for m in metrics if "knn20_top1" in m]
     assert [m["epoch"] for m in knn] == [1, 2] and all(0 <= m["knn20_top1"] <= 100 for m in knn)
     for epoch in (1, 2):
