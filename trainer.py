@@ -35,7 +35,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from data.builtin import builtin_dataset
 from data.index import InstanceIndex, build_index
 from data.loaders import is_synthetic, pretrain_loader
-from model.checkpoint import load_state, resolve_checkpoint, restore_checkpoint, save_checkpoint
+from model.checkpoint import (complete_checkpoints, load_state, resolve_checkpoint, restore_checkpoint,
+                              save_checkpoint)
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
 from model.diagnostics import EpochDiagnostics
 from model.distributed import (average_batchnorm_statistics, barrier, default_horovod_environment, describe_device,
@@ -45,10 +46,14 @@ from model.errors import UsageError
 from model.evaluation import baselines, knn_monitor, linear_evaluation, report
 from model.export import export_backbone
 from model.initialisation import raw_feature_init
+from model.faults import (Preempted, default_signals, end_of_step, exit_preempted, raise_on_every_rank,
+                          report_failures_briefly, stop_on_signals)
 from model.plan import plan
 from model.run_log import RunLog
 from model.schedule import set_learning_rate, warmup_cosine
+from model.settings import check_machine_and_paths, check_settings
 from model.step import train_step
+from model.threads import share_cpu_threads
 
 # -------------------------------------------------------------------------------- flags: pretraining
 # The flags of a run, shared by pretraining and `plan` (which sizes the same run).
@@ -135,8 +140,10 @@ def pretrain(config):
     config.json and in every checkpoint."""
     horovod_settings = default_horovod_environment()  # before hvd.init(), which reads them
     hvd.init()
+    report_failures_briefly()  # a rank stopped by another rank's failure says so in one line
     master = hvd.rank() == 0
     device = setup_device()
+    config.torch_threads = share_cpu_threads()
     out = Path(config.out)
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -180,12 +187,15 @@ def pretrain(config):
     run = (backbone, head, encoder_optimizer, classifier, classifier_optimizer)
 
     # Resume, or start: the same encoder on every rank, classifier rows seeded from raw features.
-    checkpoint, start_epoch = checkpoint_to_resume(config.resume, out), 0
+    checkpoint, start_epoch, resumed_losses = checkpoint_to_resume(config.resume, out), 0, []
     if checkpoint is not None:
         state = restore_checkpoint(checkpoint, *run)
-        start_epoch = state["epoch"]
-        log.print(f"resumed from {checkpoint} (epoch {start_epoch}, written by {state['num_shards']} ranks)")
-    else:
+        start_epoch, resumed_losses = state["epoch"], state["step_losses"]
+        log.print(f"resumed from {checkpoint} (epoch {start_epoch}, step {len(resumed_losses)} of the next, "
+                  f"written by {state['num_shards']} ranks)")
+    # metrics.jsonl keeps what this run's checkpoint covers: the rest is about to be replayed (run_log.py).
+    log.rewind(state["metrics_lines"] if checkpoint is not None and checkpoint.parent.resolve() == out.resolve() else 0)
+    if checkpoint is None:
         hvd.broadcast_parameters([*backbone.state_dict().items(), *head.state_dict().items()], root_rank=0)
         if config.raw_init:
             started = time.perf_counter()
@@ -194,12 +204,19 @@ def pretrain(config):
                       f"each image's feature in eval mode: {time.perf_counter() - started:.1f}s")
 
     # Train: one loader per epoch, seeded by (seed, epoch), so a resumed epoch draws what it would have drawn.
+    # SIGTERM / Ctrl-C: every rank finishes the same step, writes a checkpoint and exits (model/faults.py).
     epoch_losses, knn = [], {}
     labels = None if train_index is None else torch.from_numpy(train_index.labels)
+    stop_on_signals()
     for epoch in range(start_epoch, config.epochs):
         loader = pretrain_loader(train_index, config, epoch)
         diagnostics = EpochDiagnostics(labels, device)
-        epoch_losses.append(train_one_epoch(epoch, loader, run, config, log, diagnostics))
+        try:
+            epoch_losses.append(train_one_epoch(epoch, loader, run, config, log, diagnostics,
+                                                resumed_losses if epoch == start_epoch else []))
+        except Preempted as stop:
+            exit_preempted(stop, save_checkpoint(out, epoch, config, *run, step_losses=stop.step_losses,
+                                                 metrics_lines=log.lines), master)
         del loader  # its prefetched batches and decoder go before the kNN pass and the next epoch's pipeline
         last = epoch + 1 == config.epochs
         if (config.knn_every and (epoch + 1) % config.knn_every == 0) or last:
@@ -208,7 +225,8 @@ def pretrain(config):
                 log.print(f"epoch {epoch + 1} kNN: " + ", ".join(f"{k} {v:.2f}%" for k, v in knn.items()))
                 log.record(epoch=epoch + 1, **knn)
         if (epoch + 1) % config.save_every == 0 or last:
-            save_checkpoint(out, epoch + 1, config, *run)
+            save_checkpoint(out, epoch + 1, config, *run, metrics_lines=log.lines)
+    default_signals()
 
     # Export the backbone (torchvision layout when it is a standard ResNet) and summarise.
     if master and config.epochs > start_epoch:
@@ -226,19 +244,23 @@ def pretrain(config):
             ("outputs", str(out))])
 
 
-def train_one_epoch(epoch, loader, run, config, log, diagnostics):
+def train_one_epoch(epoch, loader, run, config, log, diagnostics, done_losses=()):
     """One pass over the data; returns the epoch's mean loss (the global-batch loss, same on every rank).
-    diagnostics (EpochDiagnostics) accumulates the classifier's per-sample numbers; they are logged at the end."""
+    diagnostics (EpochDiagnostics) accumulates the classifier's per-sample numbers, logged at the end (of the steps
+    this process ran: after a resume inside the epoch, of its remaining steps); done_losses: the losses of the
+    steps a checkpoint taken inside this epoch holds already."""
     backbone, head, encoder_optimizer, classifier, classifier_optimizer = run
     optimizers = (encoder_optimizer, classifier_optimizer)
     steps = len(loader)  # equal on every rank: the reader pads every shard to the same number of batches
-    losses, images_seen, started = [], 0, time.perf_counter()
+    losses, images_seen, started = list(done_losses), 0, time.perf_counter()
     progress = Progress(TextColumn(f"epoch {epoch + 1}/{config.epochs}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} {task.fields[status]}"), TimeRemainingColumn(),
                         console=log.console, disable=not log.active)
     with progress:
-        task = progress.add_task("train", total=steps, status="")
+        task = progress.add_task("train", total=steps, completed=len(losses), status="")
         for step, (views, ids) in enumerate(loader):
+            if step < len(done_losses):  # resumed inside this epoch: its data order is replayed, not its steps
+                continue
             global_step = epoch * steps + step
             lr = warmup_cosine(global_step / steps, config.base_lr, config.warmup_epochs, config.epochs)
             set_learning_rate(encoder_optimizer, lr)
@@ -257,6 +279,7 @@ def train_one_epoch(epoch, loader, run, config, log, diagnostics):
             progress.update(task, advance=1, status=f"loss {losses[-1]:.4f} lr {lr:.4g} {images_per_s:.0f} img/s")
             if (step + 1) % config.log_every == 0 or step + 1 == steps:
                 log.record(epoch=epoch + 1, step=global_step + 1, loss=losses[-1], lr=lr, images_per_s=images_per_s)
+            end_of_step(epoch, losses)  # collective: a stop signal on any rank stops every rank after this step
     average_batchnorm_statistics(backbone, head)
     mean_loss = sum(losses) / max(len(losses), 1)
     summary = diagnostics.summary(classifier.weight)
@@ -268,21 +291,12 @@ def train_one_epoch(epoch, loader, run, config, log, diagnostics):
 
 def resolve_config(args, defaults=None):
     """The flags with the unset ones filled in (BUILTIN_DEFAULTS without --data, else DATASET_DEFAULTS),
-    judged before anything else runs: a UsageError names the first bad one."""
+    judged before anything else runs: a UsageError names the first bad one (model/settings.py)."""
     defaults = defaults or (BUILTIN_DEFAULTS if args.data is None else DATASET_DEFAULTS)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    for name in ["image_size", "width", "feat_dim", "hidden_dim", "epochs", "batch_size", "threads", "save_every",
-                 "log_every"]:
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.smooth_k < 0 or not 0 <= args.smooth_alpha < 1 or args.temperature <= 0 or args.lr <= 0:
-        raise UsageError("need --smooth-k >= 0, 0 <= --smooth-alpha < 1, --temperature > 0 and --lr > 0")
-    if args.instances < 2:
-        raise UsageError(f"--instances must be at least 2, got {args.instances}")
-    if args.steps_per_epoch is not None and (args.data != "synthetic" or args.steps_per_epoch <= 0):
-        raise UsageError("--steps-per-epoch takes a positive number of steps, with --data synthetic only")
+    check_settings(args)
     return args
 
 
@@ -306,26 +320,36 @@ def dataset_folders(data):
 
 
 def load_or_build_index(folder, index_dir, strict, log):
-    """The instance index persisted in the run directory: built once, then reloaded (stable ids on resume)."""
-    try:
+    """The instance index persisted in the run directory: built once by rank 0, then reloaded (stable ids on
+    resume). An index of another folder is refused: the run would train on it while config.json names this one."""
+    index, error = None, None
+    try:  # what the index says of the folder is the user's to fix: one line, on every rank
         if hvd.rank() == 0 and not (index_dir / "index.json").is_file():
             build_index(folder, index_dir=index_dir, strict=strict, log=log)
-        barrier(f"index-{index_dir.name}")  # rank 0 has written it
-        return InstanceIndex.load(index_dir)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:  # what the index says of the folder
-        raise UsageError(str(error)) from error
+    except (FileNotFoundError, NotADirectoryError, ValueError) as failure:
+        error = str(failure)
+    raise_on_every_rank(error)  # collective: rank 0 has written the index
+    try:
+        index = InstanceIndex.load(index_dir)
+        if index.root != Path(folder).expanduser().resolve():
+            error = (f"{index_dir} is the index of {index.root}, not of --data {folder}: a run directory holds one "
+                     f"dataset, give this one another --out")
+    except (FileNotFoundError, ValueError) as failure:
+        error = str(failure)
+    raise_on_every_rank(error)
+    return index
 
 
 def checkpoint_to_resume(resume, out):
-    """--resume: 'auto' = the newest complete checkpoint in --out or None, 'none', or a checkpoint path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        try:
-            return resolve_checkpoint(out)
-        except UsageError:
-            return None
-    return resolve_checkpoint(resume)
+    """--resume: 'auto' = the newest complete checkpoint in --out or None, 'none', or a checkpoint path. Rank 0
+    decides for every rank: a rank deciding alone (no shared file system, NFS lag) could start afresh while the
+    others resume, and their collectives would part ways."""
+    choice = None
+    if hvd.rank() == 0 and resume != "none":
+        found = complete_checkpoints(out) if resume == "auto" else [resolve_checkpoint(resume)]
+        choice = str(found[-1]) if found else None
+    choice = hvd.broadcast_object(choice, root_rank=0, name="checkpoint-to-resume")
+    return None if choice is None else Path(choice)
 
 
 # -------------------------------------------------------------------------------- subcommands
@@ -443,7 +467,9 @@ def main():
         if len(sys.argv) > 1 and sys.argv[1] in commands:
             commands[sys.argv[1]](sys.argv[2:])
         else:
-            pretrain(resolve_config(parser.parse_args()))
+            config = resolve_config(parser.parse_args())
+            check_machine_and_paths(config)  # CUDA, --data, --out, --resume: before any work
+            pretrain(config)
     except (UsageError, FloatingPointError) as error:  # bad input, or the stop on a non-finite loss
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,15 +1,22 @@
 """Checkpoints of a hybrid-parallel run: one directory per save, complete or absent.
 
-Layout of `<out>/checkpoint-<epoch:04d>/`:
+Layout of `<out>/checkpoint-<epoch:04d>/` (after `epoch` complete epochs) or
+`<out>/checkpoint-<epoch:04d>-step-<step:06d>/` (a stop on a signal `step` steps into the next epoch):
   shard-<rank>.pt  every rank's classifier rows {start, stop, num_instances, weight [C, D],
-                   momentum [C, D] or None}
-  state.pt         rank 0's data-parallel state (backbone + head, its optimizer, epoch, RNG, config)
-                   and num_shards; written LAST.
+                   momentum [C, D] or None} and its BatchNorm buffers {name: tensor} (they differ between
+                   ranks inside an epoch: they are averaged at its end)
+  state.pt         rank 0's data-parallel state (backbone + head, its optimizer, epoch, RNG, config),
+                   num_shards, step_losses (the losses of the steps done in the interrupted epoch; [] at an
+                   epoch's end) and metrics_lines (lines of metrics.jsonl at the save); written LAST.
 The directory is assembled under a hidden partial name and renamed once state.pt is in it, so a crash
-mid-save never leaves something that looks like a checkpoint. A checkpoint written by P ranks resumes
-on any P': each rank reads exactly its rows [start, stop) out of the shard files that overlap them.
-(Several hosts need `--out` on a shared file system, as every rank writes into the same directory.)
+mid-save never leaves something that looks like a checkpoint. An epoch's checkpoint written by P ranks
+resumes on any P': shard r holds the rows shard_rows(N, P, r), so each rank opens only the shard files that
+overlap its own rows, memory-mapped (a resume reads every row once in all, not P times). A checkpoint
+taken inside an epoch resumes on the same P only: the rest of the epoch is the remaining batches of that
+P's data shards, and each rank gets its own BatchNorm buffers back. (Several hosts need `--out` on a shared
+file system, as every rank writes into the same directory.)
 """
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -17,16 +24,30 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
+from model.classifier import shard_rows
 from model.distributed import barrier
 from model.errors import UsageError
+from model.faults import raise_on_every_rank
 
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{4,})$")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{4,})(?:-step-(\d{6,}))?$")
+# What reading a checkpoint file can raise when the file is missing, cut short or not a checkpoint.
+READ_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError)
+
+
+def checkpoint_position(path):
+    """(complete epochs, steps into the next epoch) of a checkpoint directory name, or None."""
+    match = CHECKPOINT_NAME.match(Path(path).name)
+    return None if match is None else (int(match.group(1)), int(match.group(2) or 0))
+
+
+def checkpoint_name(epoch, step=0):
+    return f"checkpoint-{epoch:04d}" + (f"-step-{step:06d}" if step else "")
 
 
 def complete_checkpoints(out_dir):
     """Complete checkpoint directories of a run, oldest first."""
-    found = [p for p in Path(out_dir).glob("checkpoint-*") if CHECKPOINT_NAME.match(p.name) and (p / "state.pt").is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
+    found = [p for p in Path(out_dir).glob("checkpoint-*") if checkpoint_position(p) and (p / "state.pt").is_file()]
+    return sorted(found, key=checkpoint_position)
 
 
 def resolve_checkpoint(path):
@@ -37,14 +58,22 @@ def resolve_checkpoint(path):
     found = complete_checkpoints(path) if path.is_dir() else []
     if not found:
         raise UsageError(f"no complete checkpoint at {path} (expected a checkpoint-NNNN directory "
-                                f"with state.pt, or a run directory holding one)")
+                         f"with state.pt, or a run directory holding one)")
     return found[-1]
 
 
-def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, classifier, classifier_optimizer):
-    """Collective: every rank writes its shard, rank 0 the state, then the directory appears at once."""
-    final = Path(out_dir) / f"checkpoint-{epoch:04d}"
-    partial = Path(out_dir) / f".checkpoint-{epoch:04d}.partial"
+def batchnorm_buffers(backbone, head):
+    """The floating-point buffers of the encoder (BatchNorm running statistics), by name."""
+    return {f"{prefix}.{name}": buffer for prefix, module in (("backbone", backbone), ("head", head))
+            for name, buffer in module.named_buffers() if buffer.is_floating_point()}
+
+
+def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, classifier, classifier_optimizer, *,
+                    step_losses=(), metrics_lines=0):
+    """Collective: every rank writes its shard, rank 0 the state, then the directory appears at once.
+    epoch: complete epochs; step_losses: the losses of the steps done since (a stop inside an epoch)."""
+    final = Path(out_dir) / checkpoint_name(epoch, len(step_losses))
+    partial = Path(out_dir) / f".{final.name}.partial"
     if hvd.rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -52,12 +81,15 @@ def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, c
     momentum = classifier_optimizer.state.get(classifier.weight, {}).get("momentum_buffer")
     torch.save({"start": classifier.start, "stop": classifier.stop, "num_instances": classifier.num_instances,
                 "weight": classifier.weight.detach().cpu(),
-                "momentum": None if momentum is None else momentum.cpu()}, partial / f"shard-{hvd.rank()}.pt")
+                "momentum": None if momentum is None else momentum.cpu(),
+                "batchnorm": {name: buffer.cpu() for name, buffer in batchnorm_buffers(backbone, head).items()}},
+               partial / f"shard-{hvd.rank()}.pt")
     barrier("checkpoint-shards")  # every shard is on disk
     if hvd.rank() == 0:
         state = {"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
                  "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
-                 "config": vars(config), "num_shards": hvd.size()}
+                 "config": vars(config), "num_shards": hvd.size(), "step_losses": list(step_losses),
+                 "metrics_lines": metrics_lines}
         torch.save(state, partial / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -66,16 +98,30 @@ def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, c
 
 
 def restore_checkpoint(checkpoint, backbone, head, encoder_optimizer, classifier, classifier_optimizer):
-    """Everything save_checkpoint wrote, loaded into the run's objects (this rank's rows of the classifier and
-    of its momentum, from whichever shards hold them) and the RNG; returns the state (epoch, num_shards, ...)."""
-    state = load_state(checkpoint)
+    """Collective: everything save_checkpoint wrote, loaded into the run's objects (this rank's rows of the
+    classifier and of its momentum, from the shards that hold them) and the RNG; returns the state (epoch,
+    num_shards, step_losses, ...). A rank that cannot read what it needs stops every rank with one line."""
+    state, rows, error = None, None, None
+    try:
+        state = load_state(checkpoint)
+        if state["step_losses"] and state["num_shards"] != hvd.size():
+            raise UsageError(f"{checkpoint} was written inside an epoch by {state['num_shards']} ranks: resume it "
+                             f"with {state['num_shards']} ranks, or resume an epoch's checkpoint with --resume")
+        rows = load_rows(checkpoint, classifier.start, classifier.stop, classifier.num_instances, state)
+    except (UsageError, *READ_ERRORS) as failure:
+        error = f"cannot resume from {checkpoint}: {failure}"
+    raise_on_every_rank(error)
     backbone.load_state_dict(state["backbone"])
     head.load_state_dict(state["head"])
     encoder_optimizer.load_state_dict(state["encoder_optimizer"])
-    weight, momentum = load_rows(checkpoint, classifier.start, classifier.stop)
+    weight, momentum, own_batchnorm = rows
     classifier.weight.data.copy_(weight)
     if momentum is not None:
         classifier_optimizer.state[classifier.weight]["momentum_buffer"] = momentum.to(classifier.weight.device)
+    if state["step_losses"]:  # inside an epoch: this rank's own running statistics, not rank 0's
+        with torch.no_grad():
+            for name, buffer in batchnorm_buffers(backbone, head).items():
+                buffer.copy_(own_batchnorm[name])
     torch.set_rng_state(state["rng"])
     return state
 
@@ -84,18 +130,31 @@ def load_state(checkpoint):
     return torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=False)
 
 
-def load_rows(checkpoint, start, stop):
-    """Rows [start, stop) of the classifier weight and momentum, gathered from every overlapping shard."""
-    checkpoint = Path(checkpoint)
-    weights, momenta = [], []
-    for shard_id in range(load_state(checkpoint)["num_shards"]):
-        shard = torch.load(checkpoint / f"shard-{shard_id}.pt", map_location="cpu", weights_only=False)
-        lo, hi = max(start, shard["start"]), min(stop, shard["stop"])
+def load_rows(checkpoint, start, stop, num_instances, state):
+    """Rows [start, stop) of the classifier weight and momentum, from the shard files that overlap them only
+    (memory-mapped: only those rows are read), and this rank's BatchNorm buffers when the checkpoint was
+    written by as many ranks as there are now. Returns (weight, momentum or None, batchnorm or None)."""
+    checkpoint, num_shards = Path(checkpoint), state["num_shards"]
+    if state["config"]["num_instances"] != num_instances:
+        raise UsageError(f"{checkpoint} has {state['config']['num_instances']} classifier rows, the index "
+                         f"{num_instances}")
+    weights, momenta, batchnorm = [], [], None
+    for shard_id in range(num_shards):
+        shard_start, shard_stop = shard_rows(num_instances, num_shards, shard_id)
+        lo, hi = max(start, shard_start), min(stop, shard_stop)
+        own = num_shards == hvd.size() and shard_id == hvd.rank()
+        if lo >= hi and not own:
+            continue
+        shard = torch.load(checkpoint / f"shard-{shard_id}.pt", map_location="cpu", weights_only=False, mmap=True)
+        if (shard["start"], shard["stop"]) != (shard_start, shard_stop):
+            raise UsageError(f"{checkpoint}/shard-{shard_id}.pt holds rows [{shard['start']}, {shard['stop']}), "
+                             f"not [{shard_start}, {shard_stop})")
+        if own:
+            batchnorm = shard["batchnorm"]
         if lo < hi:
-            weights.append(shard["weight"][lo - shard["start"]:hi - shard["start"]])
+            weights.append(shard["weight"][lo - shard_start:hi - shard_start].clone())
             if shard["momentum"] is not None:
-                momenta.append(shard["momentum"][lo - shard["start"]:hi - shard["start"]])
+                momenta.append(shard["momentum"][lo - shard_start:hi - shard_start].clone())
     weight = torch.cat(weights) if weights else torch.empty(0)
-    if len(weight) != stop - start:
-        raise UsageError(f"{checkpoint} holds {len(weight)} of the rows [{start}, {stop}) this rank needs")
-    return weight, (torch.cat(momenta) if len(momenta) == len(weights) and momenta else None)
+    momentum = torch.cat(momenta) if momenta and len(momenta) == len(weights) else None
+    return weight, momentum, batchnorm

@@ -1,5 +1,11 @@
-"""What a run tells its user: rank 0's console (rich) and `metrics.jsonl` (one JSON object per line)."""
+"""What a run tells its user: rank 0's console (rich) and `metrics.jsonl` (one JSON object per line).
+
+metrics.jsonl reads as one uninterrupted run: a checkpoint stores how many lines the file had when it was
+written, and a resume from it drops the training records after them (they are about to be replayed), keeping
+the evaluation records that `linear`/`knn` appended meanwhile. Training records carry an "epoch".
+"""
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -13,6 +19,7 @@ class RunLog:
         """out_dir: where metrics.jsonl is appended to; None records nothing."""
         self.active, self.console = active, Console(soft_wrap=True)  # long paths stay on one line
         self.metrics = Path(out_dir) / "metrics.jsonl" if active and out_dir is not None else None
+        self.lines = len(self._read_lines())  # lines in metrics.jsonl: what a checkpoint remembers
 
     def print(self, *message):
         if self.active:
@@ -22,6 +29,18 @@ class RunLog:
         if self.metrics is not None:
             with self.metrics.open("a") as stream:
                 stream.write(json.dumps(values) + "\n")
+            self.lines += 1
+
+    def rewind(self, lines):
+        """Drop the training records after the first `lines` lines (see the module docstring)."""
+        kept = self._read_lines()
+        if len(kept) <= lines:
+            return
+        kept = kept[:lines] + [line for line in kept[lines:] if is_evaluation_record(line)]
+        partial = self.metrics.with_name(f".{self.metrics.name}.partial")
+        partial.write_text("".join(kept))
+        os.replace(partial, self.metrics)  # atomic: a crash now leaves the old file or the new one
+        self.lines = len(kept)
 
     def table(self, title, columns, rows):
         """A rich table: the first column left-aligned (names), the others right-aligned (numbers)."""
@@ -31,3 +50,18 @@ class RunLog:
         for row in rows:
             table.add_row(*row)
         self.print(table)
+
+    def _read_lines(self):
+        """The file's lines with their line ends; [] when there is no file (yet) or on ranks other than 0."""
+        if self.metrics is None or not self.metrics.is_file():
+            return []
+        return self.metrics.read_text().splitlines(keepends=True)
+
+
+def is_evaluation_record(line):
+    """True for a complete record without an "epoch" (what `linear` and `knn` append); a line cut short by a
+    kill is neither and goes."""
+    try:
+        return "epoch" not in json.loads(line) and line.endswith("\n")
+    except ValueError:
+        return False

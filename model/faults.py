@@ -1,0 +1,157 @@
+"""How a multi-rank run ends early: every rank together, with one line that says why.
+
+Preemption. SIGTERM (schedulers, `kill`, horovodrun) or SIGINT (Ctrl-C) during training finishes the current
+step, writes a checkpoint and exits with 128 + the signal number; a second signal exits at once, without a
+checkpoint. The ranks must stop after the SAME step, or their collectives part ways: a signal may reach one
+rank only, or the ranks at different steps. So each step ends with one collective, an allreduce (max) of
+the signal this rank has received (0 = none): every rank gets the same answer after the same step. Its cost
+is one 4-byte allreduce per step (bench note in the README, "What a run writes").
+horovodrun itself turns a SIGTERM or SIGINT it receives into SIGTERM to every rank and SIGKILL 5 s later
+(horovod.runner.common.util.safe_shell_exec.GRACEFUL_TERMINATION_TIME_S): the step and the checkpoint have
+those 5 s; a checkpoint cut short stays hidden (model/checkpoint.py) and the previous one is kept.
+Python runs signal handlers in the main thread between bytecodes, so a rank blocked in a collective whose
+peer is gone would never see a second signal. A watcher thread reads the signals from Python's wakeup file
+descriptor (written by the C-level handler at once; Horovod releases the GIL while it waits) and ends the
+process on the second one.
+
+A failing rank. An exception on one rank ends its process; Horovod's shutdown at exit then fails the
+collectives the other ranks are in or enter (HorovodInternalError), and horovodrun terminates the ranks
+left once one exits non-zero. `report_failures_briefly` makes those other ranks say so in one line
+instead of a traceback that buries the failing rank's error.
+
+Errors that only some ranks see (a file one rank cannot read): `raise_on_every_rank` turns them into the
+same UsageError on every rank, so no rank is left waiting in a collective.
+
+Test-only fault hook: INSTANCE_CLASSIFIER_TEST_FAULT="RANK:EPOCH:STEP:WHAT" makes rank RANK, at the end of
+step STEP of epoch EPOCH (both 1-based), raise a RuntimeError (WHAT=raise), send itself a signal
+(WHAT=SIGTERM or SIGINT), or wait up to a minute for a signal (WHAT=pause, so that a test can deliver one at a
+known step). Read only in `end_of_step`; tests/test_reliability.py uses it. Never set it in a real run.
+"""
+import os
+import signal
+import sys
+import threading
+import time
+
+import horovod.torch as hvd
+import torch
+from horovod.common.exceptions import HorovodInternalError
+
+from model.errors import UsageError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+TEST_FAULT_VARIABLE = "INSTANCE_CLASSIFIER_TEST_FAULT"
+TEST_PAUSE_SECONDS = 60  # how long WHAT=pause waits for a signal before it lets the step end anyway
+
+
+class Preempted(Exception):
+    """Raised on every rank after the same step; carries what the checkpoint of the interrupted epoch needs."""
+
+    def __init__(self, signal_number, epoch, step_losses):
+        self.signal_name = signal.Signals(signal_number).name
+        self.exit_code = 128 + signal_number
+        self.epoch, self.step_losses = epoch, list(step_losses)  # epoch 0-based; the losses of its steps so far
+        super().__init__(f"stopped by {self.signal_name} after epoch {epoch + 1} step {len(step_losses)}")
+
+
+class _StopRequest:
+    """The first stop signal this rank received (0 = none), and the watcher thread of the wakeup fd."""
+    signal_number = 0
+    previous_handlers = {}
+    previous_wakeup_fd = -1
+    wakeup_fds = None
+
+
+def _note_signal(signal_number, frame=None):
+    if not _StopRequest.signal_number:
+        _StopRequest.signal_number = signal_number
+
+
+def _watch_signals(read_fd):
+    """Count stop signals as the C-level handler reports them; the second one ends the process now."""
+    count = 0
+    while data := os.read(read_fd, 64):  # empty: the write end was closed by default_signals()
+        for signal_number in data:
+            if signal_number in STOP_SIGNALS:
+                count += 1
+                _note_signal(signal_number)
+                if count >= 2:
+                    os.write(2, f"error: second {signal.Signals(signal_number).name}: exiting now, without a "
+                                f"checkpoint\n".encode())
+                    os._exit(128 + signal_number)
+    os.close(read_fd)
+
+
+def stop_on_signals():
+    """From now on SIGTERM and SIGINT request a stop at the end of the current step (see end_of_step)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)  # the C-level handler must never block
+    _StopRequest.previous_handlers = {number: signal.signal(number, _note_signal) for number in STOP_SIGNALS}
+    _StopRequest.previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    _StopRequest.wakeup_fds = (read_fd, write_fd)
+    threading.Thread(target=_watch_signals, args=(read_fd,), name="stop-signals", daemon=True).start()
+
+
+def default_signals():
+    """Back to the handlers before stop_on_signals(): after training there is no step to finish."""
+    for number, handler in _StopRequest.previous_handlers.items():
+        signal.signal(number, handler)
+    signal.set_wakeup_fd(_StopRequest.previous_wakeup_fd)
+    if _StopRequest.wakeup_fds is not None:
+        os.close(_StopRequest.wakeup_fds[1])  # the watcher reads EOF and ends
+    _StopRequest.previous_handlers, _StopRequest.wakeup_fds = {}, None
+
+
+def end_of_step(epoch, step_losses):
+    """Collective, on every rank after every training step (epoch 0-based, step_losses: this epoch's losses so far):
+    raises Preempted on every rank when any rank has received a stop signal."""
+    _test_fault(epoch + 1, len(step_losses))
+    seen = torch.tensor([_StopRequest.signal_number], dtype=torch.int32)
+    agreed = int(hvd.allreduce(seen, op=hvd.Max, name="faults.stop_signal").item())
+    if agreed:
+        raise Preempted(agreed, epoch, step_losses)
+
+
+def exit_preempted(stop, checkpoint, master):
+    """After the checkpoint of a stop: one line (rank 0), and the exit status of the signal on every rank."""
+    if master:
+        print(f"error: {stop}: wrote {checkpoint}; the same command resumes from it", file=sys.stderr, flush=True)
+    sys.exit(stop.exit_code)
+
+
+def raise_on_every_rank(error):
+    """Collective: every rank passes None or the one-line error it met; if any rank met one, every rank raises
+    the same UsageError naming the first such rank."""
+    errors = hvd.allgather_object(error, name="faults.errors")
+    for rank, message in enumerate(errors):
+        if message is not None:
+            raise UsageError(f"rank {rank}: {message}" if len(errors) > 1 else message)
+
+
+def report_failures_briefly():
+    """A rank stopped by another rank's failure says so in one line; any other exception prints as usual."""
+    def excepthook(kind, error, traceback):
+        if issubclass(kind, HorovodInternalError):
+            print(f"error: rank {hvd.rank()} stopped: another rank failed (its error is above)", file=sys.stderr,
+                  flush=True)
+        else:
+            sys.__excepthook__(kind, error, traceback)
+    sys.excepthook = excepthook
+
+
+def _test_fault(epoch, step):
+    """The test-only fault hook (module docstring); a no-op unless INSTANCE_CLASSIFIER_TEST_FAULT is set."""
+    fault = os.environ.get(TEST_FAULT_VARIABLE)
+    if not fault:
+        return
+    rank, at_epoch, at_step, what = fault.split(":")
+    if (int(rank), int(at_epoch), int(at_step)) != (hvd.rank(), epoch, step):
+        return
+    if what == "raise":
+        raise RuntimeError(f"test fault on rank {rank} at epoch {epoch} step {step}")
+    if what == "pause":
+        deadline = time.monotonic() + TEST_PAUSE_SECONDS
+        while not _StopRequest.signal_number and time.monotonic() < deadline:
+            time.sleep(0.01)
+    else:
+        os.kill(os.getpid(), signal.Signals[what])

@@ -1,0 +1,65 @@
+"""A pretraining run's settings judged before any data is touched: the first impossible value or combination
+is one UsageError naming the flags. `check_settings` needs nothing but the flags (`plan` uses it too);
+`check_machine_and_paths` also looks at this machine (CUDA) and at the paths given.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+from data.loaders import is_synthetic
+from model.checkpoint import resolve_checkpoint
+from model.errors import UsageError
+
+POSITIVE = ["image_size", "width", "feat_dim", "hidden_dim", "epochs", "batch_size", "threads", "save_every",
+            "log_every"]
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_settings(config):
+    """Ranges of single flags and the combinations that cannot train (--views is limited by its choices)."""
+    for name in POSITIVE:
+        require(getattr(config, name) > 0, f"{flag(name)} must be positive, got {getattr(config, name)}")
+    require(config.instances >= 2, f"--instances must be at least 2, got {config.instances}")
+    require(config.steps_per_epoch is None or (is_synthetic(config) and config.steps_per_epoch > 0),
+            "--steps-per-epoch takes a positive number of steps, with --data synthetic only")
+    require(config.knn_every >= 0, f"--knn-every must be >= 0, got {config.knn_every}")
+    require(config.seed >= 0, f"--seed must be >= 0 (it seeds DALI), got {config.seed}")
+    require(config.smooth_k >= 0, f"--smooth-k must be >= 0, got {config.smooth_k}")
+    require(0 <= config.smooth_alpha < 1, f"--smooth-alpha must be in [0, 1), got {config.smooth_alpha}")
+    require(config.temperature > 0, f"--temperature must be > 0, got {config.temperature}")
+    require(config.lr > 0, f"--lr must be > 0, got {config.lr}")
+    require(config.classifier_lr_mult > 0, f"--classifier-lr-mult must be > 0, got {config.classifier_lr_mult}")
+    require(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}")
+    require(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}")
+    require(0 < config.min_scale <= 1, f"--min-scale is an area fraction in (0, 1], got {config.min_scale}")
+    require(0 <= config.warmup_epochs < config.epochs, f"--warmup-epochs {config.warmup_epochs} must be in "
+            f"[0, --epochs {config.epochs}): the learning rate would never reach its cosine decay")
+
+
+def check_machine_and_paths(config):
+    """What pretraining needs from this machine and from the paths it is given."""
+    cuda = torch.cuda.is_available()
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+    require(cuda or config.dali_device != "gpu", "--dali-device gpu needs CUDA, and torch sees no CUDA device")
+    require(cuda or interpreted or config.kernel_backend != "triton", "--kernel-backend triton needs CUDA (or "
+            "TRITON_INTERPRET=1, Triton's slow CPU interpreter), and torch sees no CUDA device")
+    if config.kernel_backend == "triton" or (config.kernel_backend == "auto" and cuda):
+        from kernels.triton_topk_xent import MAX_FEATURE_DIM, MAX_K  # imports Triton: only when it will run
+        require(config.smooth_k <= MAX_K, f"--smooth-k {config.smooth_k}: the Triton kernels take K <= {MAX_K} "
+                f"(--kernel-backend chunked has no limit)")
+        require(config.feat_dim <= MAX_FEATURE_DIM, f"--feat-dim {config.feat_dim}: the Triton kernels take "
+                f"D <= {MAX_FEATURE_DIM} (--kernel-backend chunked has no limit)")
+    if config.data is not None and not is_synthetic(config):
+        require(Path(config.data).expanduser().is_dir(), f"--data {config.data}: no such folder")
+    require(not Path(config.out).exists() or Path(config.out).is_dir(), f"--out {config.out} is not a folder")
+    if config.resume not in ("auto", "none"):
+        resolve_checkpoint(config.resume)  # its one-line error when there is none
+
+
+def require(condition, message):
+    if not condition:
+        raise UsageError(message)
