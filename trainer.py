@@ -46,8 +46,8 @@ from model.errors import UsageError
 from model.evaluation import baselines, knn_monitor, linear_evaluation, report
 from model.export import export_backbone
 from model.initialisation import raw_feature_init
-from model.faults import (Preempted, default_signals, end_of_step, exit_preempted, raise_on_every_rank,
-                          report_failures_briefly, stop_on_signals)
+from model.faults import (Preempted, default_signals, end_job_on_failure, end_of_step, exit_now, exit_preempted,
+                          raise_on_every_rank, stop_on_signals)
 from model.plan import plan
 from model.run_log import RunLog
 from model.schedule import set_learning_rate, warmup_cosine
@@ -140,7 +140,7 @@ def pretrain(config):
     config.json and in every checkpoint."""
     horovod_settings = default_horovod_environment()  # before hvd.init(), which reads them
     hvd.init()
-    report_failures_briefly()  # a rank stopped by another rank's failure says so in one line
+    end_job_on_failure()  # a rank that fails stops every rank now
     master = hvd.rank() == 0
     device = setup_device()
     config.torch_threads = share_cpu_threads()
@@ -332,8 +332,8 @@ def load_or_build_index(folder, index_dir, strict, log):
     try:
         index = InstanceIndex.load(index_dir)
         if index.root != Path(folder).expanduser().resolve():
-            error = (f"{index_dir} is the index of {index.root}, not of --data {folder}: a run directory holds one "
-                     f"dataset, give this one another --out")
+            error = (f"{index_dir} indexes {index.root}, not {folder}: a run directory holds one dataset, give "
+                     f"this one another --out")
     except (FileNotFoundError, ValueError) as failure:
         error = str(failure)
     raise_on_every_rank(error)
@@ -472,7 +472,7 @@ def main():
             pretrain(config)
     except (UsageError, FloatingPointError) as error:  # bad input, or the stop on a non-finite loss
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_now(2)
 
 
 if __name__ == "__main__":

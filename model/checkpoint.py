@@ -107,7 +107,8 @@ def restore_checkpoint(checkpoint, backbone, head, encoder_optimizer, classifier
         if state["step_losses"] and state["num_shards"] != hvd.size():
             raise UsageError(f"{checkpoint} was written inside an epoch by {state['num_shards']} ranks: resume it "
                              f"with {state['num_shards']} ranks, or resume an epoch's checkpoint with --resume")
-        rows = load_rows(checkpoint, classifier.start, classifier.stop, classifier.num_instances, state)
+        own_shard = hvd.rank() if state["num_shards"] == hvd.size() else None
+        rows = load_rows(checkpoint, classifier.start, classifier.stop, classifier.num_instances, state, own_shard)
     except (UsageError, *READ_ERRORS) as failure:
         error = f"cannot resume from {checkpoint}: {failure}"
     raise_on_every_rank(error)
@@ -130,10 +131,10 @@ def load_state(checkpoint):
     return torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=False)
 
 
-def load_rows(checkpoint, start, stop, num_instances, state):
+def load_rows(checkpoint, start, stop, num_instances, state, own_shard=None):
     """Rows [start, stop) of the classifier weight and momentum, from the shard files that overlap them only
-    (memory-mapped: only those rows are read), and this rank's BatchNorm buffers when the checkpoint was
-    written by as many ranks as there are now. Returns (weight, momentum or None, batchnorm or None)."""
+    (memory-mapped: only those rows are read), and the BatchNorm buffers of shard `own_shard` if given.
+    Returns (weight, momentum or None, batchnorm or None)."""
     checkpoint, num_shards = Path(checkpoint), state["num_shards"]
     if state["config"]["num_instances"] != num_instances:
         raise UsageError(f"{checkpoint} has {state['config']['num_instances']} classifier rows, the index "
@@ -142,7 +143,7 @@ def load_rows(checkpoint, start, stop, num_instances, state):
     for shard_id in range(num_shards):
         shard_start, shard_stop = shard_rows(num_instances, num_shards, shard_id)
         lo, hi = max(start, shard_start), min(stop, shard_stop)
-        own = num_shards == hvd.size() and shard_id == hvd.rank()
+        own = shard_id == own_shard
         if lo >= hi and not own:
             continue
         shard = torch.load(checkpoint / f"shard-{shard_id}.pt", map_location="cpu", weights_only=False, mmap=True)

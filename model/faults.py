@@ -14,10 +14,10 @@ peer is gone would never see a second signal. A watcher thread reads the signals
 descriptor (written by the C-level handler at once; Horovod releases the GIL while it waits) and ends the
 process on the second one.
 
-A failing rank. An exception on one rank ends its process; Horovod's shutdown at exit then fails the
-collectives the other ranks are in or enter (HorovodInternalError), and horovodrun terminates the ranks
-left once one exits non-zero. `report_failures_briefly` makes those other ranks say so in one line
-instead of a traceback that buries the failing rank's error.
+A failing rank. An exception on one rank shuts Horovod down on it, which fails the collectives the other
+ranks are in or enter (HorovodInternalError); horovodrun also sends SIGTERM to the ranks left once one exits
+non-zero, and SIGKILL 5 s later. `end_job_on_failure` makes every rank exit as soon as its exception is
+reported, the others with one line instead of a traceback that buries the failing rank's error.
 
 Errors that only some ranks see (a file one rank cannot read): `raise_on_every_rank` turns them into the
 same UsageError on every rank, so no rank is left waiting in a collective.
@@ -115,27 +115,39 @@ def end_of_step(epoch, step_losses):
 def exit_preempted(stop, checkpoint, master):
     """After the checkpoint of a stop: one line (rank 0), and the exit status of the signal on every rank."""
     if master:
-        print(f"error: {stop}: wrote {checkpoint}; the same command resumes from it", file=sys.stderr, flush=True)
-    sys.exit(stop.exit_code)
+        print(f"error: {stop}: wrote {checkpoint}; the same command resumes from it", file=sys.stderr)
+    exit_now(stop.exit_code)
+
+
+def exit_now(status):
+    """End this rank after a stop or an error: Horovod's shutdown, so that the collectives of ranks still running
+    fail now, then exit without the interpreter's teardown. That teardown took 8-9 s after a trainer run on the
+    shared 2-core test machine, long enough for horovodrun to SIGTERM the ranks still in it once the first
+    one had exited, adding a "Terminated" line to their output."""
+    hvd.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def raise_on_every_rank(error):
     """Collective: every rank passes None or the one-line error it met; if any rank met one, every rank raises
-    the same UsageError naming the first such rank."""
+    the same UsageError, naming the first such rank unless all of them met the same."""
     errors = hvd.allgather_object(error, name="faults.errors")
     for rank, message in enumerate(errors):
         if message is not None:
-            raise UsageError(f"rank {rank}: {message}" if len(errors) > 1 else message)
+            raise UsageError(message if errors.count(message) == len(errors) else f"rank {rank}: {message}")
 
 
-def report_failures_briefly():
-    """A rank stopped by another rank's failure says so in one line; any other exception prints as usual."""
+def end_job_on_failure():
+    """An exception no one catches ends this rank at once (exit_now): its traceback, or one line for a rank
+    stopped by another rank's failure."""
     def excepthook(kind, error, traceback):
         if issubclass(kind, HorovodInternalError):
-            print(f"error: rank {hvd.rank()} stopped: another rank failed (its error is above)", file=sys.stderr,
-                  flush=True)
+            print(f"error: rank {hvd.rank()} stopped: another rank failed (its error is above)", file=sys.stderr)
         else:
             sys.__excepthook__(kind, error, traceback)
+        exit_now(1)
     sys.excepthook = excepthook
 
 
