@@ -35,7 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from data.builtin import builtin_dataset
 from data.index import InstanceIndex, build_index
 from data.loaders import is_synthetic, pretrain_loader
-from model.checkpoint import (complete_checkpoints, load_state, resolve_checkpoint, restore_checkpoint,
+from model.checkpoint import (checkpoint_to_resume, load_state, resolve_checkpoint, restore_checkpoint,
                               save_checkpoint)
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
 from model.diagnostics import EpochDiagnostics
@@ -338,18 +338,6 @@ def load_or_build_index(folder, index_dir, strict, log):
         error = str(failure)
     raise_on_every_rank(error)
     return index
-
-
-def checkpoint_to_resume(resume, out):
-    """--resume: 'auto' = the newest complete checkpoint in --out or None, 'none', or a checkpoint path. Rank 0
-    decides for every rank: a rank deciding alone (no shared file system, NFS lag) could start afresh while the
-    others resume, and their collectives would part ways."""
-    choice = None
-    if hvd.rank() == 0 and resume != "none":
-        found = complete_checkpoints(out) if resume == "auto" else [resolve_checkpoint(resume)]
-        choice = str(found[-1]) if found else None
-    choice = hvd.broadcast_object(choice, root_rank=0, name="checkpoint-to-resume")
-    return None if choice is None else Path(choice)
 
 
 # -------------------------------------------------------------------------------- subcommands

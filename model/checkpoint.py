@@ -62,6 +62,18 @@ def resolve_checkpoint(path):
     return found[-1]
 
 
+def checkpoint_to_resume(resume, out):
+    """--resume: 'auto' = the newest complete checkpoint in --out or None, 'none', or a checkpoint path. Rank 0
+    decides for every rank: a rank deciding alone (no shared file system, NFS lag) could start afresh while the
+    others resume, and their collectives would part ways."""
+    choice = None
+    if hvd.rank() == 0 and resume != "none":
+        found = complete_checkpoints(out) if resume == "auto" else [resolve_checkpoint(resume)]
+        choice = str(found[-1]) if found else None
+    choice = hvd.broadcast_object(choice, root_rank=0, name="checkpoint-to-resume")
+    return None if choice is None else Path(choice)
+
+
 def batchnorm_buffers(backbone, head):
     """The floating-point buffers of the encoder (BatchNorm running statistics), by name."""
     return {f"{prefix}.{name}": buffer for prefix, module in (("backbone", backbone), ("head", head))

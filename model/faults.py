@@ -5,7 +5,8 @@ step, writes a checkpoint and exits with 128 + the signal number; a second signa
 checkpoint. The ranks must stop after the SAME step, or their collectives part ways: a signal may reach one
 rank only, or the ranks at different steps. So each step ends with one collective, an allreduce (max) of
 the signal this rank has received (0 = none): every rank gets the same answer after the same step. Its cost
-is one 4-byte allreduce per step (bench note in the README, "What a run writes").
+is the latency of one more small collective per step (Horovod's negotiation cycle plus a round trip), paid
+after the optimizer step, with nothing to overlap it.
 horovodrun itself turns a SIGTERM or SIGINT it receives into SIGTERM to every rank and SIGKILL 5 s later
 (horovod.runner.common.util.safe_shell_exec.GRACEFUL_TERMINATION_TIME_S): the step and the checkpoint have
 those 5 s; a checkpoint cut short stays hidden (model/checkpoint.py) and the previous one is kept.

@@ -18,12 +18,16 @@ import torch
 from model.errors import UsageError
 from model.faults import TEST_FAULT_VARIABLE
 from tests.conftest import ROOT, WORKERS, horovod_job, run_horovod
-from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, trainer, training_records
-from tests.trainer_runs import tiny_dataset  # noqa: F401 (a module fixture: pytest finds it here)
+from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, copy_tiny_dataset, trainer, training_records
 
 # 2 epochs of 15 steps, every step logged, a checkpoint after each epoch.
 RUN = [*SMALL, "--epochs", "2", "--save-every", "1", "--log-every", "1", "--knn-every", "0"]
 STEPS_PER_EPOCH = 15  # 120 images / (2 ranks x 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    return copy_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +166,15 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step_and_the_resume_is_b
     """SIGTERM reaches rank 1 only, inside epoch 1: both ranks stop after step 5 with a checkpoint; the same
     command resumes there and ends bitwise equal to the uninterrupted run, metrics.jsonl too (timings aside)."""
     out = tmp_path / "run"
-    result = trainer("--data", tiny_dataset, "--out", out, *RUN, check=False, env={TEST_FAULT_VARIABLE: "1:1:5:SIGTERM"})
+    result = trainer("--data", tiny_dataset, "--out", out, *RUN, check=False,
+                     env={TEST_FAULT_VARIABLE: "1:1:5:SIGTERM"})
     checkpoint = out / "checkpoint-0000-step-000005"
     assert rank_lines(result.stderr, 0) == [f"error: stopped by SIGTERM after epoch 1 step 5: wrote {checkpoint}; the "
                                             f"same command resumes from it"], result.stderr
     assert rank_lines(result.stderr, 1) == [] and result.returncode != 0
     assert checkpoint_files(checkpoint) == ["shard-0.pt", "shard-1.pt", "state.pt"]
+    result = trainer("--data", tiny_dataset, "--out", out, *RUN, num_ranks=None, check=False)
+    assert result.returncode == 2 and "was written inside an epoch by 2 ranks: resume it with 2 ranks" in result.stderr
     result = trainer("--data", tiny_dataset, "--out", out, *RUN)
     assert f"resumed from {checkpoint} (epoch 0, step 5 of the next" in result.stdout
     assert training_records(out) == training_records(reference_run)

@@ -3,7 +3,6 @@ readers of what a run writes."""
 import json
 import shutil
 
-import pytest
 import torch
 
 from tests.conftest import ROOT, run_horovod
@@ -17,11 +16,10 @@ SMALL = ["--image-size", "32", "--arch", "resnet18", "--width", "8", "--small-st
 TIMING_FIELDS = ("images_per_s", "seconds")  # the only fields of metrics.jsonl that differ between reruns
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    """12 train and 4 val images per digit, copied from the built-in dataset (train/ and val/ class folders)."""
+def copy_tiny_dataset(root):
+    """12 train and 4 val images per digit of the built-in dataset under root (train/ and val/ class folders)."""
     from data.builtin import builtin_dataset
-    source, root = builtin_dataset(), tmp_path_factory.mktemp("tiny") / "data"
+    source = builtin_dataset()
     for split, count in (("train", 12), ("val", 4)):
         for class_folder in sorted((source / split).iterdir()):
             (root / split / class_folder.name).mkdir(parents=True)
