@@ -56,7 +56,8 @@ class Preempted(Exception):
 
 
 class _StopRequest:
-    """The first stop signal this rank received (0 = none), and the watcher thread of the wakeup fd."""
+    """The first stop signal this rank received (0 = none); the handlers and wakeup fd that stop_on_signals()
+    replaced, and the pipe it reads signals from."""
     signal_number = 0
     previous_handlers = {}
     previous_wakeup_fd = -1
@@ -143,9 +144,11 @@ def raise_on_every_rank(error):
 def end_job_on_failure():
     """An exception no one catches ends this rank at once (exit_now): its traceback, or one line for a rank
     stopped by another rank's failure."""
+    rank = hvd.rank()  # asked now: Horovod may be shut down by the time an exception comes
+
     def excepthook(kind, error, traceback):
         if issubclass(kind, HorovodInternalError):
-            print(f"error: rank {hvd.rank()} stopped: another rank failed (its error is above)", file=sys.stderr)
+            print(f"error: rank {rank} stopped: another rank failed (its error is above)", file=sys.stderr)
         else:
             sys.__excepthook__(kind, error, traceback)
         exit_now(1)
