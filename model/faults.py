@@ -25,8 +25,10 @@ same UsageError on every rank, so no rank is left waiting in a collective.
 
 Test-only fault hook: INSTANCE_CLASSIFIER_TEST_FAULT="RANK:EPOCH:STEP:WHAT" makes rank RANK, at the end of
 step STEP of epoch EPOCH (both 1-based), raise a RuntimeError (WHAT=raise), send itself a signal
-(WHAT=SIGTERM or SIGINT), or wait up to a minute for a signal (WHAT=pause, so that a test can deliver one at a
-known step). Read only in `end_of_step`; tests/test_reliability.py uses it. Never set it in a real run.
+(WHAT=SIGTERM or SIGINT), wait up to a minute for a signal (WHAT=pause, so that a test can deliver one at a
+known step), or wait a minute whatever comes (WHAT=hold, so that a test can deliver two one by one: Linux
+merges a signal sent while the same one is still pending). Read only in `end_of_step`; tests/test_reliability.py
+uses it. Never set it in a real run.
 """
 import os
 import signal
@@ -42,7 +44,7 @@ from model.errors import UsageError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 TEST_FAULT_VARIABLE = "INSTANCE_CLASSIFIER_TEST_FAULT"
-TEST_PAUSE_SECONDS = 60  # how long WHAT=pause waits for a signal before it lets the step end anyway
+TEST_PAUSE_SECONDS = 60  # how long WHAT=pause and WHAT=hold wait before they let the step end anyway
 
 
 class Preempted(Exception):
@@ -165,9 +167,9 @@ def _test_fault(epoch, step):
         return
     if what == "raise":
         raise RuntimeError(f"test fault on rank {rank} at epoch {epoch} step {step}")
-    if what == "pause":
+    if what in ("pause", "hold"):
         deadline = time.monotonic() + TEST_PAUSE_SECONDS
-        while not _StopRequest.signal_number and time.monotonic() < deadline:
+        while not (what == "pause" and _StopRequest.signal_number) and time.monotonic() < deadline:
             time.sleep(0.01)
     else:
         os.kill(os.getpid(), signal.Signals[what])

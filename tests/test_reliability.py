@@ -188,22 +188,24 @@ def test_ctrl_c_to_horovodrun_finishes_the_step_and_writes_a_checkpoint(tiny_dat
     job = start_trainer("--data", tiny_dataset, "--out", out, *RUN, fault="0:2:3:pause")
     wait_for_step(job, out, epoch=2, step_in_epoch=3)
     os.killpg(job.pid, signal.SIGINT)
-    stdout, stderr = job.communicate(timeout=120)
+    _, stderr = job.communicate(timeout=120)
     checkpoint = out / "checkpoint-0001-step-000003"
     assert rank_lines(stderr, 0) == [f"error: stopped by SIGTERM after epoch 2 step 3: wrote {checkpoint}; the "
                                      f"same command resumes from it"], stderr
     assert checkpoint_files(checkpoint) == ["shard-0.pt", "shard-1.pt", "state.pt"]
-    assert "Process 0 exit with status code 143" in stdout and "Process 1 exit with status code 143" in stdout
+    # The ranks exit with 143 (128 + SIGTERM), but horovodrun may report 0 for a rank it was terminating: its
+    # psutil wait reaps the rank's shell, and subprocess's own wait then finds no child and takes 0.
 
 
 def test_a_second_signal_exits_at_once_without_a_checkpoint(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    job = start_trainer("--data", tiny_dataset, "--out", out, *RUN, fault="0:1:2:pause")
+    job = start_trainer("--data", tiny_dataset, "--out", out, *RUN, fault="0:1:2:hold")
     wait_for_step(job, out, epoch=1, step_in_epoch=2)
     rank0 = rank_process(job, 0)
     rank0.send_signal(signal.SIGTERM)
+    time.sleep(2)  # delivered: a second one sent while the first is pending would merge with it
     rank0.send_signal(signal.SIGTERM)
-    rank0.wait(timeout=5)  # at once: no step to finish, no checkpoint to write
+    rank0.wait(timeout=5)  # at once: the held step is not finished, no checkpoint is written
     stdout, stderr = job.communicate(timeout=120)
     assert rank_lines(stderr, 0) == ["error: second SIGTERM: exiting now, without a checkpoint"], stderr
     assert "Process 0 exit with status code 143" in stdout
