@@ -41,7 +41,7 @@ from model.classifier import ShardedInstanceClassifier, distributed_backbone_opt
 from model.diagnostics import EpochDiagnostics
 from model.distributed import (average_batchnorm_statistics, barrier, default_horovod_environment, describe_device,
                                setup_device)
-from model.encoder import build_encoder, embed
+from model.encoder import build_encoder
 from model.errors import UsageError
 from model.evaluation import baselines, knn_monitor, linear_evaluation, report
 from model.export import export_backbone

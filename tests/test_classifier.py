@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import merge_shard_stats, pack_shard_stats, reference
+from kernels import merge_shard_stats, reference
 from kernels.reference import relative_error
 from model.classifier import random_unit_rows, shard_rows
 from tests.classifier_problems import CASES, SGD_STEP, make_problem, tiny_backbone
