@@ -187,10 +187,10 @@ def pretrain(config):
     run = (backbone, head, encoder_optimizer, classifier, classifier_optimizer)
 
     # Resume, or start: the same encoder on every rank, classifier rows seeded from raw features.
-    checkpoint, start_epoch, resumed_losses = checkpoint_to_resume(config.resume, out), 0, []
+    checkpoint, start_epoch, resumed_losses, resumed_totals = checkpoint_to_resume(config.resume, out), 0, [], None
     if checkpoint is not None:
         state = restore_checkpoint(checkpoint, *run)
-        start_epoch, resumed_losses = state["epoch"], state["step_losses"]
+        start_epoch, resumed_losses, resumed_totals = state["epoch"], state["step_losses"], state.get("diagnostics")
         log.print(f"resumed from {checkpoint} (epoch {start_epoch}, step {len(resumed_losses)} of the next, "
                   f"written by {state['num_shards']} ranks)")
     # metrics.jsonl keeps what this run's checkpoint covers: the rest is about to be replayed (run_log.py).
@@ -210,13 +210,14 @@ def pretrain(config):
     stop_on_signals()
     for epoch in range(start_epoch, config.epochs):
         loader = pretrain_loader(train_index, config, epoch)
-        diagnostics = EpochDiagnostics(labels, device)
+        diagnostics = EpochDiagnostics(labels, device, resumed_totals if epoch == start_epoch else None)
         try:
             epoch_losses.append(train_one_epoch(epoch, loader, run, config, log, diagnostics,
                                                 resumed_losses if epoch == start_epoch else []))
         except Preempted as stop:
             exit_preempted(stop, save_checkpoint(out, epoch, config, *run, step_losses=stop.step_losses,
-                                                 metrics_lines=log.lines), master)
+                                                 diagnostics=diagnostics.totals.tolist(), metrics_lines=log.lines),
+                           master)
         del loader  # its prefetched batches and decoder go before the kNN pass and the next epoch's pipeline
         last = epoch + 1 == config.epochs
         if (config.knn_every and (epoch + 1) % config.knn_every == 0) or last:

@@ -81,9 +81,10 @@ def batchnorm_buffers(backbone, head):
 
 
 def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, classifier, classifier_optimizer, *,
-                    step_losses=(), metrics_lines=0):
+                    step_losses=(), diagnostics=None, metrics_lines=0):
     """Collective: every rank writes its shard, rank 0 the state, then the directory appears at once.
-    epoch: complete epochs; step_losses: the losses of the steps done since (a stop inside an epoch)."""
+    epoch: complete epochs; step_losses: the losses of the steps done since (a stop inside an epoch), and
+    diagnostics the classifier's totals over them (model.diagnostics.EpochDiagnostics.totals, a list)."""
     final = Path(out_dir) / checkpoint_name(epoch, len(step_losses))
     partial = Path(out_dir) / f".{final.name}.partial"
     if hvd.rank() == 0:
@@ -101,7 +102,7 @@ def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, c
         state = {"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
                  "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "config": vars(config), "num_shards": hvd.size(), "step_losses": list(step_losses),
-                 "metrics_lines": metrics_lines}
+                 "diagnostics": diagnostics, "metrics_lines": metrics_lines}
         torch.save(state, partial / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)

@@ -24,10 +24,13 @@ import torch
 class EpochDiagnostics:
     """Accumulates the classifier's per-sample diagnostics over an epoch on the device (no host sync per step)."""
 
-    def __init__(self, labels, device):
-        """labels: [N] int64 class of each instance, or None when the images have none (a flat folder, -1)."""
+    def __init__(self, labels, device, totals=None):
+        """labels: [N] int64 class of each instance, or None when the images have none (a flat folder, -1);
+        totals: those of the steps done before a stop inside the epoch (a checkpoint's), else zeros."""
         self.labels = None if labels is None or (labels < 0).any() else labels.to(device)
         self.totals = torch.zeros(5, dtype=torch.float64, device=device)  # samples, top-1, p, same label, pairs
+        if totals is not None:
+            self.totals += torch.tensor(totals, dtype=torch.float64, device=device)
 
     def update(self, diagnostics):
         """diagnostics: ids [B], own_probability [B], own_is_top1 [B] bool, hardest [B, K] (-1 padded)."""
