@@ -16,9 +16,28 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ROOT / "tests" / "workers"
 
 
+# Markers (pytest.ini): `horovod` on every test that starts a Horovod job (enforced: horovod_job fails a test
+# without it), `slow` on those (added here) and on the tests that take seconds on the 2-core VM anyway.
+# `pytest -m "not slow" tests` is the fast subset, `-m "not horovod"` skips the multi-process jobs; CI runs all.
+_running = None  # the test being set up or run: module-scoped fixtures start their jobs inside its setup
+
+
+def pytest_runtest_setup(item):
+    global _running
+    _running = item
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("horovod"):
+            item.add_marker(pytest.mark.slow)
+
+
 def horovod_job(num_ranks, script, *args, env=None):
     """(command, environment) of `python script args` as `num_ranks` Horovod ranks, or as one plain `python`
     process (num_ranks=None), a 1-rank job, used to check that path too. env entries set to None are unset."""
+    if _running is not None and _running.get_closest_marker("horovod") is None:
+        pytest.fail(f"{_running.nodeid} starts a Horovod job: mark it @pytest.mark.horovod (tests/conftest.py)")
     horovodrun = Path(sys.executable).parent / "horovodrun"
     command = [sys.executable, str(script), *map(str, args)]
     if num_ranks is not None:

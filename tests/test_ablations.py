@@ -28,6 +28,7 @@ def epoch_records(epoch, knn20, loss):
                                                                     "knn200_top1": knn20 - 5}]
 
 
+@pytest.mark.slow
 def test_table_takes_the_last_record_of_a_resumed_epoch_and_plots_are_written(ablations, tmp_path):
     write_run(tmp_path / "defaults", [*epoch_records(1, 50.0, 8.0), *epoch_records(2, 60.0, 7.0),
                                       *epoch_records(2, 61.0, 6.5),  # epoch 2 again after a resume

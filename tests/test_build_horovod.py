@@ -182,6 +182,7 @@ def run_script(*command, env_changes=None):
                           timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(torch.version.cuda), reason="checks the plan of a CPU-only torch; this one has CUDA")
 def test_this_cpu_machine_keeps_the_cache_key_of_every_earlier_build():
     result = run_script("bash", ".ci/build-horovod.sh", "--dry-run", sys.executable,
@@ -197,6 +198,7 @@ def test_this_cpu_machine_keeps_the_cache_key_of_every_earlier_build():
     assert f"/horovod-0.28.1-{key} (wheel:" in result.stdout
 
 
+@pytest.mark.slow
 def test_script_errors_are_one_line(tmp_path):
     (tmp_path / build_plan.SDIST_NAME).write_bytes(b"not the sdist")
     result = run_script(sys.executable, ".ci/horovod_build_plan.py", "--sdist-dir", str(tmp_path))

@@ -35,6 +35,7 @@ def ranks(request, tmp_path_factory):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.horovod
 def test_loss_and_gradients_match_oracle(ranks, name, backend):
     case = CASES[name]
     loss, features_grad, weight_grad = oracle(case)
@@ -48,6 +49,7 @@ def test_loss_and_gradients_match_oracle(ranks, name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.horovod
 def test_merged_topk_equals_dense_topk(ranks, backend):
     case = CASES["smooth"]
     features, weight, labels = make_problem(case)
@@ -60,6 +62,7 @@ def test_merged_topk_equals_dense_topk(ranks, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.horovod
 def test_diagnostics_match_the_dense_oracle(ranks, name, backend):
     """Per sample of the global batch, on every rank: its id, exp(z_{i,y_i} - lse_i), whether its own class
     is the argmax, and the merged top-K ids, against the float64 logits."""
@@ -92,6 +95,7 @@ def test_oracle_smoothing_changes_the_loss():
     assert relative_error(oracle(case)[0], F.cross_entropy(logits, labels)) > 1e-3
 
 
+@pytest.mark.horovod
 def test_seed_writes_exactly_the_owned_rows(ranks):
     case = CASES["smooth"]
     features, _, labels = make_problem(case)
@@ -108,6 +112,7 @@ def test_seed_writes_exactly_the_owned_rows(ranks):
     assert total == len(expected_rows)
 
 
+@pytest.mark.horovod
 def test_one_sgd_step_equals_single_process(ranks):
     torch.manual_seed(0)
     backbone = tiny_backbone()
@@ -171,6 +176,7 @@ def test_bad_shapes_are_a_clear_error(features, ids, message):
     (torch.tensor([[float("nan")] * 16] * 4), torch.tensor([0, 1, 2, 3]), FloatingPointError, "features contain NaN or Inf"),
     (torch.tensor([[float("inf")] * 16] * 4), torch.tensor([0, 1, 2, 3]), FloatingPointError, "features contain NaN or Inf"),
 ])
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf in the interpreter
 def test_bad_input_makes_the_loss_nan_and_check_input_names_it(features, ids, error, message, backend):

@@ -62,6 +62,7 @@ def test_second_call_reuses_the_cache(dataset_root):
     assert (dataset_root / "val").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_simultaneous_writers_agree(tmp_path):
     write = f"from data.builtin import builtin_dataset; print(builtin_dataset({str(tmp_path)!r}))"
     writers = [subprocess.Popen([sys.executable, "-c", write], cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -40,6 +40,7 @@ def two_rank_record(tmp_path_factory):
 
 
 @pytest.mark.parametrize("loader", ["pretrain", "linear", "eval"])
+@pytest.mark.horovod
 def test_each_epoch_is_a_permutation_of_all_ids_across_ranks(two_rank_record, loader):
     for epoch in range(EPOCHS):
         shards = [record[loader]["epoch_ids"][epoch] for record in two_rank_record]
@@ -50,16 +51,19 @@ def test_each_epoch_is_a_permutation_of_all_ids_across_ranks(two_rank_record, lo
         assert len(record[loader]["batches"]) == batches * EPOCHS
 
 
+@pytest.mark.horovod
 def test_ranks_index_the_same_files(two_rank_record):
     assert two_rank_record[0]["files"] == two_rank_record[1]["files"]
 
 
 @pytest.mark.parametrize("loader", ["pretrain", "linear"])
+@pytest.mark.horovod
 def test_training_shards_are_reshuffled_every_epoch(two_rank_record, loader):
     first_rank_sets = [frozenset(ids) for ids in two_rank_record[0][loader]["epoch_ids"]]
     assert len(set(first_rank_sets)) == EPOCHS
 
 
+@pytest.mark.horovod
 def test_eval_shards_are_in_id_order_and_fixed(two_rank_record):
     shards = [record["eval"]["epoch_ids"] for record in two_rank_record]
     boundary = NUM_IMAGES // NUM_RANKS  # DALI's shard r holds ids [N r // P, N (r + 1) // P)
@@ -68,6 +72,7 @@ def test_eval_shards_are_in_id_order_and_fixed(two_rank_record):
 
 
 @pytest.mark.parametrize("loader", ["pretrain", "linear", "eval"])
+@pytest.mark.horovod
 def test_only_the_last_batch_of_an_epoch_is_partial(two_rank_record, loader):
     for rank, record in enumerate(two_rank_record):
         shard_size = (NUM_IMAGES * (rank + 1)) // NUM_RANKS - (NUM_IMAGES * rank) // NUM_RANKS  # 26, then 27
@@ -79,6 +84,7 @@ def test_only_the_last_batch_of_an_epoch_is_partial(two_rank_record, loader):
 
 
 @pytest.mark.parametrize("loader, views", [("pretrain", 2), ("linear", 1), ("eval", 1)])
+@pytest.mark.horovod
 def test_batches_have_the_promised_shapes_types_and_values(two_rank_record, loader, views):
     for record in two_rank_record:
         for batch in record[loader]["batches"]:
@@ -113,6 +119,7 @@ def test_same_seed_gives_the_same_epochs_and_another_seed_does_not(small_index):
         assert not all(torch.equal(views, other_views) for (views, _), (other_views, _) in zip(expected, other_epoch))
 
 
+@pytest.mark.horovod
 def test_a_fresh_process_draws_the_same_epoch_for_the_same_seed_and_rank(small_index, tmp_path):
     """What resuming relies on: an epoch's loader in a new process equals one built after other loaders here."""
     seed, rank, world_size = 11, 1, 2
@@ -135,6 +142,7 @@ MEMORY_LOADERS = MEMORY_WARMUP_LOADERS + 12
 MEMORY_GROWTH_MIB = 15
 
 
+@pytest.mark.horovod
 def test_memory_stays_flat_over_a_loader_per_epoch(tmp_path):
     """RSS after each of 15 dropped loaders, in a fresh process: the lowest of the last three within
     MEMORY_GROWTH_MIB of the highest of the warm-up, so that a passing spike cannot fail it but steady growth does."""
@@ -297,6 +305,7 @@ def test_a_damaged_image_is_a_one_line_error_naming_it(damaged_index):
             pass
 
 
+@pytest.mark.horovod
 def test_a_damaged_image_ends_a_horovod_job_instead_of_hanging(damaged_index):
     with pytest.raises(pytest.fail.Exception, match=r"<stdout>:error: DALI cannot decode .*image15.jpg"):
         run_horovod(NUM_RANKS, WORKERS / "data_decode_failure.py", damaged_index.path, timeout=120)

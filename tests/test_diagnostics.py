@@ -64,6 +64,7 @@ def test_epoch_diagnostics_match_the_oracle(k, labelled):
 
 
 @pytest.mark.parametrize("num_ranks, num_rows", [(None, 9), (2, 9), (3, 10), (3, 2)])
+@pytest.mark.horovod
 def test_row_norm_statistics_over_shards(num_ranks, num_rows, tmp_path):
     run_horovod(num_ranks, WORKERS / "row_norms.py", num_rows, tmp_path / "norms.json", timeout=120)
     norms = global_rows(num_rows).double().norm(dim=1)

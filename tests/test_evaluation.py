@@ -39,6 +39,7 @@ def knn_oracle(bank, bank_labels, queries, query_labels):
 
 
 @pytest.mark.parametrize("num_ranks", [None, 2, 3])
+@pytest.mark.horovod
 def test_sharded_knn_matches_the_dense_oracle(num_ranks, tmp_path):
     run_horovod(num_ranks, WORKERS / "knn_shards.py", tmp_path / "knn.json", timeout=180)
     accuracy = json.loads((tmp_path / "knn.json").read_text())

@@ -14,6 +14,8 @@ import torch
 from tests.conftest import WORKERS, run_horovod
 from tests.workers.batchnorm_calibration import BATCH_SIZE, IMAGE_SIZE
 
+pytestmark = pytest.mark.horovod  # every test here starts Horovod jobs
+
 IMAGES_PER_CLASS = 30  # 300 images: 12 (P = 1) or 2 x 6 (P = 2) full batches of 25
 
 

@@ -134,6 +134,7 @@ def test_chunked_ties_go_to_the_lower_class_id():
     check_shard_stats(chunked, features_n, weight, labels, 0, 16, 0.5, chunk_elements=12 * 7)
 
 
+@pytest.mark.slow
 def test_chunked_extra_memory_does_not_grow_with_classes():
     """Peak RSS of a fresh process around the chunked forward + backward at B = 256, D = 16 with 2^18-
     element (1 MiB) chunks, for C = 100k and 400k: a [B, C] fp32 buffer would be 98 / 391 MiB; the
@@ -184,6 +185,7 @@ TRITON_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,num_classes,dim,k,alpha,temperature,dtype", TRITON_CASES)
 def test_triton_matches_oracle(batch, num_classes, dim, k, alpha, temperature, dtype):
     check_against_oracle("triton", batch, num_classes, dim, k, alpha, temperature, dtype)
@@ -193,6 +195,7 @@ def test_triton_matches_oracle(batch, num_classes, dim, k, alpha, temperature, d
 SMALL_TILES = [dict(block_batch=16, block_classes=16, num_splits=3), dict(block_batch=16, block_classes=32, num_splits=1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiles", SMALL_TILES, ids=["splits3", "splits1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_shard_level_tiles_splits_offsets(tiles, dtype):
@@ -218,6 +221,7 @@ def test_triton_ties_go_to_the_lower_class_id(tiles):
     check_shard_stats(triton_topk_xent, features_n, weight, labels, 0, 16, 0.5, **tiles)
 
 
+@pytest.mark.slow
 def test_triton_writes_every_output_and_is_deterministic(monkeypatch):
     """Fill every buffer the launchers allocate with NaN (ints with a bogus id): the results must be
     bit-identical to a clean run, so every element was written and nothing depends on run order."""

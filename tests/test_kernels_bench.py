@@ -30,6 +30,7 @@ def test_gpu_check_rejects_bad_arguments(args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
 def test_gpu_mode_without_cuda_says_what_to_do():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel.py"), "gpu"], capture_output=True, text=True,
@@ -148,6 +149,7 @@ def test_wrong_loss_fails(near_tie):
     assert verdict.errors["loss"] > verdict.tolerances["loss"] and len(verdict.failures) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", bench.DRY_RUN_CASES[:-1], ids=str)
 def test_dry_run_cases_pass_the_check(case):
     """check_case as `gpu --dry-run` runs it: outputs judged, rerun bitwise equal (the near-tie case's

@@ -16,6 +16,8 @@ from kernels.reference import relative_error
 from tests.classifier_problems import CASES
 from tests.conftest import WORKERS, run_horovod
 
+pytestmark = pytest.mark.horovod  # every test here starts Horovod jobs
+
 BACKENDS = ["chunked", "triton"]
 CACHE_CAPACITY = 4  # the classifier's three collectives fit; Horovod's default is 1024
 EVICTION_WARNING = "A response has been evicted from cache"

@@ -135,6 +135,7 @@ def test_triton_rounds_operands_to_the_compute_dtype_like_torch():
 TRITON_LOSS_LAUNCHES = 14
 
 
+@pytest.mark.slow
 def test_triton_loss_step_launches_few_kernels_and_never_syncs():
     features, weight, labels = make_problem(33, 200, 32, torch.float32)
     features.requires_grad_(True)

@@ -36,6 +36,7 @@ def shapes_of(state_dict):
     return {key: list(tensor.shape) for key, tensor in state_dict.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("width", [16, 64])
 @pytest.mark.parametrize("small_stem, image_size", [(True, 32), (False, 64)])
@@ -49,6 +50,7 @@ def test_forward_gives_pooled_features(name, width, small_stem, image_size):
     assert torch.isfinite(features).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_channels_last_input_matches_contiguous(name):
     torch.manual_seed(0)
@@ -107,6 +109,7 @@ def test_parameter_count_with_fc_matches_torchvision(name):
     assert sum(parameter.numel() for parameter in model.parameters()) == TORCHVISION_PARAMETERS[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_export_round_trips_with_strict_loading(name):
     torch.manual_seed(0)

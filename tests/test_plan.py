@@ -8,6 +8,7 @@ from tests.conftest import WORKERS, run_horovod
 
 
 @pytest.mark.parametrize("num_ranks", [2, 3])
+@pytest.mark.horovod
 def test_plan_matches_measured_traffic_and_shard_memory(num_ranks, tmp_path):
     instances, batch, dim, k = 1001, 8, 16, 5
     run_horovod(num_ranks, WORKERS / "plan_traffic.py", tmp_path, instances, batch, dim, k)

@@ -85,6 +85,7 @@ def checkpoint_files(checkpoint):
 
 
 # -------------------------------------------------------------------------------- 11.1 ranks agree on resume
+@pytest.mark.horovod
 def test_every_rank_resumes_what_rank_0_chose_or_every_rank_stops(reference_run, tiny_dataset, tmp_path):
     """Rank 1 sees an older --out (no shared file system, NFS lag): it must not resume epoch 1 while rank 0
     resumes epoch 2; both stop with rank 1's one line."""
@@ -99,6 +100,7 @@ def test_every_rank_resumes_what_rank_0_chose_or_every_rank_stops(reference_run,
 
 
 # -------------------------------------------------------------------------------- 11.2 stale state
+@pytest.mark.horovod
 def test_a_run_directory_of_another_dataset_is_refused(reference_run, tiny_dataset, tmp_path):
     other, out = tmp_path / "other", tmp_path / "run"
     shutil.copytree(tiny_dataset, other)
@@ -111,6 +113,7 @@ def test_a_run_directory_of_another_dataset_is_refused(reference_run, tiny_datas
 
 
 # -------------------------------------------------------------------------------- 11.3 settings judged first
+@pytest.mark.horovod
 def test_impossible_settings_stop_every_rank_before_any_work(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     result = trainer("--data", tiny_dataset, "--out", out, *RUN, "--warmup-epochs", "2", check=False)
@@ -161,6 +164,7 @@ def test_gpu_only_settings_are_refused_without_cuda(flags, message, tmp_path, mo
 
 
 # -------------------------------------------------------------------------------- 11.4 + 11.6 preemption
+@pytest.mark.horovod
 def test_a_signal_to_one_rank_stops_both_after_the_same_step_and_the_resume_is_bitwise_exact(
         reference_run, tiny_dataset, tmp_path):
     """SIGTERM reaches rank 1 only, inside epoch 1: both ranks stop after step 5 with a checkpoint; the same
@@ -182,6 +186,7 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step_and_the_resume_is_b
         assert_checkpoints_bitwise_equal(reference_run / name, out / name)
 
 
+@pytest.mark.horovod
 def test_ctrl_c_to_horovodrun_finishes_the_step_and_writes_a_checkpoint(tiny_dataset, tmp_path):
     """horovodrun turns Ctrl-C (SIGINT to its process group) into SIGTERM to every rank, SIGKILL 5 s later."""
     out = tmp_path / "run"
@@ -197,6 +202,7 @@ def test_ctrl_c_to_horovodrun_finishes_the_step_and_writes_a_checkpoint(tiny_dat
     # psutil wait reaps the rank's shell, and subprocess's own wait then finds no child and takes 0.
 
 
+@pytest.mark.horovod
 def test_a_second_signal_exits_at_once_without_a_checkpoint(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     job = start_trainer("--data", tiny_dataset, "--out", out, *RUN, fault="0:1:2:hold")
@@ -213,6 +219,7 @@ def test_a_second_signal_exits_at_once_without_a_checkpoint(tiny_dataset, tmp_pa
 
 
 # -------------------------------------------------------------------------------- 11.7 a failing rank
+@pytest.mark.horovod
 def test_a_failing_rank_ends_the_job_at_once_with_its_error(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     job = start_trainer("--data", tiny_dataset, "--out", out, *RUN, fault="1:1:3:raise")
@@ -226,6 +233,7 @@ def test_a_failing_rank_ends_the_job_at_once_with_its_error(tiny_dataset, tmp_pa
 
 
 # -------------------------------------------------------------------------------- 11.5 shard reads on resume
+@pytest.mark.horovod
 def test_a_resume_reads_only_the_shards_that_overlap_the_rank(reference_run, tmp_path):
     run_horovod(2, WORKERS / "trainer_shard_reads.py", reference_run / "checkpoint-0002", tmp_path)
     for rank in (0, 1):
@@ -235,6 +243,7 @@ def test_a_resume_reads_only_the_shards_that_overlap_the_rank(reference_run, tmp
 
 
 # -------------------------------------------------------------------------------- 11.8 CPU threads per rank
+@pytest.mark.horovod
 def test_each_rank_takes_its_share_of_the_cores_unless_omp_num_threads_is_set(tmp_path):
     run_horovod(2, WORKERS / "trainer_threads.py", tmp_path, env={"OMP_NUM_THREADS": None})
     for rank in (0, 1):

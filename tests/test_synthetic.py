@@ -43,6 +43,7 @@ TINY = ["--image-size", "32", "--arch", "resnet18", "--width", "8", "--small-ste
         "--feat-dim", "16", "--batch-size", "8", "--warmup-epochs", "1", "--log-every", "1"]
 
 
+@pytest.mark.horovod
 def test_trainer_runs_on_synthetic_data_without_dali(tmp_path):
     out = tmp_path / "run"
     result = run_horovod(2, WORKERS / "trainer_without_dali.py", "--data", "synthetic", "--instances", "50",
@@ -62,12 +63,14 @@ def test_trainer_runs_on_synthetic_data_without_dali(tmp_path):
     (["--data", "synthetic", "--instances", "1"], "--instances must be at least 2"),
     (["--steps-per-epoch", "3"], "with --data synthetic only"),
 ])
+@pytest.mark.slow
 def test_synthetic_flags_are_judged_first(args, message, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args, "--out", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
 
 
+@pytest.mark.horovod
 def test_train_step_bench_cpu_mode_prints_both_heads():
     result = run_horovod(2, ROOT / "bench" / "train_step.py", "cpu", "--instances", "500", "--steps", "1",
                          "--warmup", "1")

@@ -27,6 +27,7 @@ def run_two_epochs(tiny_dataset, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.horovod
 def test_pretraining_writes_config_metrics_checkpoints_and_backbone(run_two_epochs):
     from model import expected_torchvision_keys
     out, result = run_two_epochs
@@ -50,6 +51,7 @@ def test_pretraining_writes_config_metrics_checkpoints_and_backbone(run_two_epoc
     assert "global batch 32" in result.stdout and "global batch" not in result.stderr
 
 
+@pytest.mark.horovod
 def test_resume_continues_bitwise_and_metrics_read_as_one_run(run_two_epochs, tiny_dataset, tmp_path):
     """Killed after epoch 2's records were written but before its checkpoint was complete: the resume from
     checkpoint 1 ends bitwise equal to the uninterrupted run, and metrics.jsonl holds each record once."""
@@ -65,6 +67,7 @@ def test_resume_continues_bitwise_and_metrics_read_as_one_run(run_two_epochs, ti
     assert_checkpoints_bitwise_equal(out / "checkpoint-0002", resumed / "checkpoint-0002")
 
 
+@pytest.mark.horovod
 def test_checkpoint_of_two_ranks_reshards_exactly(run_two_epochs):
     """Rows written by P = 2 read back for P = 1 and P = 3 are the same rows."""
     from model.checkpoint import load_rows, load_state
@@ -82,6 +85,7 @@ def test_checkpoint_of_two_ranks_reshards_exactly(run_two_epochs):
         assert torch.equal(weight, full_weight[start:stop]) and torch.equal(momentum, full_momentum[start:stop])
 
 
+@pytest.mark.horovod
 def test_resume_with_one_rank_from_two_rank_checkpoint(run_two_epochs, tiny_dataset, tmp_path):
     """A plain-python (P = 1) resume trains on from the rows the two ranks wrote."""
     resumed = tmp_path / "resumed1"
@@ -92,6 +96,7 @@ def test_resume_with_one_rank_from_two_rank_checkpoint(run_two_epochs, tiny_data
     assert [m["epoch"] for m in read_metrics(resumed) if "epoch_loss" in m] == [1, 2, 3]
 
 
+@pytest.mark.horovod
 def test_linear_evaluation_knn_and_export(run_two_epochs, tmp_path):
     from model import expected_torchvision_keys
     out, _ = run_two_epochs
@@ -111,6 +116,7 @@ def test_linear_evaluation_knn_and_export(run_two_epochs, tmp_path):
     assert torch.equal(exported["layer4.1.conv2.weight"], state["backbone"]["layer4.1.conv2.weight"])
 
 
+@pytest.mark.slow
 def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path):
     """After the init, row i of W is the normalized head output of image i in eval mode under the BatchNorm
     statistics of the shuffled pass (tests/test_initialisation.py checks those against their oracle), the weights
@@ -155,6 +161,7 @@ def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path):
     (["knn", "--ckpt", "/no/such/run"], "no complete checkpoint"),
     (["plan", "--gpus", "0"], "must be positive"),
 ])
+@pytest.mark.slow
 def test_bad_flags_and_paths_are_one_line_errors(args, message, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args, *(["--out", str(tmp_path)] if args[0].startswith("--") else [])],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -164,6 +171,7 @@ def test_bad_flags_and_paths_are_one_line_errors(args, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.horovod
 def test_export_of_a_small_stem_backbone_is_a_one_line_error(run_two_epochs, tiny_dataset, tmp_path):
     out = tmp_path / "small"
     trainer("--data", tiny_dataset, "--out", out, "--epochs", "1", "--knn-every", "0", *TINY, "--small-stem",
@@ -173,6 +181,7 @@ def test_export_of_a_small_stem_backbone_is_a_one_line_error(run_two_epochs, tin
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "small-image stem" in result.stderr
 
 
+@pytest.mark.horovod
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(run_two_epochs, tiny_dataset, tmp_path):
     out = tmp_path / "diverge"
     shutil.copytree(run_two_epochs[0], out)
@@ -184,6 +193,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(run_two_ep
     assert (out / "checkpoint-0002" / "state.pt").is_file() and not (out / "checkpoint-0003").exists()
 
 
+@pytest.mark.slow
 def test_plan_prints_hybrid_and_replicated_memory():
     result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "plan", "--instances", "1281167", "--gpus", "64",
                              "--batch-size", "64", "--feat-dim", "128"], cwd=ROOT, capture_output=True, text=True,
