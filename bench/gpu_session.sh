@@ -33,7 +33,7 @@ STEPS=(
     "setup 180 bash bench/gpu_setup.sh $WHEELS"
     "classifier_step 50 $PYTHON bench/classifier_step.py cuda"
     "train_step 120 $PYTHON bench/train_step.py gpu"
-    "trainer 70 $PYTHON trainer.py --data synthetic --out $RUN_DIR/run --epochs 1 --steps-per-epoch 40 --log-every 10"
+    "trainer 70 $PYTHON trainer.py --data synthetic --out $RUN_DIR/run --epochs 1 --warmup-epochs 0 --steps-per-epoch 40 --log-every 10"
     "kernels 130 env BUDGET_S=120 bash bench/gpu_check.sh $WHEELS"
 )
 
