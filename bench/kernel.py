@@ -413,18 +413,20 @@ def gpu_benchmark(args, device):
             ours = timings["ours (Triton)"][0]
             print(f"| {name} | {milliseconds:.3f} | {flops / milliseconds / 1e9:.1f} | {milliseconds / floor:.2f} | "
                   f"{milliseconds / ours:.2f}x | {timings[name][1]:.0f} |")
-        report_targets(timings, floor)
+        report_targets(timings, floor, k)
 
 
-def report_targets(timings, floor):
-    """The issue's targets: <= 1.3x floor, >= 4x eager, >= 1.5x compile, memory <= 5% of eager's."""
+def report_targets(timings, floor, k):
+    """Issue 9's targets: x GEMM floor <= 2.5 at K > 0 and <= 2.0 at K = 0; at K = 0 also faster than Apple's
+    cut-cross-entropy; >= 1.5x torch.compile; extra memory <= 5% of eager's (launches: tests/test_kernels_exchange.py)."""
     ours, ours_mib = timings["ours (Triton)"]
-    checks = [f"x floor {ours / floor:.2f} (target <= 1.3)"]
+    checks = [f"x floor {ours / floor:.2f} (target <= {2.0 if k == 0 else 2.5})"]
     if "torch eager, materialised" in timings:
-        eager, eager_mib = timings["torch eager, materialised"]
-        checks += [f"vs eager {eager / ours:.2f}x (target >= 4)", f"memory {ours_mib / eager_mib:.1%} of eager's (target <= 5%)"]
+        checks.append(f"memory {ours_mib / timings['torch eager, materialised'][1]:.1%} of eager's (target <= 5%)")
     if "torch.compile, materialised" in timings:
         checks.append(f"vs compile {timings['torch.compile, materialised'][0] / ours:.2f}x (target >= 1.5)")
+    if k == 0 and "Apple cut-cross-entropy" in timings:
+        checks.append(f"vs cut-cross-entropy {timings['Apple cut-cross-entropy'][0] / ours:.2f}x (target > 1)")
     print("Targets: " + "; ".join(checks))
 
 

@@ -39,7 +39,7 @@ the rounded row. bf16: tensor-core products with fp32 accumulation; fp32: input_
 the default on GPUs, would cost ~1e-3 relative error). Statistics, G and accumulators are fp32. With bf16
 operands the softmax and -q parts of G reach the products separately rounded to bf16 (the dE kernel's
 -q part even exact, in fp32: _target_rows_kernel), so an entry where p_ij ~ q_ij (a target the model
-already fits) has relative error ~2^-9 (p + q) / |p - q| instead of 2^-9. Under
+already fits) has relative error ~2^-8 (p + q) / |p - q| instead of 2^-8 (bf16 unit roundoff). Under
 TRITON_INTERPRET=1 (set it before triton is imported) operands are rounded to compute_dtype and then
 multiplied in fp32: the triton 3.9 interpreter returns garbage for tl.dot on bf16 operands, so the bf16
 tensor-core product is only exercised on a GPU.
