@@ -32,9 +32,9 @@ import horovod.torch as hvd
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from data.builtin import builtin_dataset
-from data.index import InstanceIndex, build_index
+from data.index import InstanceIndex
 from data.loaders import is_synthetic, pretrain_loader
+from data.run_index import run_indexes
 from model.checkpoint import (checkpoint_to_resume, load_state, resolve_checkpoint, restore_checkpoint,
                               save_checkpoint)
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
@@ -45,9 +45,9 @@ from model.encoder import build_encoder
 from model.errors import UsageError
 from model.evaluation import baselines, knn_monitor, linear_evaluation, report
 from model.export import export_backbone
-from model.initialisation import raw_feature_init
 from model.faults import (Preempted, default_signals, end_job_on_failure, end_of_step, exit_now, exit_preempted,
-                          raise_on_every_rank, stop_on_signals)
+                          stop_on_signals)
+from model.initialisation import raw_feature_init
 from model.plan import plan
 from model.run_log import RunLog
 from model.schedule import set_learning_rate, warmup_cosine
@@ -156,10 +156,7 @@ def pretrain(config):
         config.num_instances = config.instances
         log.print("synthetic data: kNN monitor and linear evaluation are skipped (no labels)")
     else:
-        train_folder, val_folder = dataset_folders(config.data)
-        train_index = load_or_build_index(train_folder, out / "index-train", config.strict, log.print)
-        if val_folder:
-            val_index = load_or_build_index(val_folder, out / "index-val", config.strict, log.print)
+        train_index, val_index = run_indexes(config.data, out, config.strict, log.print)
         config.num_instances = train_index.num_instances
     config.world_size = hvd.size()
     config.global_batch = config.batch_size * config.world_size
@@ -308,37 +305,6 @@ def package_versions():
         except importlib.metadata.PackageNotFoundError:
             return None
     return {name: version(name) for name in ("torch", "horovod", "nvidia-dali-cuda120", "triton", "numpy")}
-
-
-def dataset_folders(data):
-    """(train folder, val folder or None); the built-in dataset when data is None."""
-    root = Path(builtin_dataset() if data is None else data).expanduser()
-    if not root.is_dir():
-        raise UsageError(f"--data {root}: no such folder")
-    if (root / "train").is_dir():
-        return root / "train", (root / "val" if (root / "val").is_dir() else None)
-    return root, None
-
-
-def load_or_build_index(folder, index_dir, strict, log):
-    """The instance index persisted in the run directory: built once by rank 0, then reloaded (stable ids on
-    resume). An index of another folder is refused: the run would train on it while config.json names this one."""
-    index, error = None, None
-    try:  # what the index says of the folder is the user's to fix: one line, on every rank
-        if hvd.rank() == 0 and not (index_dir / "index.json").is_file():
-            build_index(folder, index_dir=index_dir, strict=strict, log=log)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as failure:
-        error = str(failure)
-    raise_on_every_rank(error)  # collective: rank 0 has written the index
-    try:
-        index = InstanceIndex.load(index_dir)
-        if index.root != Path(folder).expanduser().resolve():
-            error = (f"{index_dir} indexes {index.root}, not {folder}: a run directory holds one dataset, give "
-                     f"this one another --out")
-    except (FileNotFoundError, ValueError) as failure:
-        error = str(failure)
-    raise_on_every_rank(error)
-    return index
 
 
 # -------------------------------------------------------------------------------- subcommands
