@@ -167,8 +167,9 @@ def pretrain(config):
     log.print("config: " + " ".join(f"{key}={value}" for key, value in vars(config).items() if key != "versions"))
     log.print(f"{config.num_instances} instances, {config.world_size} ranks x {config.batch_size} images = global "
               f"batch {config.global_batch}, lr {config.base_lr:.4g}; config: {out / 'config.json'}")
-    log.print(f"rank 0 on {describe_device(device)}" + "".join(f", {name}={value} (default of this trainer)"
-                                                              for name, value in horovod_settings.items()))
+    devices = hvd.allgather_object(describe_device(device), name="devices")  # which GPU each rank drives
+    log.print("devices: " + "; ".join(f"rank {rank} {name}" for rank, name in enumerate(devices))
+              + "".join(f"; {name}={value} (this trainer's default)" for name, value in horovod_settings.items()))
 
     # Model: data-parallel encoder, model-parallel classifier (rows [start, stop) on this rank).
     torch.manual_seed(config.seed)
