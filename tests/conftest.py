@@ -60,3 +60,10 @@ def run_horovod(num_ranks, script, *args, timeout=600, env=None, check=True):
 def horovod():
     """Fixture form of run_horovod, so tests read `horovod(2, WORKERS / "x.py", out)`."""
     return run_horovod
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """12 train and 4 val images per digit of the built-in data, one copy per test module (tests/trainer_runs.py)."""
+    from tests.trainer_runs import copy_tiny_dataset  # trainer_runs imports this module
+    return copy_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")

@@ -18,16 +18,11 @@ import torch
 from model.errors import UsageError
 from model.faults import TEST_FAULT_VARIABLE
 from tests.conftest import ROOT, WORKERS, horovod_job, run_horovod
-from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, copy_tiny_dataset, trainer, training_records
+from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, trainer, training_records
 
 # 2 epochs of 15 steps, every step logged, a checkpoint after each epoch.
 RUN = [*SMALL, "--epochs", "2", "--save-every", "1", "--log-every", "1", "--knn-every", "0"]
 STEPS_PER_EPOCH = 15  # 120 images / (2 ranks x 4)
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    return copy_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.trainer_runs import (TINY, assert_checkpoints_bitwise_equal, copy_tiny_dataset, read_metrics, step_losses,
+from tests.trainer_runs import (TINY, assert_checkpoints_bitwise_equal, read_metrics, step_losses,
                                 trainer, training_records)
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    return copy_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
 
 
 @pytest.fixture(scope="module")
