@@ -125,6 +125,8 @@ group.add_argument("--seed", type=int, default=0, help="seed of the initialisati
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  parents=[flags])
 
+SYNTHETIC_ONLY = ("instances", "steps_per_epoch")  # the flags of --data synthetic, ignored with image files
+
 # Flags left unset take the built-in demo's values without --data, the ImageNet-scale ones with it.
 BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=15,
                         batch_size=128, warmup_epochs=1, classifier_lr_mult=10.0, lr=0.24, min_scale=0.5,
@@ -164,7 +166,8 @@ def pretrain(config):
     config.versions = package_versions()
     if master:
         (out / "config.json").write_text(json.dumps(vars(config), indent=1) + "\n")
-    log.print("config: " + " ".join(f"{key}={value}" for key, value in vars(config).items() if key != "versions"))
+    unused = {"versions"} if is_synthetic(config) else {"versions", *SYNTHETIC_ONLY}  # flags this run ignores
+    log.print("config: " + " ".join(f"{key}={value}" for key, value in vars(config).items() if key not in unused))
     log.print(f"{config.num_instances} instances, {config.world_size} ranks x {config.batch_size} images = global "
               f"batch {config.global_batch}, lr {config.base_lr:.4g}; config: {out / 'config.json'}")
     devices = hvd.allgather_object(describe_device(device), name="devices")  # which GPU each rank drives

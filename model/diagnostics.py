@@ -40,9 +40,9 @@ class EpochDiagnostics:
             hardest_labels = self.labels[diagnostics.hardest.clamp(min=0)]
             same = (hardest_labels == self.labels[diagnostics.ids][:, None]) & valid
             same_label, pairs = same.sum(), valid.sum()
-        self.totals += torch.stack([torch.tensor(len(diagnostics.ids), device=self.totals.device),
-                                    diagnostics.own_is_top1.sum(), diagnostics.own_probability.double().sum(),
-                                    same_label, pairs]).double()
+        self.totals[0] += len(diagnostics.ids)  # a host number: no copy to the device
+        self.totals[1:] += torch.stack([diagnostics.own_is_top1.sum().double(),
+                                        diagnostics.own_probability.double().sum(), same_label, pairs]).double()
 
     def summary(self, weight):
         """The epoch's numbers as {name: float}; weight: this rank's classifier shard [N / P, D]. Collective."""

@@ -12,22 +12,27 @@ import torch
 # default cycle and 0.16 ms at 0.1 ms, and the classifier step 7.9 ms vs 4.05 ms. At 0.1 ms the wait is
 # at most 0.1 of those 0.16 ms, so a shorter cycle could save little more and would wake the thread more
 # often; a longer one fuses more of the backbone's gradient all-reduces per cycle, which this step does
-# not need (they are large enough to run at full bandwidth on their own). On CPU ranks (gloo) a step
-# takes tens of milliseconds or more and the cycle is lost in it: there Horovod's own default stays (on
-# the 2-core development VM, P = 2, bench/RESULTS.md, 0.1 ms made no difference beyond the noise).
+# not need (they are large enough to run at full bandwidth on their own).
+# CPU ranks (gloo) are the other way round: a step takes a second or so, and every cycle is a round trip
+# between the ranks' background threads that takes CPU time from the ranks' compute threads, which fill
+# every core (model/threads.py). On the 2-core VM, built-in demo at P = 2 (2026-11-26, bench/RESULTS.md):
+# 130 images/s at Horovod's 1 ms, 160-170 at 5 ms, which adds at most 3 x 5 ms of waiting to a ~1.6 s step.
 GPU_CYCLE_TIME_MS = "0.1"
+CPU_CYCLE_TIME_MS = "5"
 
 
 def default_horovod_environment():
     """Set Horovod's settings this workload needs where the user has not set them; call before hvd.init().
 
     HOROVOD_CYCLE_TIME (ms): GPU_CYCLE_TIME_MS when the ranks train on GPUs (see there: the classifier's
-    collectives are small and on the critical path, so latency matters more than fusing). Returns
+    collectives are small and on the critical path, so latency matters more than fusing), CPU_CYCLE_TIME_MS
+    on CPU ranks (fewer wake-ups of the background thread on cores the compute needs). Returns
     {variable: value} of what it set.
     """
     chosen = {}
-    if "HOROVOD_CYCLE_TIME" not in os.environ and torch.cuda.is_available():
-        chosen["HOROVOD_CYCLE_TIME"] = os.environ["HOROVOD_CYCLE_TIME"] = GPU_CYCLE_TIME_MS
+    if "HOROVOD_CYCLE_TIME" not in os.environ:
+        cycle = GPU_CYCLE_TIME_MS if torch.cuda.is_available() else CPU_CYCLE_TIME_MS
+        chosen["HOROVOD_CYCLE_TIME"] = os.environ["HOROVOD_CYCLE_TIME"] = cycle
     return chosen
 
 
@@ -74,7 +79,10 @@ def barrier(name):
 def average_batchnorm_statistics(*modules):
     """BatchNorm running statistics move per rank; averaging them keeps one encoder on every rank
     (what the kNN monitor evaluates and rank 0 saves), as after a resume."""
-    for module in modules:
-        for name, buffer in module.named_buffers():
-            if buffer.is_floating_point():
-                buffer.copy_(hvd.allreduce(buffer, op=hvd.Average, name=f"bn.{name}"))
+    buffers = [buffer for module in modules for buffer in module.buffers() if buffer.is_floating_point()]
+    if not buffers:
+        return
+    # One grouped collective, not one per buffer: each would wait for a Horovod cycle of its own.
+    averages = hvd.grouped_allreduce(buffers, op=hvd.Average, name=f"bn.{len(buffers)}")
+    for buffer, average in zip(buffers, averages):
+        buffer.copy_(average)

@@ -220,9 +220,10 @@ def test_bf16_compute_dtype_keeps_fp32_parameters_and_gradients():
     assert relative_error(classifier.weight.grad.double(), expected_weight_grad) < 2e-2
 
 
-@pytest.mark.parametrize("cuda,user_value,expected", [(True, None, "0.1"), (True, "2", "2"), (False, None, None)])
+@pytest.mark.parametrize("cuda,user_value,expected", [(True, None, "0.1"), (True, "2", "2"), (False, None, "5"),
+                                                      (False, "1", "1")])
 def test_default_horovod_environment(monkeypatch, cuda, user_value, expected):
-    """HOROVOD_CYCLE_TIME = 0.1 ms for GPU ranks unless the user chose one; CPU ranks keep Horovod's default."""
+    """HOROVOD_CYCLE_TIME = 0.1 ms for GPU ranks, 5 ms for CPU ranks, unless the user chose one."""
     from model.distributed import default_horovod_environment
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     if user_value is None:
@@ -231,4 +232,4 @@ def test_default_horovod_environment(monkeypatch, cuda, user_value, expected):
         monkeypatch.setenv("HOROVOD_CYCLE_TIME", user_value)
     chosen = default_horovod_environment()
     assert os.environ.get("HOROVOD_CYCLE_TIME") == expected
-    assert chosen == ({"HOROVOD_CYCLE_TIME": "0.1"} if cuda and user_value is None else {})
+    assert chosen == ({"HOROVOD_CYCLE_TIME": expected} if user_value is None else {})

@@ -64,6 +64,25 @@ def test_channels_last_input_matches_contiguous(name):
     assert channels_last.grad.shape == images.shape
 
 
+def test_encoder_runs_channels_last_with_contiguous_parameters_and_gradients():
+    """The encoder's convolutions see channels_last activations, but Horovod's broadcast and allreduce take only
+    contiguous tensors: its parameters and their gradients must stay contiguous (model/encoder.py)."""
+    import argparse
+
+    from model.encoder import build_encoder, embed
+    torch.manual_seed(0)
+    config = argparse.Namespace(arch="resnet18", small_stem=True, width=16, hidden_dim=32, feat_dim=8)
+    backbone, head = build_encoder(config, torch.device("cpu"))
+    images = torch.randn(4, 3, 32, 32)
+    features = embed(backbone, head, images)
+    assert backbone.conv1(images.contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last)  # the layout the convolutions run in
+    features.square().sum().backward()
+    parameters = [*backbone.parameters(), *head.parameters()]
+    assert all(p.is_contiguous() and p.grad.is_contiguous() for p in parameters)
+    torch.testing.assert_close(features, head(backbone(images)), rtol=1e-4, atol=1e-5)
+
+
 def test_bfloat16_autocast_through_backbone_and_head():
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", small_stem=True, width=16)
