@@ -8,7 +8,9 @@ Learning"), itself SimCLR's (Chen et al., ICML 2020) plus blur, as used by Liu e
   3. colour jitter, p = 0.8: brightness, contrast and saturation factors U(0.6, 1.4), hue shift U(-36, 36)
      degrees (torchvision's hue=0.1 is a tenth of a turn; DALI's hue is in degrees);
   4. grayscale, p = 0.2 (saturation 0);
-  5. Gaussian blur, p = 0.5: sigma U(0.1, 2) pixels, window about a tenth of the image side (SimCLR);
+  5. Gaussian blur, p = 0.5: sigma U(0.1, 2) pixels, window about a tenth of the image side (SimCLR), when `blur`
+     is on. SimCLR leaves it out on 32-pixel CIFAR-10, where a sigma of 2 pixels blurs a digit's strokes into
+     each other;
   6. normalize with the ImageNet mean and std to float32 CHW.
 Two departures from torchvision: the jitter is one colour twist in a fixed order rather than the four
 factors in random order, and DALI's contrast pivots on mid-grey rather than on the image mean.
@@ -35,7 +37,7 @@ BLUR_SIGMA_RANGE = [0.1, 2.0]
 BLUR_WINDOW_FRACTION = 0.1
 
 
-def pretrain_view(images, image_size, min_scale, flip):
+def pretrain_view(images, image_size, min_scale, flip, blur=True):
     """One independently augmented pretraining view of each decoded HWC uint8 image -> [3, S, S] float."""
     views = random_crop(images, image_size, min_scale)
     if fn.random.coin_flip(probability=JITTER_PROBABILITY):
@@ -48,10 +50,17 @@ def pretrain_view(images, image_size, min_scale, flip):
         )
     if fn.random.coin_flip(probability=GRAYSCALE_PROBABILITY):
         views = fn.color_twist(views, saturation=0.0)
+    if blur:  # a Python choice made when the graph is built; the coin below is DALI's, per sample
+        views = random_blur(views, image_size)
+    return normalize(views, mirror=random_mirror(flip))
+
+
+def random_blur(views, image_size):
+    """Gaussian blur of each view with probability BLUR_PROBABILITY."""
     if fn.random.coin_flip(probability=BLUR_PROBABILITY):
         views = fn.gaussian_blur(views, sigma=fn.random.uniform(range=BLUR_SIGMA_RANGE),
                                  window_size=blur_window(image_size))
-    return normalize(views, mirror=random_mirror(flip))
+    return views
 
 
 def linear_train_view(images, image_size, flip):

@@ -40,7 +40,7 @@ def pretrain_loader(index, config, epoch):
     return pipelines().pretrain_loader(
         index, batch_size=config.batch_size, image_size=config.image_size, views=config.views, rank=hvd.rank(),
         world_size=hvd.size(), device=config.dali_device, threads=config.threads,
-        seed=epoch_seed(config.seed, epoch), min_scale=config.min_scale, flip=config.flip)
+        seed=epoch_seed(config.seed, epoch), min_scale=config.min_scale, flip=config.flip, blur=config.blur)
 
 
 def linear_train_loader(index, config, epoch, batch_size):

@@ -70,10 +70,11 @@ MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim",
 
 
 def pretrain_loader(index, *, batch_size, image_size, views=2, rank=0, world_size=1, device="auto", threads=2,
-                    seed=0, min_scale=0.2, flip=True):
+                    seed=0, min_scale=0.2, flip=True, blur=True):
     """Epochs of (views: `views` x [b, 3, S, S] float32, ids: [b] int64), shuffled, augmented for pretraining.
 
-    The views of one image are independent augmentations of a single decode; `flip=False` never mirrors them.
+    The views of one image are independent augmentations of a single decode; `flip=False` never mirrors them and
+    `blur=False` never blurs them.
     """
     if views not in (1, 2):
         raise ValueError(f"views must be 1 or 2, got {views!r}")
@@ -83,7 +84,7 @@ def pretrain_loader(index, *, batch_size, image_size, views=2, rank=0, world_siz
     return InstanceLoader(
         pretrain_pipeline, view_names, index, shuffle=True, group_views=True, batch_size=batch_size, rank=rank,
         world_size=world_size, device=device, threads=threads, seed=seed, image_size=image_size, views=views,
-        min_scale=min_scale, flip=flip)
+        min_scale=min_scale, flip=flip, blur=blur)
 
 
 def eval_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, crop_ratio=0.875,
@@ -106,9 +107,9 @@ def linear_train_loader(index, *, batch_size, image_size, rank=0, world_size=1, 
 
 
 @pipeline_def(enable_conditionals=True)
-def pretrain_pipeline(index, rank, world_size, decoder, shuffle_seed, image_size, views, min_scale, flip):
+def pretrain_pipeline(index, rank, world_size, decoder, shuffle_seed, image_size, views, min_scale, flip, blur):
     images, ids = read_and_decode(index, rank, world_size, decoder, shuffle_seed)
-    return (*[augment.pretrain_view(images, image_size, min_scale, flip) for _ in range(views)], ids)
+    return (*[augment.pretrain_view(images, image_size, min_scale, flip, blur) for _ in range(views)], ids)
 
 
 @pipeline_def

@@ -255,6 +255,26 @@ def test_flip_false_never_mirrors_and_flip_true_sometimes_does(ramp_index, make_
     assert 0.2 < mirrored_fraction(make_loader(ramp_index, flip=True, **arguments)) < 0.8  # p = 0.5 over 32-64 views
 
 
+def test_blur_false_never_blurs_and_blur_true_blurs_about_half(tmp_path):
+    """The same seed draws the same crops and colour twists with blur on and off (the blur's random operators are
+    created after the others), so the views differ only where blur=True blurred: about half of them (p = 0.5), each
+    with less total variation than its unblurred twin (no less at the smallest sigmas)."""
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    for number in range(16):
+        Image.fromarray(noise).save(tmp_path / f"noise{number}.png")
+    index = build_index(tmp_path, out_dir=tmp_path / "out", log=quiet)
+    arguments = dict(batch_size=16, image_size=32, views=1, device="cpu", threads=1, seed=7)
+    (sharp,), _ = next(iter(pretrain_loader(index, blur=False, **arguments)))
+    (maybe_blurred,), _ = next(iter(pretrain_loader(index, blur=True, **arguments)))
+    def total_variation(views):
+        return (views.diff(dim=-1).abs().mean(dim=(1, 2, 3)) + views.diff(dim=-2).abs().mean(dim=(1, 2, 3)))
+    changed = (sharp != maybe_blurred).flatten(1).any(dim=1)
+    assert 0.15 < changed.float().mean() < 0.9  # p = 0.5 over 16 views
+    sharp_variation, blurred_variation = total_variation(sharp), total_variation(maybe_blurred)
+    assert (blurred_variation[changed] <= sharp_variation[changed] + 1e-6).all()  # sigma near 0.1 barely blurs
+    assert (blurred_variation < 0.9 * sharp_variation).float().mean() > 0.15
+
+
 def test_eval_resizes_the_shorter_side_and_crops_the_center(tmp_path):
     (tmp_path / "wide.png").write_bytes(image_bytes(np.random.default_rng(0), "PNG", height=32, width=48))
     index = build_index(tmp_path, out_dir=tmp_path / "out", log=quiet)
