@@ -72,9 +72,9 @@ group.add_argument("--min-scale", type=float, help="smallest random-resized-crop
 group.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (p = 0.5) of "
                    "the pretraining views and of the linear evaluation's training crops (default: on; off built-in: "
                    "a mirrored digit is another glyph)")
-group.add_argument("--blur", action=argparse.BooleanOptionalAction, help="random Gaussian blur (p = 0.5, sigma "
-                   "0.1-2 pixels) of the pretraining views (default: on; off built-in: SimCLR leaves it out on 32-pixel "
-                   "images)")
+group.add_argument("--blur", action=argparse.BooleanOptionalAction, default=True, help="random Gaussian blur "
+                   "(p = 0.5, sigma 0.1-2 pixels) of the pretraining views; SimCLR leaves it out at 32 px, but on the "
+                   "built-in digits it helps (README) (default: on)")
 group.add_argument("--views", type=int, default=2, choices=[1, 2], help="augmented views per image, each "
                    "classified as the image's instance (default: 2)")
 group.add_argument("--dali-device", default="auto", choices=["auto", "cpu", "gpu"],
@@ -133,10 +133,10 @@ SYNTHETIC_ONLY = ("instances", "steps_per_epoch")  # the flags of --data synthet
 # Flags left unset take the built-in demo's values without --data, the ImageNet-scale ones with it.
 BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=15,
                         batch_size=128, warmup_epochs=1, classifier_lr_mult=10.0, lr=0.24, min_scale=0.5,
-                        crop_ratio=1.0, flip=False, blur=True)
+                        crop_ratio=1.0, flip=False)
 DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=False, hidden_dim=2048, epochs=200,
                         batch_size=64, warmup_epochs=10, classifier_lr_mult=1.0, lr=0.03, min_scale=0.2,
-                        crop_ratio=0.875, flip=True, blur=True)
+                        crop_ratio=0.875, flip=True)
 
 
 # -------------------------------------------------------------------------------- pretraining

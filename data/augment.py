@@ -8,9 +8,8 @@ Learning"), itself SimCLR's (Chen et al., ICML 2020) plus blur, as used by Liu e
   3. colour jitter, p = 0.8: brightness, contrast and saturation factors U(0.6, 1.4), hue shift U(-36, 36)
      degrees (torchvision's hue=0.1 is a tenth of a turn; DALI's hue is in degrees);
   4. grayscale, p = 0.2 (saturation 0);
-  5. Gaussian blur, p = 0.5: sigma U(0.1, 2) pixels, window about a tenth of the image side (SimCLR), when `blur`
-     is on. SimCLR leaves it out on 32-pixel CIFAR-10, where a sigma of 2 pixels blurs a digit's strokes into
-     each other;
+  5. Gaussian blur, p = 0.5: sigma U(0.1, 2) pixels, window about a tenth of the image side (SimCLR), unless
+     `blur` is off (SimCLR leaves it out on 32-pixel CIFAR-10; on the built-in 32-pixel digits it helps);
   6. normalize with the ImageNet mean and std to float32 CHW.
 Two departures from torchvision: the jitter is one colour twist in a fixed order rather than the four
 factors in random order, and DALI's contrast pivots on mid-grey rather than on the image mean.

@@ -1,4 +1,4 @@
-"""The built-in and dataset defaults of the flags that issue 10 set (--flip), resolved by trainer.resolve_config
+"""The built-in and dataset defaults of the flags that issue 10 set (--flip, --blur), resolved by trainer.resolve_config
 and passed on by data.loaders to the DALI loaders (whose flip itself tests/test_data_pipelines.py checks)."""
 import types
 
@@ -26,3 +26,14 @@ def test_loaders_pass_the_runs_flip_to_both_training_loaders(flip, monkeypatch):
     loaders.pretrain_loader(None, config, epoch=0)
     loaders.linear_train_loader(None, config, epoch=0, batch_size=8)
     assert calls["pretrain_loader"]["flip"] is flip and calls["linear_train_loader"]["flip"] is flip
+
+
+@pytest.mark.parametrize("argv, blur", [([], True), (["--no-blur"], False), (["--data", "/some/folder"], True)])
+def test_the_runs_blur_reaches_the_pretraining_loader(argv, blur, monkeypatch):
+    calls = {}
+    fake = types.SimpleNamespace(pretrain_loader=lambda index, **kwargs: calls.update(kwargs))
+    monkeypatch.setattr(loaders, "pipelines", lambda: fake)
+    monkeypatch.setattr(loaders.hvd, "rank", lambda: 0)
+    monkeypatch.setattr(loaders.hvd, "size", lambda: 1)
+    loaders.pretrain_loader(None, trainer.resolve_config(trainer.parser.parse_args(argv)), epoch=0)
+    assert calls["blur"] is blur
