@@ -91,11 +91,11 @@ group.add_argument("--small-stem", action=argparse.BooleanOptionalAction, help="
 group.add_argument("--feat-dim", type=int, default=128, help="classifier feature dim D (default: 128)")
 group.add_argument("--hidden-dim", type=int, help="projection head hidden width (default: 2048; 512 built-in)")
 group = flags.add_argument_group("instance classifier")
-group.add_argument("--temperature", type=float, default=0.15, help="cosine-softmax temperature tau (default: 0.15)")
-group.add_argument("--smooth-k", type=int, default=5, help="K hardest classes that share the smoothing mass "
-                   "(default: 5; 0 = plain cross-entropy)")
-group.add_argument("--smooth-alpha", type=float, default=0.2, help="label mass moved to the K hardest classes "
-                   "(default: 0.2)")
+group.add_argument("--temperature", type=float, help="cosine-softmax temperature tau (default: 0.15; 0.1 built-in)")
+group.add_argument("--smooth-k", type=int, help="K hardest classes that share the smoothing mass; 0 = plain "
+                   "cross-entropy (default: 5; 10 built-in)")
+group.add_argument("--smooth-alpha", type=float, help="label mass moved to the K hardest classes "
+                   "(default: 0.2; 0.1 built-in)")
 group.add_argument("--raw-init", action=argparse.BooleanOptionalAction, default=True,
                    help="seed each classifier row with its image's feature from the random network (default: on)")
 group.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "chunked", "reference"],
@@ -103,7 +103,7 @@ group.add_argument("--kernel-backend", default="auto", choices=["auto", "triton"
 group = flags.add_argument_group("optimisation")
 group.add_argument("--epochs", type=int, help="training epochs (default: 200; 15 built-in)")
 group.add_argument("--batch-size", type=int, help="images PER RANK per step; the global batch is this x ranks "
-                   "(default: 64; 128 built-in)")
+                   "(default: 64; 32 built-in)")
 group.add_argument("--lr", type=float, help="learning rate per 256 images; the applied rate is "
                    "lr x global batch / 256 (default: 0.03; 0.24 built-in)")
 group.add_argument("--classifier-lr-mult", type=float, help="classifier learning rate / encoder learning rate. "
@@ -131,12 +131,14 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 SYNTHETIC_ONLY = ("instances", "steps_per_epoch")  # the flags of --data synthetic, ignored with image files
 
 # Flags left unset take the built-in demo's values without --data, the ImageNet-scale ones with it.
+# The built-in ones were chosen from measured runs on the digits (README, bench/RESULTS.md); the dataset ones are
+# the paper's (tau, K, alpha) and MoCo's (lr, batch, augmentation).
 BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=15,
-                        batch_size=128, warmup_epochs=1, classifier_lr_mult=10.0, lr=0.24, min_scale=0.5,
-                        crop_ratio=1.0, flip=False)
+                        batch_size=32, warmup_epochs=1, classifier_lr_mult=10.0, lr=0.24, min_scale=0.5,
+                        crop_ratio=1.0, flip=False, temperature=0.1, smooth_k=10, smooth_alpha=0.1)
 DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=False, hidden_dim=2048, epochs=200,
                         batch_size=64, warmup_epochs=10, classifier_lr_mult=1.0, lr=0.03, min_scale=0.2,
-                        crop_ratio=0.875, flip=True)
+                        crop_ratio=0.875, flip=True, temperature=0.15, smooth_k=5, smooth_alpha=0.2)
 
 
 # -------------------------------------------------------------------------------- pretraining

@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name: (the flags that differ from the defaults, the setting it ablates, its value in the plots' legends)
 VARIANTS = {
-    "defaults": ([], None, "defaults: raw init, K 5, alpha 0.2, tau 0.15"),
+    "defaults": ([], None, "defaults: raw init, K 10, alpha 0.1, tau 0.1"),
     "random-init": (["--no-raw-init"], "initialisation", "random init"),
     "k0": (["--smooth-k", "0"], "K", "K 0"),
     "k1": (["--smooth-k", "1"], "K", "K 1"),
-    "k10": (["--smooth-k", "10"], "K", "K 10"),
-    "alpha0.1": (["--smooth-alpha", "0.1"], "alpha", "alpha 0.1"),
+    "k5": (["--smooth-k", "5"], "K", "K 5"),
+    "alpha0.2": (["--smooth-alpha", "0.2"], "alpha", "alpha 0.2"),
     "alpha0.5": (["--smooth-alpha", "0.5"], "alpha", "alpha 0.5"),
-    "tau0.1": (["--temperature", "0.1"], "tau", "tau 0.1"),
+    "tau0.15": (["--temperature", "0.15"], "tau", "tau 0.15"),
     "tau0.2": (["--temperature", "0.2"], "tau", "tau 0.2"),
 }
 SETTINGS = ["initialisation", "K", "alpha", "tau"]  # one plot panel each, in this order
