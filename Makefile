@@ -24,7 +24,8 @@ test: setup
 # (`make clean` starts over).
 demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(PY) trainer.py --out runs/demo
-	$(PY) trainer.py linear --ckpt runs/demo --baseline
+	OMP_NUM_THREADS=1 $(VENV)/bin/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(PY) trainer.py linear \
+		--ckpt runs/demo --baseline
 
 # The paper's ablations (raw init, K, alpha, tau) on the built-in data: resumable, writes runs/ablations/results.md,
 # knn.png and loss.png (bench/ablations.py says what each variant is and what it costs).

