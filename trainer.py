@@ -101,7 +101,7 @@ group.add_argument("--raw-init", action=argparse.BooleanOptionalAction, default=
 group.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "chunked", "reference"],
                    help="classifier kernels: auto = triton on CUDA, chunked torch on CPU (default: auto)")
 group = flags.add_argument_group("optimisation")
-group.add_argument("--epochs", type=int, help="training epochs (default: 200; 15 built-in)")
+group.add_argument("--epochs", type=int, help="training epochs (default: 200; 12 built-in)")
 group.add_argument("--batch-size", type=int, help="images PER RANK per step; the global batch is this x ranks "
                    "(default: 64; 32 built-in)")
 group.add_argument("--lr", type=float, help="learning rate per 256 images; the applied rate is "
@@ -133,7 +133,7 @@ SYNTHETIC_ONLY = ("instances", "steps_per_epoch")  # the flags of --data synthet
 # Flags left unset take the built-in demo's values without --data, the ImageNet-scale ones with it.
 # The built-in ones were chosen from measured runs on the digits (README, bench/RESULTS.md); the dataset ones are
 # the paper's (tau, K, alpha) and MoCo's (lr, batch, augmentation).
-BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=15,
+BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=12,
                         batch_size=32, warmup_epochs=1, classifier_lr_mult=10.0, lr=0.24, min_scale=0.5,
                         crop_ratio=1.0, flip=False, temperature=0.1, smooth_k=10, smooth_alpha=0.1)
 DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=False, hidden_dim=2048, epochs=200,
@@ -361,7 +361,7 @@ def knn_command(argv):
 def linear(argv):
     sub = evaluation_parser("linear", "Linear evaluation of a pretrained backbone (MoCo protocol): frozen "
                             "backbone in eval mode, SGD on a linear layer over pooled features.")
-    sub.add_argument("--epochs", type=int, help="(default: 100; 10 built-in)")
+    sub.add_argument("--epochs", type=int, help="(default: 100; 5 built-in)")
     sub.add_argument("--lr", type=float, help="learning rate, not scaled with the batch (default: 30; 0.1 built-in)")
     sub.add_argument("--momentum", type=float, default=0.9, help="(default: 0.9)")
     sub.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0)")
@@ -374,7 +374,7 @@ def linear(argv):
     args = sub.parse_args(argv)
     device, checkpoint, backbone, config, train_index, val_index = evaluation_setup(args)
     builtin = config.data is None
-    args.epochs = args.epochs or (10 if builtin else 100)
+    args.epochs = args.epochs or (5 if builtin else 100)
     args.lr = args.lr or (0.1 if builtin else 30.0)
     args.batch_size = args.batch_size or max(1, 256 // hvd.size())
     if args.epochs <= 0 or args.lr <= 0 or args.batch_size <= 0:

@@ -126,7 +126,7 @@ def triton_limits():
 @pytest.mark.parametrize("flags,message", [
     (["--min-scale", "0"], "--min-scale is an area fraction in (0, 1], got 0.0"),
     (["--min-scale", "1.5"], "--min-scale is an area fraction in (0, 1], got 1.5"),
-    (["--warmup-epochs", "-1"], "--warmup-epochs -1.0 must be in [0, --epochs 15)"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs -1.0 must be in [0, --epochs 12)"),
     (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--knn-every", "-1"], "--knn-every must be >= 0"),
