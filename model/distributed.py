@@ -15,8 +15,9 @@ import torch
 # not need (they are large enough to run at full bandwidth on their own).
 # CPU ranks (gloo) are the other way round: a step takes a second or so, and every cycle is a round trip
 # between the ranks' background threads that takes CPU time from the ranks' compute threads, which fill
-# every core (model/threads.py). On the 2-core VM, built-in demo at P = 2 (2026-11-26, bench/RESULTS.md):
-# 130 images/s at Horovod's 1 ms, 160-170 at 5 ms, which adds at most 3 x 5 ms of waiting to a ~1.6 s step.
+# every core (model/threads.py). On the 2-core VM, built-in data at P = 2, batch 128 (trainer runs of
+# 2026-11-26): ~130 images/s at Horovod's 1 ms, 160-170 at 5 ms; at batch 32 (bench/RESULTS.md, "CPU speed of
+# the demo") 1 and 5 ms were level. A cycle adds at most 5 ms to each collective the host waits for.
 GPU_CYCLE_TIME_MS = "0.1"
 CPU_CYCLE_TIME_MS = "5"
 
