@@ -1,12 +1,9 @@
 """The encoder of a run: backbone (pooled features) and projection head, built from the run's config.
 
 Images enter the backbone in channels_last memory format (model/resnet.py), and the convolutions (cuDNN, oneDNN)
-then run in that layout: on CUDA under bf16 autocast (tensor cores), on the CPU in fp32 (the built-in demo's
-ResNet-18 of width 16 at 32 px, one thread, 256 images forward + backward: 177 -> 214 images/s, 2026-11-26 on the
-2-core VM). The
-parameters stay contiguous: Horovod's collectives (broadcast_parameters, the gradient allreduce) refuse
-non-contiguous tensors, and gradients take the layout of their parameter. Weights in channels_last too would
-be another 10% on that CPU (238 images/s), not worth a copy around every collective.
+then run in that layout: on CUDA under bf16 autocast (tensor cores), on the CPU in fp32 (bench/RESULTS.md, "CPU
+speed of the demo"). The parameters stay contiguous: Horovod's collectives (broadcast_parameters, the gradient
+allreduce) refuse non-contiguous tensors, and gradients take the layout of their parameter.
 """
 import torch
 
