@@ -2,19 +2,30 @@
 
     python bench/ablations.py                    # or: make ablations
     python bench/ablations.py --only defaults k0 # a subset (names as in VARIANTS)
+    python bench/ablations.py --only defaults random-init k0 k5 --seeds 3 --epochs 12 --knn-every 5  # the claims
 
 Liu et al. (AAAI 2021) ablate the raw-feature init, the number K of hardest classes that share the smoothing
 mass, the mass alpha and the temperature tau. Each variant here is the built-in demo's defaults (`trainer.py`
 without --data: MNIST-5k, 4000 unlabelled training images, ResNet-18 of width 16) with one flag changed, trained
 for --epochs at P = --np ranks with a kNN monitor every --knn-every epochs (1000 val images, bank = train), then
-evaluated linearly (`trainer.py linear`, the demo's protocol). Every variant starts from the same seed.
+evaluated linearly (`trainer.py linear`, the demo's protocol). Each variant runs at the seeds 0 .. --seeds - 1
+(`trainer.py --seed`: the initialisation, the data order and the augmentations), one run folder OUT/VARIANT/seed-S
+each, so that a comparison of two variants is paired by seed: the same seed with and without the technique.
+
+What a seed fixes: on one machine a run is a pure function of its seed (rerun bitwise, tests/test_trainer.py); on
+another CPU the same seed gives other numbers (other oneDNN kernels round differently and the runs drift apart), so
+across machines only the spread over seeds says how far a number can move.
 
 Resumable: a variant whose linear evaluation is in its metrics.jsonl is skipped, one whose pretraining finished
 goes straight to the linear evaluation, an interrupted one continues from its newest checkpoint (one every
 --knn-every epochs). Change --epochs only with another --out. At the end, from the metrics.jsonl files:
-  OUT/results.md   the table: kNN20 every --knn-every epochs, kNN200, linear top-1 and mean loss at the end;
-                   with the machine, the date and the commit;
-  OUT/knn.png      kNN20 vs epoch, one panel per ablated setting (the defaults in every panel);
+  OUT/results.md   the table: kNN20 every --knn-every epochs, kNN200, linear top-1 and mean loss at the end, as
+                   mean +- standard deviation over the seeds; then the paired differences of the CLAIMS whose two
+                   variants ran (mean +- standard deviation over the seeds of (with - without), "shown" when the
+                   mean exceeds twice that standard deviation); with the machine, the date and the commit;
+  OUT/results.json every seed's numbers, per variant;
+  OUT/knn.png      kNN20 vs epoch, one panel per ablated setting (the defaults in every panel): each variant's mean
+                   over the seeds with a +-1 standard deviation band;
   OUT/loss.png     mean training loss vs epoch, the same panels.
 """
 import argparse
@@ -22,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +54,11 @@ VARIANTS = {
     "tau0.2": (["--temperature", "0.2"], "tau", "tau 0.2"),
 }
 SETTINGS = ["initialisation", "K", "alpha", "tau"]  # one plot panel each, in this order
+# The paper's claims as paired comparisons: (claim, the variant with the technique, the one without).
+CLAIMS = [("raw-feature init beats random init", "defaults", "random-init"),
+          ("K 10 beats K 0 (plain cross-entropy)", "defaults", "k0"),
+          ("K 5 beats K 0", "k5", "k0"),
+          ("K 10 beats K 5", "defaults", "k5")]
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", default="runs/ablations", help="output folder: one run folder per variant, the "
@@ -51,6 +68,7 @@ parser.add_argument("--knn-every", type=int, default=2, help="epochs between kNN
                     "(default: 2)")
 parser.add_argument("--np", type=int, default=2, help="Horovod ranks per run (default: 2)")
 parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants only (default: all)")
+parser.add_argument("--seeds", type=int, default=1, help="runs per variant, at trainer seeds 0 .. N-1 (default: 1)")
 
 
 def read_metrics(run):
@@ -78,23 +96,30 @@ def run(command, log):
         sys.exit(f"error: {' '.join(map(str, command))} exited {result.returncode}; see {log}")
 
 
-def run_variant(name, args):
-    """Pretrain and evaluate one variant unless its folder says it is done; returns the seconds spent."""
-    out, started = Path(args.out) / name, time.perf_counter()
+def run_folder(out, name, seed):
+    return Path(out) / name / f"seed-{seed}"
+
+
+def run_variant(name, seed, args):
+    """Pretrain and evaluate one variant at one seed unless its folder says it is done; returns the seconds spent."""
+    out, started = run_folder(args.out, name, seed), time.perf_counter()
     python = Path(sys.executable)
     horovod = [python.parent / "horovodrun", "--gloo", "-np", str(args.np), "-H", f"localhost:{args.np}", python]
+    label = f"{name} seed {seed}"
     if linear_result(read_metrics(out)):
-        print(f"{name}: done, skipped")
+        print(f"{label}: done, skipped")
         return 0.0
     out.mkdir(parents=True, exist_ok=True)
     if not (out / f"checkpoint-{args.epochs:04d}").is_dir():
-        print(f"{name}: pretraining {args.epochs} epochs ({' '.join(VARIANTS[name][0]) or 'the defaults'})", flush=True)
+        print(f"{label}: pretraining {args.epochs} epochs ({' '.join(VARIANTS[name][0]) or 'the defaults'})",
+              flush=True)
         run([*horovod, ROOT / "trainer.py", "--out", out, "--epochs", str(args.epochs), "--knn-every",
-             str(args.knn_every), "--save-every", str(args.knn_every), *VARIANTS[name][0]], out / "ablation.log")
-    print(f"{name}: linear evaluation", flush=True)
+             str(args.knn_every), "--save-every", str(args.knn_every), "--seed", str(seed), *VARIANTS[name][0]],
+            out / "ablation.log")
+    print(f"{label}: linear evaluation", flush=True)
     run([*horovod, ROOT / "trainer.py", "linear", "--ckpt", out], out / "ablation.log")
     seconds = time.perf_counter() - started
-    print(f"{name}: {seconds:.0f} s", flush=True)
+    print(f"{label}: {seconds:.0f} s", flush=True)
     return seconds
 
 
@@ -108,31 +133,89 @@ def provenance():
     return f"machine {machine}; {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; commit {commit}"
 
 
-def table(out, names, epochs, knn_every):
-    """The results as a markdown table (also printed)."""
-    monitored = [epoch for epoch in range(knn_every, epochs + 1, knn_every)] or [epochs]
-    if monitored[-1] != epochs:
-        monitored.append(epochs)
-    lines = [f"Ablations on the built-in data, {epochs} epochs; {provenance()}", "",
-             "| variant | flags | " + " | ".join(f"kNN20 ep {e}" for e in monitored)
-             + " | kNN200 | linear top-1 | loss (last epoch) |",
-             "|---" * (len(monitored) + 5) + "|"]
+def monitored_epochs(epochs, knn_every):
+    """The epochs with a kNN monitor: every knn_every, and the last."""
+    monitored = list(range(knn_every, epochs + 1, knn_every))
+    return monitored if monitored and monitored[-1] == epochs else [*monitored, epochs]
+
+
+def collect(out, names, seeds, epochs, knn_every):
+    """{variant: {seed: {column: value}}} of the seeds whose run reached each column; columns as in the table."""
+    results = {}
     for name in names:
-        metrics = read_metrics(Path(out) / name)
-        knn20, knn200 = per_epoch(metrics, "knn20_top1"), per_epoch(metrics, "knn200_top1")
-        loss, linear = per_epoch(metrics, "epoch_loss"), linear_result(metrics) or {}
-        cells = [f"{knn20[e]:.1f}" if e in knn20 else "-" for e in monitored]
-        cells += [f"{knn200[epochs]:.1f}" if epochs in knn200 else "-",
-                  f"{linear['pretrained/linear_top1']:.1f}" if linear else "-",
-                  f"{loss[epochs]:.3f}" if epochs in loss else "-"]
-        lines.append(f"| {name} | {' '.join(VARIANTS[name][0]) or '-'} | " + " | ".join(cells) + " |")
+        for seed in range(seeds):
+            metrics = read_metrics(run_folder(out, name, seed))
+            knn20, knn200 = per_epoch(metrics, "knn20_top1"), per_epoch(metrics, "knn200_top1")
+            loss, linear = per_epoch(metrics, "epoch_loss"), linear_result(metrics) or {}
+            numbers = {f"kNN20 ep {e}": knn20[e] for e in monitored_epochs(epochs, knn_every) if e in knn20}
+            numbers.update({"kNN200": knn200.get(epochs), "linear top-1": linear.get("pretrained/linear_top1"),
+                            "loss (last epoch)": loss.get(epochs)})
+            results.setdefault(name, {})[seed] = {key: value for key, value in numbers.items() if value is not None}
+    return results
+
+
+def spread(values, digits):
+    """'mean +- std' over the seeds (sample standard deviation), the value alone for one seed, '-' for none."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+
+
+def paired_differences(results, column):
+    """{claim: [with - without] per seed that both variants reached}, for the claims whose variants ran."""
+    differences = {}
+    for claim, with_it, without in CLAIMS:
+        seeds = sorted(set(results.get(with_it, {})) & set(results.get(without, {})))
+        pairs = [results[with_it][seed][column] - results[without][seed][column] for seed in seeds
+                 if column in results[with_it][seed] and column in results[without][seed]]
+        if pairs:
+            differences[claim] = pairs
+    return differences
+
+
+def verdict(pairs):
+    """A difference is shown when its mean over the paired seeds exceeds twice their standard deviation."""
+    if len(pairs) < 2:
+        return "one seed: not judged"
+    mean, deviation = statistics.mean(pairs), statistics.stdev(pairs)
+    return "shown" if mean > 2 * deviation else "not shown"
+
+
+def table(out, names, epochs, knn_every, seeds=1):
+    """The results as a markdown table (also printed), results.json with every seed's numbers."""
+    results = collect(out, names, seeds, epochs, knn_every)
+    columns = [f"kNN20 ep {e}" for e in monitored_epochs(epochs, knn_every)] + ["kNN200", "linear top-1",
+                                                                                 "loss (last epoch)"]
+    statistic = "mean +- std over seeds 0.." + str(seeds - 1) if seeds > 1 else "seed 0"
+    lines = [f"Ablations on the built-in data, {epochs} epochs, {statistic}; {provenance()}", "",
+             "| variant | flags | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    for name in names:
+        runs = results[name].values()
+        cells = [spread([run[column] for run in runs if column in run], 3 if column.startswith("loss") else 1)
+                 for column in columns]
+        finished = sum("linear top-1" in run for run in runs)
+        lines.append(f"| {name} | {' '.join(VARIANTS[name][0]) or '-'} | {finished} | " + " | ".join(cells) + " |")
+    claims = {column: paired_differences(results, column) for column in columns if not column.startswith("loss")}
+    if any(claims.values()):
+        lines += ["", "Paired by seed: mean +- std over the seeds of (with - without), in points; shown = the mean "
+                  "exceeds twice the standard deviation.", "",
+                  "| claim | " + " | ".join(column for column in claims) + " |", "|---" * (len(claims) + 1) + "|"]
+        for claim, _, _ in CLAIMS:
+            cells = [f"{spread(claims[column][claim], 1)} ({verdict(claims[column][claim])})"
+                     if claim in claims[column] else "-" for column in claims]
+            if any(cell != "-" for cell in cells):
+                lines.append(f"| {claim} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (Path(out) / "results.md").write_text(text)
+    (Path(out) / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(text)
 
 
-def plots(out, names):
-    """knn.png and loss.png: one panel per ablated setting, each with the defaults and that setting's variants."""
+def plots(out, names, seeds=1):
+    """knn.png and loss.png: one panel per ablated setting, each with the defaults and that setting's variants;
+    a variant's line is its mean over the seeds that reached the epoch, its band +-1 standard deviation."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -142,10 +225,19 @@ def plots(out, names):
         for axis, setting in zip(axes, SETTINGS):
             for name in names:
                 flags, ablates, legend = VARIANTS[name]
-                curve = sorted(per_epoch(read_metrics(Path(out) / name), key).items())
-                if curve and ablates in (None, setting):
-                    axis.plot(*zip(*curve), marker="o", markersize=3, label=legend if ablates else "defaults",
-                              linewidth=2.5 if ablates is None else 1.5, color="black" if ablates is None else None)
+                by_epoch = {}
+                for seed in range(seeds):
+                    for epoch, value in per_epoch(read_metrics(run_folder(out, name, seed)), key).items():
+                        by_epoch.setdefault(epoch, []).append(value)
+                if not by_epoch or ablates not in (None, setting):
+                    continue
+                epochs = sorted(by_epoch)
+                means = [statistics.mean(by_epoch[e]) for e in epochs]
+                deviations = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs]
+                line, = axis.plot(epochs, means, marker="o", markersize=3, label=legend if ablates else "defaults",
+                                  linewidth=2.5 if ablates is None else 1.5, color="black" if ablates is None else None)
+                axis.fill_between(epochs, [m - d for m, d in zip(means, deviations)],
+                                  [m + d for m, d in zip(means, deviations)], color=line.get_color(), alpha=0.15)
             axis.set_title(setting)
             axis.set_xlabel("epoch")
             axis.grid(alpha=0.3)
@@ -158,14 +250,15 @@ def plots(out, names):
 
 def main():
     args = parser.parse_args()
-    if args.epochs <= 0 or args.knn_every <= 0 or args.np <= 0:
-        sys.exit("error: --epochs, --knn-every and --np must be positive")
+    if args.epochs <= 0 or args.knn_every <= 0 or args.np <= 0 or args.seeds <= 0:
+        sys.exit("error: --epochs, --knn-every, --np and --seeds must be positive")
     names = args.only or list(VARIANTS)
-    seconds = sum(run_variant(name, args) for name in names)
+    # Seed-major order: an interrupted study has every variant at the first seeds, so its pairs are complete.
+    seconds = sum(run_variant(name, seed, args) for seed in range(args.seeds) for name in names)
     print(f"ran for {seconds / 60:.1f} min")
-    table(args.out, names, args.epochs, args.knn_every)
-    plots(args.out, names)
-    print(f"wrote {Path(args.out) / 'results.md'}, knn.png and loss.png")
+    table(args.out, names, args.epochs, args.knn_every, args.seeds)
+    plots(args.out, names, args.seeds)
+    print(f"wrote {Path(args.out) / 'results.md'}, results.json, knn.png and loss.png")
 
 
 if __name__ == "__main__":
