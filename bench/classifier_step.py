@@ -4,19 +4,21 @@
     .venv/bin/python bench/classifier_step.py layouts --np 2 --instances 100000 1281167
     .venv/bin/python bench/classifier_step.py overhead           # CPU, P = 2: ms, launches, collectives, syncs
     .venv/bin/python bench/classifier_step.py overhead --backend triton   # launch count of the Triton path
+    .venv/bin/python bench/classifier_step.py overhead --np 1 --engine single   # P = 1 without Horovod
     python bench/classifier_step.py cuda                          # one GPU, P = 1: B = 128, C = 20,019 and 1,281,167
 
-layouts: each configuration is its own `horovodrun --gloo -np P` job (so peak RSS is per configuration).
+layouts: each configuration is its own `horovodrun --gloo -np P` job (so peak RSS is per configuration), or
+its own plain process with --engine single (P = 1).
 One step = forward + backward + SGD-momentum update of the classifier from given features [b, D]:
   hybrid:     ShardedInstanceClassifier (each rank C = N/P classes, global batch, packed stats exchange)
-  replicated: every rank holds all of W, scores its own batch, and hvd.DistributedOptimizer
+  replicated: every rank holds all of W, scores its own batch, and the engine's data-parallel optimizer
               all-reduces dW [N, D] (PIC-style baseline).
 Both use the same local kernels (backend flag). Communicated bytes come from model.plan's formulas
 (checked against real traffic in tests/test_plan.py).
 
 overhead / cuda: one step = the classifier's forward + backward from given features [b, D] (what the
 trainer adds to its backbone step). Launches, collectives and host syncs of one step are counted by
-kernels.launches.LaunchCounter (aten ops + Triton launches: a proxy that runs on any machine); on CUDA
+run.distributed.StepCounter (aten ops + Triton launches: a proxy that runs on any machine); on CUDA
 the profiler also counts the GPU kernels that really ran (NCCL's excluded). Time: median over --steps
 steps after warm-up, the slower rank; CUDA times with the GPU synchronised after each step.
 """
@@ -39,7 +41,10 @@ sys.path.insert(0, str(ROOT))
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("mode", nargs="?", choices=["layouts", "overhead", "cuda"], default="layouts",
                     help="what to measure (default: layouts)")
-parser.add_argument("--np", type=int, default=2, help="Horovod ranks of the CPU modes (default: 2)")
+parser.add_argument("--np", type=int, default=2, help="ranks of the CPU modes (default: 2)")
+parser.add_argument("--engine", choices=["horovod", "single"], default="horovod", help="process group of the "
+                    "workers: horovod (a horovodrun job of --np ranks) or single (one plain process, --np 1) "
+                    "(default: horovod; cuda mode: single when not under horovodrun)")
 parser.add_argument("--instances", type=int, nargs="+", default=None,
                     help="classifier rows N (default: 10000 100000 1281167 layouts; 10000 overhead; "
                          "20019 1281167 cuda)")
@@ -56,20 +61,17 @@ DEFAULTS = {"layouts": ([10_000, 100_000, 1_281_167], 128, 3), "overhead": ([10_
             "cuda": ([20_019, 1_281_167], 128, 100)}
 
 
-def init_horovod():
-    import horovod.torch as hvd
-    from model.distributed import default_horovod_environment
-    default_horovod_environment()
-    hvd.init()
-    return hvd
+def start_workers_engine():
+    from run.distributed import start
+    return start(args.engine, announce=False)
 
 
 def run_layout_worker(layout, instances):
     from kernels import topk_smoothed_xent
     from model.classifier import ShardedInstanceClassifier
 
-    hvd = init_horovod()
-    generator = torch.Generator().manual_seed(hvd.rank())
+    world = start_workers_engine()
+    generator = torch.Generator().manual_seed(world.rank)
     if layout == "hybrid":
         classifier = ShardedInstanceClassifier(instances, args.dim, smooth_k=args.k, smooth_alpha=0.2,
                                                backend=args.backend)
@@ -77,8 +79,8 @@ def run_layout_worker(layout, instances):
         loss_of = classifier
     else:
         weight = torch.nn.Parameter(torch.randn(instances, args.dim))
-        optimizer = hvd.DistributedOptimizer(torch.optim.SGD([weight], lr=0.1, momentum=0.9),
-                                             named_parameters=[("weight", weight)])
+        optimizer = world.data_parallel_optimizer(torch.optim.SGD([weight], lr=0.1, momentum=0.9),
+                                                  [("weight", weight)], op="average")
 
         def loss_of(features, ids):
             return topk_smoothed_xent(features, weight, ids, temperature=0.15, k=args.k, alpha=0.2,
@@ -87,16 +89,16 @@ def run_layout_worker(layout, instances):
     for step in range(args.steps + 1):
         features = torch.randn(args.batch_size, args.dim, generator=generator, requires_grad=True)
         ids = torch.randint(0, instances, (args.batch_size,), generator=generator)
-        hvd.allreduce(torch.zeros(1), name="bench.sync")  # start the clock together
+        world.barrier("bench.sync")  # start the clock together
         start = time.perf_counter()
         optimizer.zero_grad()
         loss_of(features, ids).backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peaks = hvd.allgather(torch.tensor([peak_rss]), name="bench.peak_rss").tolist()
-    step_ms = hvd.allreduce(torch.tensor(statistics.median(times[1:]) * 1e3), op=hvd.Max, name="bench.ms").item()
-    if hvd.rank() == 0:
+    peaks = world.allgather(torch.tensor([peak_rss]), name="bench.peak_rss").tolist()
+    step_ms = world.allreduce(torch.tensor(statistics.median(times[1:]) * 1e3), op="max", name="bench.ms").item()
+    if world.rank == 0:
         Path(args.result).write_text(json.dumps({"step_ms": step_ms, "peak_rss_per_rank": peaks}))
 
 
@@ -114,8 +116,8 @@ def classifier_step(classifier, features, ids):
 
 def time_and_count(classifier, instances, device, synchronize, seed):
     """Wall ms of --steps classifier steps after one warm-up step (each started after `synchronize` and
-    ended by it), and a LaunchCounter of one more step."""
-    from kernels.launches import LaunchCounter
+    ended by it), and a StepCounter of one more step."""
+    from run.distributed import StepCounter
 
     generator = torch.Generator().manual_seed(seed)
     times = []
@@ -127,7 +129,7 @@ def time_and_count(classifier, instances, device, synchronize, seed):
         synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     batch = random_batch(instances, device, generator)
-    with LaunchCounter() as counted:
+    with StepCounter() as counted:
         classifier_step(classifier, *batch)
     return statistics.median(times[1:]), counted
 
@@ -135,12 +137,12 @@ def time_and_count(classifier, instances, device, synchronize, seed):
 def run_overhead_worker(instances):
     from model.classifier import ShardedInstanceClassifier
 
-    hvd = init_horovod()
+    world = start_workers_engine()
     classifier = ShardedInstanceClassifier(instances, args.dim, smooth_k=args.k, smooth_alpha=0.2, backend=args.backend)
-    milliseconds, counted = time_and_count(classifier, instances, torch.device("cpu"), seed=hvd.rank(),
-                                           synchronize=lambda: hvd.allreduce(torch.zeros(1), name="bench.sync"))
-    step_ms = hvd.allreduce(torch.tensor(milliseconds), op=hvd.Max, name="bench.ms").item()
-    if hvd.rank() == 0:
+    milliseconds, counted = time_and_count(classifier, instances, torch.device("cpu"), seed=world.rank,
+                                           synchronize=lambda: world.barrier("bench.sync"))
+    step_ms = world.allreduce(torch.tensor(milliseconds), op="max", name="bench.ms").item()
+    if world.rank == 0:
         Path(args.result).write_text(json.dumps({
             "step_ms": step_ms, "launches": len(counted.launches), "collectives": counted.collectives,
             "syncs": counted.syncs}))
@@ -148,8 +150,9 @@ def run_overhead_worker(instances):
 
 def launch(worker, instances):
     result = Path(tempfile.mkdtemp()) / "result.json"
-    command = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(args.np),
-               "-H", f"localhost:{args.np}", sys.executable, __file__, args.mode, "--worker", worker,
+    launcher = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(args.np),
+                "-H", f"localhost:{args.np}"] if args.engine == "horovod" else []
+    command = [*launcher, sys.executable, __file__, args.mode, "--worker", worker, "--engine", args.engine,
                "--np", str(args.np), "--instances", str(instances), "--batch-size", str(args.batch_size),
                "--dim", str(args.dim), "--k", str(args.k), "--steps", str(args.steps), "--backend", args.backend,
                "--result", str(result)]
@@ -163,7 +166,7 @@ def launch(worker, instances):
 def layouts():
     from model.plan import hybrid_received_bytes, ring_allreduce_received_bytes
 
-    print(f"P = {args.np}, batch {args.batch_size}/rank (global {args.np * args.batch_size}), D = {args.dim}, "
+    print(f"engine {args.engine}, P = {args.np}, batch {args.batch_size}/rank (global {args.np * args.batch_size}), D = {args.dim}, "
           f"K = {args.k}, backend {args.backend}, median of {args.steps} steps")
     print("| N | hybrid ms | replicated ms | speed-up | hybrid MiB recv/step | replicated MiB recv/step "
           "| hybrid peak RSS MiB/rank | replicated peak RSS MiB/rank |")
@@ -179,7 +182,7 @@ def layouts():
 
 
 def overhead():
-    print(f"Classifier forward + backward on CPU: P = {args.np}, batch {args.batch_size}/rank, D = {args.dim}, "
+    print(f"Classifier forward + backward on CPU: engine {args.engine}, P = {args.np}, batch {args.batch_size}/rank, D = {args.dim}, "
           f"K = {args.k}, backend {args.backend}{' (Triton interpreter)' if args.backend == 'triton' else ''}, "
           f"median of {args.steps} steps (slower rank)")
     print("| N | ms/step | launches/step | collectives/step | host syncs/step |")
@@ -199,11 +202,10 @@ def cuda():
 
     if not torch.cuda.is_available():
         sys.exit("cuda mode needs a GPU (the CPU figures come from the overhead mode)")
-    hvd = init_horovod()
-    device = torch.device("cuda", hvd.local_rank())
-    torch.cuda.set_device(device)
+    world = start_workers_engine()
+    device = world.device
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
-          f"Horovod size {hvd.size()}, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')} ms; "
+          f"engine {world.name}, size {world.size}, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')} ms; "
           f"B = {args.batch_size}, D = {args.dim}, K = {args.k}, backend {args.backend}, bf16 kernel inputs, "
           f"median of {args.steps} steps")
     print("| C | ms/step | GPU kernels/step (profiler) | launches/step (counter) | collectives/step | host syncs/step |")
@@ -229,6 +231,10 @@ if __name__ == "__main__":
     args.instances = args.instances or defaults[0]
     args.batch_size = args.batch_size or defaults[1]
     args.steps = args.steps or defaults[2]
+    if args.mode == "cuda" and "--engine" not in sys.argv:
+        args.engine = "auto"  # horovod under horovodrun, single otherwise
+    if args.engine == "single" and args.np != 1:
+        sys.exit(f"error: --engine single runs one process: give --np 1, not --np {args.np}")
     if args.worker in ("hybrid", "replicated"):
         run_layout_worker(args.worker, args.instances[0])
     elif args.worker == "overhead":

@@ -1,11 +1,12 @@
 """What the instance classifier adds to a training step: the real pretraining step with two kinds of head.
 
     python bench/train_step.py cpu                                              # tiny shapes, P = 1, seconds
+    python bench/train_step.py cpu --engine horovod        # P = 1 through Horovod (a 1-rank job, no launcher)
     horovodrun --gloo -np 2 -H localhost:2 python bench/train_step.py cpu        # the same at P = 2
     python bench/train_step.py gpu            # one GPU: ResNet-50, 224 px, 64 images x 2 views, bf16 autocast
 
-One step is model.step.train_step, exactly what trainer.py runs per step, on synthetic input (data.synthetic,
-no I/O): backbone + projection head on views x images, the head's loss, backward, both SGD-momentum optimizers,
+One step is model.step.train_step, exactly what trainer.py runs per step, started as trainer.py starts (the
+engine's defaults, threads and device: run.distributed.start), on synthetic input (data.synthetic, no I/O): backbone + projection head on views x images, the head's loss, backward, both SGD-momentum optimizers,
 and the read of the loss the trainer does every step. Heads, each built fresh on the same encoder config:
   linear-1000   a 1000-way linear cross-entropy on the projection output (an ImageNet-sized supervised head),
                 data-parallel: its gradient is averaged over the ranks with the encoder's;
@@ -21,15 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-import horovod.torch as hvd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from data.synthetic import SyntheticLoader  # noqa: E402
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer  # noqa: E402
-from model.distributed import setup_device  # noqa: E402
 from model.encoder import build_encoder  # noqa: E402
 from model.step import train_step  # noqa: E402
+from run.distributed import ENGINES, engine, start  # noqa: E402
 
 SHAPES = {  # per mode: encoder config, images per rank, views, and the instance-classifier sizes N
     "cpu": dict(arch="resnet18", width=8, small_stem=True, hidden_dim=64, feat_dim=32, image_size=32,
@@ -43,6 +43,8 @@ parser.add_argument("--instances", type=int, nargs="+", help="classifier rows N 
                     "cpu; 20019 1281167 gpu = one shard of ImageNet at P = 64, and all of it on one GPU)")
 parser.add_argument("--steps", type=int, help="timed steps per head (default: 5 cpu, 30 gpu)")
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps per head first (default: 3)")
+parser.add_argument("--engine", choices=ENGINES, default="auto", help="process group, as trainer.py's "
+                    "(default: auto: horovod under horovodrun, else single)")
 
 
 class LinearCrossEntropy(torch.nn.Module):
@@ -63,7 +65,8 @@ def build_head(name, rows, shape, backbone, head, device):
     if name == "linear":
         criterion = LinearCrossEntropy(shape["feat_dim"], rows).to(device)
         named += list(criterion.named_parameters(prefix="linear"))
-        optimizer = hvd.DistributedOptimizer(torch.optim.SGD([p for _, p in named], **sgd), named_parameters=named)
+        optimizer = engine().data_parallel_optimizer(torch.optim.SGD([p for _, p in named], **sgd), named,
+                                                     op="average")
         return criterion, [optimizer]
     criterion = ShardedInstanceClassifier(rows, shape["feat_dim"], temperature=0.15, smooth_k=5,
                                           smooth_alpha=0.2).to(device)
@@ -77,9 +80,10 @@ def time_head(name, rows, shape, args, device):
     config = argparse.Namespace(**shape)
     backbone, head = build_encoder(config, device)
     criterion, optimizers = build_head(name, rows, shape, backbone, head, device)
-    loader = SyntheticLoader(max(rows, hvd.size() * shape["batch_size"]), batch_size=shape["batch_size"],
-                             image_size=shape["image_size"], views=shape["views"], rank=hvd.rank(),
-                             world_size=hvd.size(), seed=0, device=device)
+    world = engine()
+    loader = SyntheticLoader(max(rows, world.size * shape["batch_size"]), batch_size=shape["batch_size"],
+                             image_size=shape["image_size"], views=shape["views"], rank=world.rank,
+                             world_size=world.size, seed=0, device=device)
     views, ids = next(iter(loader))
     step = lambda: train_step(backbone, head, criterion, optimizers, views, ids).item()  # noqa: E731
     for _ in range(args.warmup):
@@ -95,7 +99,7 @@ def time_head(name, rows, shape, args, device):
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
             int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024)
     # The slowest rank sets the pace of a synchronous step.
-    milliseconds = hvd.allreduce(torch.tensor(statistics.median(times)), op=hvd.Max, name=f"bench.{name}.{rows}")
+    milliseconds = world.allreduce(torch.tensor(statistics.median(times)), op="max", name=f"bench.{name}.{rows}")
     return float(milliseconds), peak / 2**20
 
 
@@ -103,24 +107,24 @@ def main():
     args = parser.parse_args()
     shape = SHAPES[args.mode]
     args.steps = args.steps or (5 if args.mode == "cpu" else 30)
-    hvd.init()
-    device = setup_device()
+    world = start(args.engine)
+    device = world.device
     if args.mode == "gpu" and device.type != "cuda":
         sys.exit("bench/train_step.py gpu: no CUDA device")
     heads = [("linear", 1000), *[("instance", rows) for rows in args.instances or shape["instances"]]]
     results = [(name, rows, *time_head(name, rows, shape, args, device)) for name, rows in heads]
-    if hvd.rank() != 0:
+    if world.rank != 0:
         return
-    global_images = shape["batch_size"] * hvd.size()
+    global_images = shape["batch_size"] * world.size
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{device_name}, P = {hvd.size()}, {shape['arch']} width {shape['width']} at {shape['image_size']} px, "
+    print(f"{device_name}, engine {world.name}, P = {world.size}, {shape['arch']} width {shape['width']} at {shape['image_size']} px, "
           f"{shape['batch_size']} images x {shape['views']} views per rank, D = {shape['feat_dim']}, "
           f"torch {torch.__version__}, median of {args.steps} steps after {args.warmup}")
     print("| head | rows per rank | ms/step | images/s | vs linear-1000 | peak MiB |")
     print("|---|---|---|---|---|---|")
     linear_ms = results[0][2]
     for name, rows, milliseconds, peak in results:
-        per_rank = rows if name == "linear" else -(-rows // hvd.size())
+        per_rank = rows if name == "linear" else -(-rows // world.size)
         print(f"| {name}-{rows:,} | {per_rank:,} | {milliseconds:.1f} | {global_images / milliseconds * 1e3:,.0f} | "
               f"{milliseconds / linear_ms:.2f}x ({(milliseconds / linear_ms - 1) * 100:+.0f}%) | {peak:,.0f} |")
 

@@ -1,12 +1,12 @@
-"""The loaders of a run, built from its config for this Horovod rank: what the trainer and the evaluation
+"""The loaders of a run, built from its config for this rank of the process group (run/distributed.py): what the trainer and the evaluation
 read. With `--data synthetic` they are data.synthetic's random images; otherwise DALI pipelines over an
 instance index, with DALI imported on first use only (`data.pipelines`), so that `trainer.py -h`, `plan` and
 synthetic runs work on machines without DALI.
 """
-import horovod.torch as hvd
 import torch
 
 from data.synthetic import SyntheticLoader
+from run.distributed import engine
 
 SYNTHETIC = "synthetic"  # the --data value of synthetic input
 
@@ -22,6 +22,11 @@ def pipelines():
     return data.pipelines
 
 
+def this_rank():
+    """rank and world_size of this process, as the loaders take them."""
+    return dict(rank=engine().rank, world_size=engine().size)
+
+
 def is_synthetic(config):
     return config.data == SYNTHETIC
 
@@ -29,7 +34,7 @@ def is_synthetic(config):
 def synthetic_loader(config, epoch, views):
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return SyntheticLoader(config.instances, batch_size=config.batch_size, image_size=config.image_size, views=views,
-                           rank=hvd.rank(), world_size=hvd.size(), seed=epoch_seed(config.seed, epoch), device=device,
+                           seed=epoch_seed(config.seed, epoch), device=device, **this_rank(),
                            steps_per_epoch=config.steps_per_epoch)
 
 
@@ -38,8 +43,8 @@ def pretrain_loader(index, config, epoch):
     if is_synthetic(config):
         return synthetic_loader(config, epoch, views=config.views)
     return pipelines().pretrain_loader(
-        index, batch_size=config.batch_size, image_size=config.image_size, views=config.views, rank=hvd.rank(),
-        world_size=hvd.size(), device=config.dali_device, threads=config.threads,
+        index, batch_size=config.batch_size, image_size=config.image_size, views=config.views, **this_rank(),
+        device=config.dali_device, threads=config.threads,
         seed=epoch_seed(config.seed, epoch), min_scale=config.min_scale, flip=config.flip, blur=config.blur)
 
 
@@ -47,7 +52,7 @@ def linear_train_loader(index, config, epoch, batch_size):
     """One epoch of (images, ids) of this rank for linear evaluation: random resized crop, and a random flip when
     the run flipped its pretraining views."""
     return pipelines().linear_train_loader(
-        index, batch_size=batch_size, image_size=config.image_size, rank=hvd.rank(), world_size=hvd.size(),
+        index, batch_size=batch_size, image_size=config.image_size, **this_rank(),
         device=config.dali_device, threads=config.threads, seed=epoch_seed(config.seed, epoch),
         flip=getattr(config, "flip", True))  # the configs of runs from before --flip existed lack it: they flipped
 
@@ -59,6 +64,6 @@ def eval_loader(index, config, batch_size=None, shuffle=False):
     if is_synthetic(config):
         return synthetic_loader(config, epoch=-1, views=None)
     return pipelines().eval_loader(
-        index, batch_size=batch_size or config.batch_size, image_size=config.image_size, rank=hvd.rank(),
-        world_size=hvd.size(), device=config.dali_device, threads=config.threads, crop_ratio=config.crop_ratio,
+        index, batch_size=batch_size or config.batch_size, image_size=config.image_size, **this_rank(),
+        device=config.dali_device, threads=config.threads, crop_ratio=config.crop_ratio,
         shuffle_seed=config.seed if shuffle else None)

@@ -12,7 +12,7 @@ shard in id order, or shuffled the same way when given a shuffle_seed (BatchNorm
 that mix the classes).
 
 Devices. "gpu" decodes with nvJPEG (`device="mixed"`) on the current CUDA device (call
-`model.distributed.setup_device()` first: it makes the local rank modulo the visible GPUs current) and augments
+`run.distributed.start()` first: it makes the local rank modulo the visible GPUs current) and augments
 on the GPU; "cpu" decodes and augments on the CPU with `device_id=None`, which DALI runs without a driver.
 "auto" is "gpu" when torch sees CUDA. The decoder's arguments, among them the GPU decoder's memory pools sized
 from the data, come from data/decoder.py.
@@ -60,7 +60,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data import augment
 from data.decoder import decoder_arguments
-from model.errors import UsageError
+from run.errors import UsageError
 
 READER_NAME = "instances"
 DEVICES = ("auto", "cpu", "gpu")

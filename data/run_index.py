@@ -3,19 +3,20 @@ their indexes persisted in the run directory, built once by rank 0 and then relo
 same across resumes. What the index says of a folder is the user's to fix: one line, on every rank."""
 from pathlib import Path
 
-import horovod.torch as hvd
 
 from data.builtin import builtin_dataset
 from data.index import InstanceIndex, build_index
-from model.errors import UsageError
-from model.faults import raise_on_every_rank
+from run.distributed import engine
+from run.errors import UsageError
+from run.faults import raise_on_every_rank
+from run.layout import index_dir
 
 
 def run_indexes(data, out, strict, log):
     """(train index, val index or None) of the run writing to `out`. Collective."""
     train_folder, val_folder = dataset_folders(data)
-    train_index = load_or_build_index(train_folder, Path(out) / "index-train", strict, log)
-    val_index = load_or_build_index(val_folder, Path(out) / "index-val", strict, log) if val_folder else None
+    train_index = load_or_build_index(train_folder, index_dir(out, "train"), strict, log)
+    val_index = load_or_build_index(val_folder, index_dir(out, "val"), strict, log) if val_folder else None
     return train_index, val_index
 
 
@@ -34,7 +35,7 @@ def load_or_build_index(folder, index_dir, strict, log):
     resume). An index of another folder is refused: the run would train on it while config.json names this one."""
     index, error = None, None
     try:  # what the index says of the folder is the user's to fix: one line, on every rank
-        if hvd.rank() == 0 and not (index_dir / "index.json").is_file():
+        if engine().rank == 0 and not (index_dir / "index.json").is_file():
             build_index(folder, index_dir=index_dir, strict=strict, log=log)
     except (FileNotFoundError, NotADirectoryError, ValueError) as failure:
         error = str(failure)

@@ -6,7 +6,9 @@ bench/RESULTS.md). This counts them on any machine, so tests can hold them to a 
 
   launches     every aten op that runs a kernel (views, allocations and metadata are free) and every
                Triton kernel launch (the torch calls of Triton's CPU interpreter are not counted);
-  collectives  every Horovod operation (allgather, alltoall, allreduce, ...), by name;
+  collectives  what the code that runs them reports through `collective(name)`, in order (the project's
+               process group, run/distributed.py, reports each of its collectives as "op name" to a
+               run.distributed.StepCounter, this class plus that hook; kernels/ itself knows no process group);
   syncs        every op whose result the host must read before it can go on: `.item()`, `int(t)`,
                `if t.any()`, `.tolist()`, `nonzero`, boolean-mask indexing. On CUDA each makes the CPU
                wait for the GPU.
@@ -18,9 +20,7 @@ bench/RESULTS.md). This counts them on any machine, so tests can hold them to a 
 An aten op is one CUDA kernel in most cases; a few launch several (sort, for instance), so on a GPU
 the profiler's count (bench/classifier_step.py --cuda) is the exact figure.
 """
-import functools
-import inspect
-import sys
+import contextlib
 
 import torch
 import triton.runtime.jit
@@ -36,11 +36,6 @@ FREE_OPS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.def
 # Ops whose output shape depends on the data: the host waits for it (with a boolean index for index ops).
 _INHERITED = object()  # marks a patched attribute that the class only inherited
 SHAPE_FROM_DATA_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
-
-
-def _collective_name(op, signature, args, kwargs):
-    """'allgather classifier.stats': the operation and the name it was given (None: Horovod numbers it)."""
-    return f"{op} {signature.bind(*args, **kwargs).arguments.get('name')}"
 
 
 def _has_boolean_index(args):
@@ -70,13 +65,22 @@ class LaunchCounter(TorchDispatchMode):
     def _uncounted(self, record, name, call):
         """Wrap `call` so that it is recorded once, as `name` in `record`, and its insides are not."""
         def wrapped(*args, **kwargs):
-            record.append(name(args, kwargs) if callable(name) else name)
-            self._paused += 1
-            try:
+            with self._recorded(record, name):
                 return call(*args, **kwargs)
-            finally:
-                self._paused -= 1
         return wrapped
+
+    @contextlib.contextmanager
+    def _recorded(self, record, name):
+        record.append(name)
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def collective(self, name):
+        """Context manager around one collective: recorded as `name`; the ops it runs inside are not launches."""
+        return self._recorded(self.collectives, name)
 
     def _patch(self, owner, attribute, replacement):
         """setattr, undone on exit (an attribute that was inherited is deleted again)."""
@@ -88,13 +92,6 @@ class LaunchCounter(TorchDispatchMode):
         getitem = triton.runtime.jit.KernelInterface.__getitem__
         self._patch(triton.runtime.jit.KernelInterface, "__getitem__", lambda kernel, grid: self._uncounted(
             self.launches, f"triton {kernel.__name__}", getitem(kernel, grid)))
-        # Horovod, when loaded: every collective starts in one of mpi_ops' *_async functions.
-        mpi_ops = sys.modules.get("horovod.torch.mpi_ops")
-        if mpi_ops is not None:
-            for attribute in [name for name in vars(mpi_ops) if name.endswith("_async") and not name.startswith("_")]:
-                function = getattr(mpi_ops, attribute)
-                self._patch(mpi_ops, attribute, self._uncounted(self.collectives, functools.partial(
-                    _collective_name, attribute[:-len("_async")], inspect.signature(function)), function))
         tolist = torch.Tensor.tolist
         self._patch(torch.Tensor, "tolist", self._uncounted(self.syncs, "tolist", tolist))
         return super().__enter__()

@@ -26,25 +26,19 @@ for ids, FloatingPointError for features) on every rank together, since it reads
 Gradient convention: after loss.backward(), features.grad on each rank is d(global mean loss)/d(its
 features) and weight.grad is d(global mean loss)/d(this shard). Backbone gradients therefore have to
 be SUMMED over ranks, not averaged: see `distributed_backbone_optimizer`.
+
+The collectives are the process group's (run/distributed.py), handed to the classifier as `group` (default:
+the engine the entry point started); with one rank they are copies, and the classifier is the full softmax.
 """
 from types import SimpleNamespace
 
-import horovod.torch as hvd
 import torch
 
 from kernels import NormalizedExchange, seed_rows_, shard_ops, sharded_topk_xent_and_stats
 from kernels.reference import normalize_rows
-from model.distributed import default_horovod_environment
+from run.distributed import engine, shard_rows
 
 INIT_BLOCK_ROWS = 65536  # random init is drawn per block of rows of W, so it does not depend on P
-
-
-def shard_rows(num_instances, num_shards, rank):
-    """The rows of W, i.e. the classes [start, stop), of rank `rank` in a balanced split of num_instances
-    (sizes differ by <= 1)."""
-    base, extra = divmod(num_instances, num_shards)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def random_unit_rows(start, stop, dim, seed):
@@ -71,26 +65,23 @@ class _AlltoallFeatures:
     of this rank -> [P, b, D], the partials of this rank's samples from every rank, by the alltoall back.
     """
 
-    def __init__(self, name):
-        self.name, self.copies, self.sizes = name, hvd.size(), None
+    def __init__(self, group, name):
+        self.group, self.name, self.copies, self.sizes = group, name, group.size, None
 
     def forward(self, packed):
         copies, batch, width = packed.shape
-        received, self.sizes = hvd.alltoall(packed.view(copies * batch, width), splits=[batch] * copies,
-                                            name=f"classifier.{self.name}")
+        received, self.sizes = self.group.alltoall(packed.view(copies * batch, width), splits=[batch] * copies,
+                                                   name=f"classifier.{self.name}")
         return received
 
     def backward(self, grad_features_n):
-        received, _ = hvd.alltoall(grad_features_n, splits=self.sizes, name=f"classifier.grad_{self.name}")
+        received, _ = self.group.alltoall(grad_features_n, splits=self.sizes,
+                                          name=f"classifier.grad_{self.name}")
         return received.view(self.copies, -1, grad_features_n.shape[1])
 
 
-def _exchange_stats(packed):  # [B, S] -> [P, B, S], rank order
-    return hvd.allgather(packed, name="classifier.stats").view(hvd.size(), *packed.shape)
-
-
 class ShardedInstanceClassifier(torch.nn.Module):
-    """Cosine-softmax classifier over num_instances classes, sharded over the Horovod ranks by classes.
+    """Cosine-softmax classifier over num_instances classes, sharded over the ranks of `group` by classes.
 
     forward(features [b, dim], ids [b]) -> global-batch mean loss (scalar, identical on every rank).
     smooth_k / smooth_alpha: top-K hardest-class label smoothing (K clamped to N - 1).
@@ -98,7 +89,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
     compute_dtype: the dtype the kernels round the products' operands to (normalized features and the
     shard); None means bf16 on CUDA (tensor cores; statistics and accumulation stay fp32) and the
     inputs' own dtypes elsewhere. The shard itself, its gradient and its optimizer state stay in the
-    parameters' dtype.
+    parameters' dtype. group: the run.distributed Engine whose collectives it uses (default: the started one).
 
     After a forward, `last_diagnostics` holds per sample of the GLOBAL batch (tensors on the device, no
     host sync; rank order): ids, own_probability = exp(z_{i,y_i} - lse_i), own_is_top1 (bool: the
@@ -107,7 +98,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
     """
 
     def __init__(self, num_instances, dim, *, temperature=0.15, smooth_k=0, smooth_alpha=0.0,
-                 backend="auto", compute_dtype=None, seed=0):
+                 backend="auto", compute_dtype=None, seed=0, group=None):
         super().__init__()
         if num_instances < 2:
             raise ValueError(f"an instance classifier needs at least 2 instances, got {num_instances}")
@@ -115,13 +106,11 @@ class ShardedInstanceClassifier(torch.nn.Module):
             raise ValueError(f"smooth_alpha must be in [0, 1), got {smooth_alpha}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not hvd.is_initialized():
-            default_horovod_environment()
-            hvd.init()
+        self.group = group or engine()
         self.num_instances, self.dim = num_instances, dim
         self.temperature, self.smooth_k, self.smooth_alpha = temperature, smooth_k, smooth_alpha
         self.backend, self.compute_dtype = backend, compute_dtype
-        self.start, self.stop = shard_rows(num_instances, hvd.size(), hvd.rank())
+        self.start, self.stop = shard_rows(num_instances, self.group.size, self.group.rank)
         self.weight = torch.nn.Parameter(random_unit_rows(self.start, self.stop, dim, seed))
         self.last_diagnostics = None
         self.last_hardest = None  # merged top-K ids [B, K] of the last forward, for monitoring/tests
@@ -139,14 +128,18 @@ class ShardedInstanceClassifier(torch.nn.Module):
         if ids.shape != features.shape[:1]:
             raise ValueError(f"ids must be [{features.shape[0]}], got {list(ids.shape)}")
         ops = shard_ops(self.backend, self.weight.device)
-        return NormalizedExchange.apply(features, ids.to(features.device, non_blocking=True), ops, _AlltoallFeatures(name))
+        return NormalizedExchange.apply(features, ids.to(features.device, non_blocking=True), ops,
+                                        _AlltoallFeatures(self.group, name))
+
+    def _exchange_stats(self, packed):  # [B, S] -> [P, B, S], rank order
+        return self.group.allgather(packed, name="classifier.stats").view(self.group.size, *packed.shape)
 
     def forward(self, features, ids):
         features_n, ids = self._gather(features, ids, "features")
         compute_dtype = self.compute_dtype or (torch.bfloat16 if self.weight.is_cuda else None)
         loss, merged = sharded_topk_xent_and_stats(
             features_n, self.weight, ids, self.start, self.num_instances, temperature=self.temperature,
-            k=self.smooth_k, alpha=self.smooth_alpha, compute_dtype=compute_dtype, exchange_stats=_exchange_stats,
+            k=self.smooth_k, alpha=self.smooth_alpha, compute_dtype=compute_dtype, exchange_stats=self._exchange_stats,
             backend=self.backend)
         self.last_diagnostics = SimpleNamespace(ids=ids, own_probability=merged.own_probability,
                                                 own_is_top1=merged.own_is_top1, hardest=merged.hardest)
@@ -180,8 +173,9 @@ class ShardedInstanceClassifier(torch.nn.Module):
         return seed_rows_(self.weight.data, features_n, ids, self.start, backend=backend)
 
 
-def distributed_backbone_optimizer(optimizer, named_parameters):
-    """hvd.DistributedOptimizer for the data-parallel part (backbone + head) that SUMS gradients.
+def distributed_backbone_optimizer(optimizer, named_parameters, group=None):
+    """The data-parallel optimizer of the backbone + head (group: default the started engine) that SUMS
+    gradients over the ranks.
 
     With the classifier's convention each rank's backbone gradient is already its share of
     d(global mean loss)/d(theta), so the sum over ranks is the gradient of a single process on the
@@ -189,4 +183,4 @@ def distributed_backbone_optimizer(optimizer, named_parameters):
     with batch norm match a single process only up to that.) The classifier shard must NOT be in
     this optimizer: give it a plain local optimizer.
     """
-    return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, op=hvd.Sum)
+    return (group or engine()).data_parallel_optimizer(optimizer, named_parameters, op="sum")

@@ -13,15 +13,15 @@ initialisation, as is and with its BatchNorm statistics estimated on shuffled ba
 """
 import copy
 
-import horovod.torch as hvd
 import torch
 
 from data.loaders import eval_loader, linear_train_loader
 from kernels.reference import normalize_rows
 from model.encoder import build_encoder
-from model.errors import UsageError
 from model.initialisation import calibrate_batchnorm
-from model.schedule import set_learning_rate
+from run.distributed import engine
+from run.errors import UsageError
+from run.schedule import set_learning_rate
 
 KNN_SETTINGS = ((20, 0.07), (200, 0.1))  # (k, T): the values of Wu et al. and of the InstDisc/PIC monitors
 QUERY_CHUNK = 1024  # queries per similarity block: [chunk, bank shard] stays small
@@ -48,7 +48,9 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, settings
 
     Collective: every rank must call it; all return the same numbers.
     """
-    queries, query_labels = hvd.allgather(queries), hvd.allgather(query_labels)
+    group = engine()
+    queries, query_labels = group.allgather(queries, name="knn.queries"), group.allgather(query_labels,
+                                                                                           name="knn.query_labels")
     k_max = max(k for k, _ in settings)
     correct = {k: 0 for k, _ in settings}
     for begin in range(0, len(queries), QUERY_CHUNK):
@@ -59,8 +61,9 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, settings
         labels = bank_labels.new_zeros((len(chunk), k_max))
         values[:, :take], nearest = similarity.topk(take, dim=1)
         labels[:, :take] = bank_labels[nearest]
-        values = hvd.allgather(values[None]).permute(1, 0, 2).reshape(len(chunk), -1)  # [q, P k_max]
-        labels = hvd.allgather(labels[None]).permute(1, 0, 2).reshape(len(chunk), -1)
+        # [q, P k_max]: every rank's top-k of its bank shard
+        values = group.allgather(values[None], name="knn.values").permute(1, 0, 2).reshape(len(chunk), -1)
+        labels = group.allgather(labels[None], name="knn.labels").permute(1, 0, 2).reshape(len(chunk), -1)
         order = values.sort(dim=1, descending=True, stable=True).indices[:, :k_max]
         values, labels = values.gather(1, order), labels.gather(1, order)
         truth = query_labels[begin:begin + QUERY_CHUNK]
@@ -133,10 +136,11 @@ def linear_evaluation(backbone, train_index, val_index, config, settings, device
     classifier = torch.nn.Linear(backbone.feature_dim, num_classes).to(device)
     torch.nn.init.normal_(classifier.weight, std=0.01)  # MoCo's init of the linear layer
     torch.nn.init.zeros_(classifier.bias)
-    hvd.broadcast_parameters(classifier.state_dict(), root_rank=0)
-    optimizer = hvd.DistributedOptimizer(  # averages: each rank's loss is its own batch mean
+    group = engine()
+    group.broadcast_parameters(classifier.state_dict().items(), root=0)
+    optimizer = group.data_parallel_optimizer(  # averages: each rank's loss is its own batch mean
         torch.optim.SGD(classifier.parameters(), lr=settings.lr, momentum=settings.momentum,
-                        weight_decay=settings.weight_decay), named_parameters=classifier.named_parameters())
+                        weight_decay=settings.weight_decay), classifier.named_parameters(), op="average")
     frozen = {key: value.clone() for key, value in backbone.state_dict().items()}
     backbone.eval()  # frozen: BatchNorm uses the pretrained running statistics
     for epoch in range(settings.epochs):
@@ -156,7 +160,7 @@ def linear_evaluation(backbone, train_index, val_index, config, settings, device
             hits = topk_correct(classifier(backbone(images).float()), val_labels[ids])
             correct += torch.tensor([hits[1], hits[5], len(ids)], dtype=torch.float64)
     sanity_check(backbone, frozen)
-    top1, top5, seen = hvd.allreduce(correct, op=hvd.Sum, name="linear-eval.correct").tolist()
+    top1, top5, seen = group.allreduce(correct, op="sum", name="linear-eval.correct").tolist()
     return {"linear_top1": 100 * top1 / seen, "linear_top5": 100 * top5 / seen}
 
 

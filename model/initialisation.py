@@ -22,8 +22,8 @@ The "random init + BN statistics" baseline of the evaluation uses the same calib
 import torch
 
 from data.loaders import eval_loader
-from model.distributed import average_batchnorm_statistics
 from model.encoder import embed
+from run.distributed import average_batchnorm_statistics
 
 
 @torch.no_grad()

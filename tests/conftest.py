@@ -62,6 +62,16 @@ def horovod():
     return run_horovod
 
 
+@pytest.fixture
+def single_engine(monkeypatch):
+    """The single-process engine as this test process's process group (run/distributed.py): what the modules
+    that ask for the started engine get, without start()'s process-wide hooks (excepthook, threads)."""
+    from run import distributed
+    engine = distributed.SingleProcess()
+    monkeypatch.setattr(distributed, "_started", engine)
+    return engine
+
+
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     """12 train and 4 val images per digit of the built-in data, one copy per test module (tests/trainer_runs.py)."""

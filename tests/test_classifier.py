@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from kernels import merge_shard_stats, reference
 from kernels.reference import relative_error
-from model.classifier import random_unit_rows, shard_rows
+from model.classifier import random_unit_rows
+from run.distributed import shard_rows
 from tests.classifier_problems import CASES, SGD_STEP, make_problem, tiny_backbone
 from tests.conftest import WORKERS, run_horovod
 
@@ -163,7 +164,7 @@ def test_random_init_does_not_depend_on_sharding():
     (torch.randn(4, 9), torch.tensor([0, 1, 2, 3]), "features must be [batch, 16]"),
     (torch.randn(4, 16), torch.tensor([0, 1, 2]), "ids must be [4]"),
 ])
-def test_bad_shapes_are_a_clear_error(features, ids, message):
+def test_bad_shapes_are_a_clear_error(features, ids, message, single_engine):
     from model.classifier import ShardedInstanceClassifier
     classifier = ShardedInstanceClassifier(1001, 16)
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -179,7 +180,7 @@ def test_bad_shapes_are_a_clear_error(features, ids, message):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf in the interpreter
-def test_bad_input_makes_the_loss_nan_and_check_input_names_it(features, ids, error, message, backend):
+def test_bad_input_makes_the_loss_nan_and_check_input_names_it(features, ids, error, message, backend, single_engine):
     """No host check in the forward: the loss is NaN (on every rank: it is computed from the global batch),
     and check_input raises the one-line error. Good input passes check_input."""
     from model.classifier import ShardedInstanceClassifier
@@ -193,14 +194,14 @@ def test_bad_input_makes_the_loss_nan_and_check_input_names_it(features, ids, er
     classifier.check_input()
 
 
-def test_seed_rejects_bad_ids_at_once():
+def test_seed_rejects_bad_ids_at_once(single_engine):
     from model.classifier import ShardedInstanceClassifier
     classifier = ShardedInstanceClassifier(1001, 16)
     with pytest.raises(ValueError, match=r"instance ids must be in \[0, 1001\)"):
         classifier.seed_(torch.randn(2, 16), torch.tensor([5, 1001]))
 
 
-def test_bf16_compute_dtype_keeps_fp32_parameters_and_gradients():
+def test_bf16_compute_dtype_keeps_fp32_parameters_and_gradients(single_engine):
     """What runs on CUDA by default (bf16 kernel inputs), through the chunked backend on CPU."""
     from model.classifier import ShardedInstanceClassifier
     case = CASES["smooth"]
@@ -224,7 +225,7 @@ def test_bf16_compute_dtype_keeps_fp32_parameters_and_gradients():
                                                       (False, "1", "1")])
 def test_default_horovod_environment(monkeypatch, cuda, user_value, expected):
     """HOROVOD_CYCLE_TIME = 0.1 ms for GPU ranks, 5 ms for CPU ranks, unless the user chose one."""
-    from model.distributed import default_horovod_environment
+    from run.horovod_engine import default_horovod_environment
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     if user_value is None:
         monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)

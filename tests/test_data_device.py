@@ -3,8 +3,7 @@ visible devices, checked on CPU by stubbing the CUDA queries."""
 import pytest
 import torch
 
-from model import distributed
-from model.distributed import describe_device, gpu_ordinal, setup_device
+from run.distributed import describe_device, gpu_ordinal, setup_device
 
 
 @pytest.mark.parametrize("local_rank, visible, ordinal", [
@@ -23,23 +22,22 @@ def test_no_visible_device_is_an_error():
 
 @pytest.fixture
 def one_visible_gpu(monkeypatch):
-    """This process as local rank 1 of a launcher that shows each rank one GPU; returns the set_device calls."""
+    """A launcher that shows each rank one GPU; returns the set_device calls."""
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
-    monkeypatch.setattr(distributed.hvd, "local_rank", lambda: 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
     return chosen
 
 
 def test_setup_device_takes_the_only_visible_gpu_on_local_rank_1(one_visible_gpu):
-    device = setup_device()
+    device = setup_device(local_rank=1)
     assert device == torch.device("cuda", 0) and one_visible_gpu == [device]
     assert describe_device(device) == "cuda:0 Test GPU (CUDA_VISIBLE_DEVICES=5)"
 
 
 def test_without_cuda_the_device_is_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert setup_device() == torch.device("cpu") and describe_device(torch.device("cpu")) == "cpu"
+    assert setup_device(local_rank=1) == torch.device("cpu") and describe_device(torch.device("cpu")) == "cpu"

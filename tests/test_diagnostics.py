@@ -1,4 +1,4 @@
-"""model/diagnostics.py against float64 oracles computed from dense logits, and its row norms over real shards at
+"""run/diagnostics.py against float64 oracles computed from dense logits, and its row norms over real shards at
 P = 1, 2, 3 (including a rank that owns no rows)."""
 import json
 from types import SimpleNamespace
@@ -26,10 +26,8 @@ def step_diagnostics(logits, ids, k):
 
 @pytest.mark.parametrize("k", [0, 3])
 @pytest.mark.parametrize("labelled", [True, False])
-def test_epoch_diagnostics_match_the_oracle(k, labelled):
-    import horovod.torch as hvd
-    from model.diagnostics import EpochDiagnostics
-    hvd.init()  # a 1-rank job: summary() reduces the row norms over the ranks
+def test_epoch_diagnostics_match_the_oracle(k, labelled, single_engine):
+    from run.diagnostics import EpochDiagnostics  # summary() reduces the row norms over the engine's ranks
     num_instances, generator = 40, torch.Generator().manual_seed(k)
     labels = torch.randint(4, (num_instances,), generator=generator) if labelled else torch.full((num_instances,), -1)
     weight = global_rows(num_instances)

@@ -15,13 +15,11 @@ def test_flip_defaults_off_for_the_builtin_digits_and_on_for_folders(argv, flip)
 
 
 @pytest.mark.parametrize("flip", [False, True])
-def test_loaders_pass_the_runs_flip_to_both_training_loaders(flip, monkeypatch):
+def test_loaders_pass_the_runs_flip_to_both_training_loaders(flip, monkeypatch, single_engine):
     calls = {}
     fake = types.SimpleNamespace(**{name: (lambda name: lambda index, **kwargs: calls.setdefault(name, kwargs))(name)
                                     for name in ("pretrain_loader", "linear_train_loader")})
     monkeypatch.setattr(loaders, "pipelines", lambda: fake)
-    monkeypatch.setattr(loaders.hvd, "rank", lambda: 0)
-    monkeypatch.setattr(loaders.hvd, "size", lambda: 1)
     config = trainer.resolve_config(trainer.parser.parse_args(["--flip" if flip else "--no-flip"]))
     loaders.pretrain_loader(None, config, epoch=0)
     loaders.linear_train_loader(None, config, epoch=0, batch_size=8)
@@ -29,11 +27,9 @@ def test_loaders_pass_the_runs_flip_to_both_training_loaders(flip, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, blur", [([], True), (["--no-blur"], False), (["--data", "/some/folder"], True)])
-def test_the_runs_blur_reaches_the_pretraining_loader(argv, blur, monkeypatch):
+def test_the_runs_blur_reaches_the_pretraining_loader(argv, blur, monkeypatch, single_engine):
     calls = {}
     fake = types.SimpleNamespace(pretrain_loader=lambda index, **kwargs: calls.update(kwargs))
     monkeypatch.setattr(loaders, "pipelines", lambda: fake)
-    monkeypatch.setattr(loaders.hvd, "rank", lambda: 0)
-    monkeypatch.setattr(loaders.hvd, "size", lambda: 1)
     loaders.pretrain_loader(None, trainer.resolve_config(trainer.parser.parse_args(argv)), epoch=0)
     assert calls["blur"] is blur

@@ -1,7 +1,7 @@
 """How a run at P = 2 (horovodrun, gloo) survives what happens to real runs: resumes that ranks must agree on,
 stale run directories, impossible settings, signals, a failing rank, CPU threads (issue 11).
 
-Stops at a chosen step use the test-only fault hook of model/faults.py (INSTANCE_CLASSIFIER_TEST_FAULT)."""
+Stops at a chosen step use the test-only fault hook of run/faults.py (INSTANCE_CLASSIFIER_TEST_FAULT)."""
 import contextlib
 import json
 import os
@@ -15,8 +15,8 @@ import psutil
 import pytest
 import torch
 
-from model.errors import UsageError
-from model.faults import TEST_FAULT_VARIABLE
+from run.errors import UsageError
+from run.faults import TEST_FAULT_VARIABLE
 from tests.conftest import ROOT, WORKERS, horovod_job, run_horovod
 from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, trainer, training_records
 
@@ -140,7 +140,7 @@ def triton_limits():
 ])
 def test_each_impossible_setting_is_one_line_naming_it(flags, message, tmp_path):
     import trainer as trainer_module
-    from model.settings import check_machine_and_paths
+    from settings import check_machine_and_paths
     config = trainer_module.parser.parse_args(["--out", str(tmp_path / "run"), *flags])
     with pytest.raises(UsageError, match=re.escape(message)):
         check_machine_and_paths(trainer_module.resolve_config(config))
@@ -151,7 +151,7 @@ def test_each_impossible_setting_is_one_line_naming_it(flags, message, tmp_path)
                                            (["--dali-device", "gpu"], "--dali-device gpu needs CUDA")])
 def test_gpu_only_settings_are_refused_without_cuda(flags, message, tmp_path, monkeypatch):
     import trainer as trainer_module
-    from model.settings import check_machine_and_paths
+    from settings import check_machine_and_paths
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     config = trainer_module.resolve_config(trainer_module.parser.parse_args(["--out", str(tmp_path), *flags]))
     with pytest.raises(UsageError, match=re.escape(message)):

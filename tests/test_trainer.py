@@ -35,7 +35,7 @@ def test_pretraining_writes_config_metrics_checkpoints_and_backbone(run_two_epoc
     # 120 images / (2 ranks x 16) -> 4 steps per epoch, every one logged
     assert len(step_losses(metrics, 1)) == 4 and len(step_losses(metrics, 2)) == 4
     assert all(0 < m["epoch_loss"] < 2 * torch.log(torch.tensor(120.0)) for m in epochs)
-    for m in epochs:  # the classifier's diagnostics of the epoch (model/diagnostics.py)
+    for m in epochs:  # the classifier's diagnostics of the epoch (run/diagnostics.py)
         assert 0 <= m["instance_accuracy"] <= 100 and 0 < m["own_probability"] <= 1
         assert 0 <= m["hardest_same_label"] <= 100 and 0 < m["row_norm_min"] <= m["row_norm_mean"] <= m["row_norm_max"]
     knn = [m for m in metrics if "knn20_top1" in m]
@@ -44,7 +44,8 @@ def test_pretraining_writes_config_metrics_checkpoints_and_backbone(run_two_epoc
         assert sorted(p.name for p in (out / f"checkpoint-000{epoch}").iterdir()) == ["shard-0.pt", "shard-1.pt", "state.pt"]
     assert list(torch.load(out / "backbone.pth")) == expected_torchvision_keys(18)
     assert "global batch 32" in result.stdout and "global batch" not in result.stderr
-    assert "devices: rank 0 cpu; rank 1 cpu" in result.stdout
+    assert "engine horovod: 2 ranks; rank 0 cpu; rank 1 cpu; torch threads 1 (OMP_NUM_THREADS); " \
+        "HOROVOD_CYCLE_TIME=5 (this trainer's default)" in result.stdout and config["engine"] == "horovod"
 
 
 @pytest.mark.horovod
@@ -66,8 +67,8 @@ def test_resume_continues_bitwise_and_metrics_read_as_one_run(run_two_epochs, ti
 @pytest.mark.horovod
 def test_checkpoint_of_two_ranks_reshards_exactly(run_two_epochs):
     """Rows written by P = 2 read back for P = 1 and P = 3 are the same rows."""
-    from model.checkpoint import load_rows, load_state
-    from model.classifier import shard_rows
+    from run.checkpoint import load_rows, load_state
+    from run.distributed import shard_rows
     checkpoint = run_two_epochs[0] / "checkpoint-0002"
     state = load_state(checkpoint)
     shards = [torch.load(checkpoint / f"shard-{r}.pt") for r in range(2)]
@@ -113,17 +114,15 @@ def test_linear_evaluation_knn_and_export(run_two_epochs, tmp_path):
 
 
 @pytest.mark.slow
-def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path):
+def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path, single_engine):
     """After the init, row i of W is the normalized head output of image i in eval mode under the BatchNorm
     statistics of the shuffled pass (tests/test_initialisation.py checks those against their oracle), the weights
     are untouched and the encoder is back in train mode."""
-    import horovod.torch as hvd
     from data.index import build_index
     from data.loaders import eval_loader
     from model.classifier import ShardedInstanceClassifier
     from model.encoder import build_encoder, embed
     from model.initialisation import raw_feature_init
-    hvd.init()
     index = build_index(tiny_dataset / "train", out_dir=tmp_path, log=lambda *_: None)
     config = argparse.Namespace(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16, data=None,
                                 batch_size=16, image_size=32, dali_device="cpu", threads=1, crop_ratio=1.0, seed=0)

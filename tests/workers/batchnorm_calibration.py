@@ -9,13 +9,13 @@ this rank's classifier rows [start, stop).
 import argparse
 import sys
 
-import horovod.torch as hvd
 import torch
 
 from data.index import InstanceIndex
 from data.loaders import eval_loader
 from model.classifier import ShardedInstanceClassifier
 from model.initialisation import calibrate_batchnorm, raw_feature_init
+from run.distributed import start
 
 BATCH_SIZE = 25
 IMAGE_SIZE = 32
@@ -28,7 +28,7 @@ def pixel_encoder():
 
 if __name__ == "__main__":
     index_json, out_dir, order = sys.argv[1:]
-    hvd.init()
+    world = start(announce=False)
     index = InstanceIndex.load(index_json)
     config = argparse.Namespace(data=str(index.root), batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, dali_device="cpu",
                                 threads=1, crop_ratio=1.0, seed=3)
@@ -40,4 +40,4 @@ if __name__ == "__main__":
         calibrate_batchnorm(backbone, (backbone,), eval_loader(index, config))
     batchnorm = backbone[1]
     torch.save({"running_mean": batchnorm.running_mean, "running_var": batchnorm.running_var, "eps": batchnorm.eps,
-                "start": classifier.start, "rows": classifier.weight.detach()}, f"{out_dir}/rank-{hvd.rank()}.pt")
+                "start": classifier.start, "rows": classifier.weight.detach()}, f"{out_dir}/rank-{world.rank}.pt")

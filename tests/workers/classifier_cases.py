@@ -1,21 +1,21 @@
 """Worker: run the sharded classifier on shared random cases; each rank saves what it computed.
 
-Usage: python classifier_cases.py OUT_DIR BACKEND [BACKEND ...]   (under horovodrun or alone)
+Usage: python classifier_cases.py OUT_DIR BACKEND [BACKEND ...]   (under horovodrun, or alone: the single engine)
 Every rank builds the same float64 global problem from fixed seeds, takes its uneven slice of the
 batch and its shard of W, and saves loss, gradients, merged top-K, seed_ results and one SGD step.
 """
 import sys
 
-import horovod.torch as hvd
 import torch
 
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
+from run.distributed import start
 from tests.classifier_problems import CASES, batch_slice, make_problem, tiny_backbone, SGD_STEP
 
-hvd.init()
-rank, size = hvd.rank(), hvd.size()
+world = start(announce=False)
+rank, size = world.rank, world.size
 out_dir, backends = sys.argv[1], sys.argv[2:]
-results = {"rank": rank, "size": size}
+results = {"rank": rank, "size": size, "engine": world.name}
 
 for backend in backends:
     for name, case in CASES.items():

@@ -10,11 +10,11 @@ import sys
 import horovod.torch as hvd
 import torch
 
-from kernels.launches import LaunchCounter
 from model.classifier import ShardedInstanceClassifier
+from run.distributed import StepCounter, start
 from tests.classifier_problems import CASES, batch_slice, make_problem
 
-hvd.init()
+start("horovod", announce=False)
 out_dir, backends = sys.argv[1], sys.argv[2:]
 results = {}
 for backend in backends:
@@ -33,7 +33,7 @@ for backend in backends:
 
 # One more step of the last Triton classifier, with fresh gradients as after optimizer.zero_grad().
 classifier.weight.grad = local_features.grad = None
-with LaunchCounter() as counted:
+with StepCounter() as counted:
     classifier(local_features, labels[batch_slice(case["batch"], hvd.rank(), hvd.size())]).backward()
 results["counted"] = {"launches": counted.launches, "collectives": counted.collectives, "syncs": counted.syncs}
 

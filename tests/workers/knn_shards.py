@@ -7,9 +7,8 @@ largest k. Rank 0 writes the accuracies to OUT_JSON.
 import json
 import sys
 
-import horovod.torch as hvd
-
 from model.evaluation import knn_accuracy
+from run.distributed import start
 from tests.test_evaluation import KNN_SETTINGS, NUM_CLASSES, knn_problem
 
 
@@ -22,9 +21,9 @@ def uneven_shard(rows, rank, world_size):
 
 
 if __name__ == "__main__":
-    hvd.init()
-    bank, bank_labels, queries, query_labels = (uneven_shard(rows, hvd.rank(), hvd.size()) for rows in knn_problem())
+    world = start(announce=False)
+    bank, bank_labels, queries, query_labels = (uneven_shard(rows, world.rank, world.size) for rows in knn_problem())
     accuracy = knn_accuracy(bank, bank_labels, queries, query_labels, NUM_CLASSES, settings=KNN_SETTINGS)
-    if hvd.rank() == 0:
+    if world.rank == 0:
         with open(sys.argv[1], "w") as stream:
             json.dump(accuracy, stream)

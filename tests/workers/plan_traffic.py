@@ -1,19 +1,19 @@
-"""Worker: count the bytes each rank receives through Horovod in one classifier step, and its shard bytes.
+"""Worker: count the bytes each rank receives through the engine in one classifier step, and its shard bytes.
 
 Usage: python plan_traffic.py OUT_DIR INSTANCES BATCH_PER_RANK DIM K
 """
 import json
 import sys
 
-import horovod.torch as hvd
 import torch
 
 from model.classifier import ShardedInstanceClassifier
+from run.distributed import start
 
 out_dir, instances, batch, dim, k = sys.argv[1], *map(int, sys.argv[2:])
-hvd.init()
+world = start(announce=False)
 received = {"bytes": 0}
-allgather, alltoall = hvd.allgather, hvd.alltoall
+allgather, alltoall = world.allgather, world.alltoall
 
 
 def counting_allgather(tensor, *args, **kwargs):
@@ -24,12 +24,12 @@ def counting_allgather(tensor, *args, **kwargs):
 
 def counting_alltoall(tensor, splits=None, *args, **kwargs):
     output, received_splits = alltoall(tensor, splits, *args, **kwargs)
-    own = received_splits[hvd.rank()].item() * output[0].numel() if len(output) else 0
+    own = received_splits[world.rank].item() * output[0].numel() if len(output) else 0
     received["bytes"] += (output.numel() - own) * output.element_size()
     return output, received_splits
 
 
-hvd.allgather, hvd.alltoall = counting_allgather, counting_alltoall
+world.allgather, world.alltoall = counting_allgather, counting_alltoall  # this engine's only
 classifier = ShardedInstanceClassifier(instances, dim, smooth_k=k, smooth_alpha=0.2)
 optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9)
 features = torch.randn(batch, dim, requires_grad=True)
@@ -39,4 +39,4 @@ state = optimizer.state[classifier.weight]["momentum_buffer"]
 result = {"received": received["bytes"],
           "weight_bytes": classifier.weight.numel() * classifier.weight.element_size(),
           "grad_momentum_bytes": (classifier.weight.grad.numel() + state.numel()) * state.element_size()}
-json.dump(result, open(f"{out_dir}/rank{hvd.rank()}.json", "w"))
+json.dump(result, open(f"{out_dir}/rank{world.rank}.json", "w"))

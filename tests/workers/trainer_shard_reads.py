@@ -7,8 +7,8 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 
-from model.checkpoint import load_rows, load_state
-from model.classifier import shard_rows
+from run.checkpoint import load_rows, load_state
+from run.distributed import shard_rows
 
 hvd.init()
 checkpoint, out = Path(sys.argv[1]), Path(sys.argv[2])

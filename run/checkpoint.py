@@ -1,7 +1,7 @@
 """Checkpoints of a hybrid-parallel run: one directory per save, complete or absent.
 
-Layout of `<out>/checkpoint-<epoch:04d>/` (after `epoch` complete epochs) or
-`<out>/checkpoint-<epoch:04d>-step-<step:06d>/` (a stop on a signal `step` steps into the next epoch):
+The names are run/layout.py's. `<out>/checkpoint-<epoch:04d>/` (after `epoch` complete epochs) or
+`<out>/checkpoint-<epoch:04d>-step-<step:06d>/` (a stop on a signal `step` steps into the next epoch) holds:
   shard-<rank>.pt  every rank's classifier rows {start, stop, num_instances, weight [C, D],
                    momentum [C, D] or None} and its BatchNorm buffers {name: tensor} (they differ between
                    ranks inside an epoch: they are averaged at its end)
@@ -17,43 +17,24 @@ P's data shards, and each rank gets its own BatchNorm buffers back. (Several hos
 file system, as every rank writes into the same directory.)
 """
 import pickle
-import re
 import shutil
 from pathlib import Path
 
-import horovod.torch as hvd
 import torch
 
-from model.classifier import shard_rows
-from model.distributed import barrier
-from model.errors import UsageError
-from model.faults import raise_on_every_rank
+from run.distributed import barrier, engine, shard_rows
+from run.errors import UsageError
+from run.faults import raise_on_every_rank
+from run.layout import STATE, checkpoint_name, complete_checkpoints, partial_checkpoint, shard_file
 
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{4,})(?:-step-(\d{6,}))?$")
 # What reading a checkpoint file can raise when the file is missing, cut short or not a checkpoint.
 READ_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError)
-
-
-def checkpoint_position(path):
-    """(complete epochs, steps into the next epoch) of a checkpoint directory name, or None."""
-    match = CHECKPOINT_NAME.match(Path(path).name)
-    return None if match is None else (int(match.group(1)), int(match.group(2) or 0))
-
-
-def checkpoint_name(epoch, step=0):
-    return f"checkpoint-{epoch:04d}" + (f"-step-{step:06d}" if step else "")
-
-
-def complete_checkpoints(out_dir):
-    """Complete checkpoint directories of a run, oldest first."""
-    found = [p for p in Path(out_dir).glob("checkpoint-*") if checkpoint_position(p) and (p / "state.pt").is_file()]
-    return sorted(found, key=checkpoint_position)
 
 
 def resolve_checkpoint(path):
     """A checkpoint directory, or the newest complete one of a run directory; one-line error otherwise."""
     path = Path(path)
-    if (path / "state.pt").is_file():
+    if (path / STATE).is_file():
         return path
     found = complete_checkpoints(path) if path.is_dir() else []
     if not found:
@@ -67,10 +48,10 @@ def checkpoint_to_resume(resume, out):
     decides for every rank: a rank deciding alone (no shared file system, NFS lag) could start afresh while the
     others resume, and their collectives would part ways."""
     choice = None
-    if hvd.rank() == 0 and resume != "none":
+    if engine().rank == 0 and resume != "none":
         found = complete_checkpoints(out) if resume == "auto" else [resolve_checkpoint(resume)]
         choice = str(found[-1]) if found else None
-    choice = hvd.broadcast_object(choice, root_rank=0, name="checkpoint-to-resume")
+    choice = engine().broadcast_object(choice, root=0, name="checkpoint-to-resume")
     return None if choice is None else Path(choice)
 
 
@@ -84,10 +65,11 @@ def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, c
                     step_losses=(), diagnostics=None, metrics_lines=0):
     """Collective: every rank writes its shard, rank 0 the state, then the directory appears at once.
     epoch: complete epochs; step_losses: the losses of the steps done since (a stop inside an epoch), and
-    diagnostics the classifier's totals over them (model.diagnostics.EpochDiagnostics.totals, a list)."""
+    diagnostics the classifier's totals over them (run.diagnostics.EpochDiagnostics.totals, a list)."""
+    rank = engine().rank
     final = Path(out_dir) / checkpoint_name(epoch, len(step_losses))
-    partial = Path(out_dir) / f".{final.name}.partial"
-    if hvd.rank() == 0:
+    partial = partial_checkpoint(final)
+    if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier("checkpoint-mkdir")  # the directory exists
@@ -96,14 +78,14 @@ def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, c
                 "weight": classifier.weight.detach().cpu(),
                 "momentum": None if momentum is None else momentum.cpu(),
                 "batchnorm": {name: buffer.cpu() for name, buffer in batchnorm_buffers(backbone, head).items()}},
-               partial / f"shard-{hvd.rank()}.pt")
+               shard_file(partial, rank))
     barrier("checkpoint-shards")  # every shard is on disk
-    if hvd.rank() == 0:
+    if rank == 0:
         state = {"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
                  "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
-                 "config": vars(config), "num_shards": hvd.size(), "step_losses": list(step_losses),
+                 "config": vars(config), "num_shards": engine().size, "step_losses": list(step_losses),
                  "diagnostics": diagnostics, "metrics_lines": metrics_lines}
-        torch.save(state, partial / "state.pt")
+        torch.save(state, partial / STATE)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     barrier("checkpoint-done")
@@ -114,13 +96,13 @@ def restore_checkpoint(checkpoint, backbone, head, encoder_optimizer, classifier
     """Collective: everything save_checkpoint wrote, loaded into the run's objects (this rank's rows of the
     classifier and of its momentum, from the shards that hold them) and the RNG; returns the state (epoch,
     num_shards, step_losses, ...). A rank that cannot read what it needs stops every rank with one line."""
-    state, rows, error = None, None, None
+    state, rows, error, size = None, None, None, engine().size
     try:
         state = load_state(checkpoint)
-        if state["step_losses"] and state["num_shards"] != hvd.size():
+        if state["step_losses"] and state["num_shards"] != size:
             raise UsageError(f"{checkpoint} was written inside an epoch by {state['num_shards']} ranks: resume it "
                              f"with {state['num_shards']} ranks, or resume an epoch's checkpoint with --resume")
-        own_shard = hvd.rank() if state["num_shards"] == hvd.size() else None
+        own_shard = engine().rank if state["num_shards"] == size else None
         rows = load_rows(checkpoint, classifier.start, classifier.stop, classifier.num_instances, state, own_shard)
     except (UsageError, *READ_ERRORS) as failure:
         error = f"cannot resume from {checkpoint}: {failure}"
@@ -141,7 +123,7 @@ def restore_checkpoint(checkpoint, backbone, head, encoder_optimizer, classifier
 
 
 def load_state(checkpoint):
-    return torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=False)
 
 
 def load_rows(checkpoint, start, stop, num_instances, state, own_shard=None):
@@ -159,7 +141,7 @@ def load_rows(checkpoint, start, stop, num_instances, state, own_shard=None):
         own = shard_id == own_shard
         if lo >= hi and not own:
             continue
-        shard = torch.load(checkpoint / f"shard-{shard_id}.pt", map_location="cpu", weights_only=False, mmap=True)
+        shard = torch.load(shard_file(checkpoint, shard_id), map_location="cpu", weights_only=False, mmap=True)
         if (shard["start"], shard["stop"]) != (shard_start, shard_stop):
             raise UsageError(f"{checkpoint}/shard-{shard_id}.pt holds rows [{shard['start']}, {shard['stop']}), "
                              f"not [{shard_start}, {shard_stop})")

@@ -1,6 +1,7 @@
 """A pretraining run's settings judged before any data is touched: the first impossible value or combination
 is one UsageError naming the flags. `check_settings` needs nothing but the flags (`plan` uses it too);
-`check_machine_and_paths` also looks at this machine (CUDA) and at the paths given.
+`check_machine_and_paths` also looks at this machine (CUDA) and at the paths given. It sits beside trainer.py,
+above data/, model/ and run/, because it judges the flags of all of them.
 """
 import os
 from pathlib import Path
@@ -8,8 +9,8 @@ from pathlib import Path
 import torch
 
 from data.loaders import is_synthetic
-from model.checkpoint import resolve_checkpoint
-from model.errors import UsageError
+from run.checkpoint import resolve_checkpoint
+from run.errors import UsageError
 
 POSITIVE = ["image_size", "width", "feat_dim", "hidden_dim", "epochs", "batch_size", "threads", "save_every",
             "log_every"]

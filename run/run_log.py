@@ -11,6 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from run.layout import METRICS
+
 
 class RunLog:
     """Rank 0 prints and records; on the other ranks every call is a no-op."""
@@ -18,7 +20,7 @@ class RunLog:
     def __init__(self, out_dir, active):
         """out_dir: where metrics.jsonl is appended to; None records nothing."""
         self.active, self.console = active, Console(soft_wrap=True)  # long paths stay on one line
-        self.metrics = Path(out_dir) / "metrics.jsonl" if active and out_dir is not None else None
+        self.metrics = Path(out_dir) / METRICS if active and out_dir is not None else None
         self.lines = len(self._read_lines())  # lines in metrics.jsonl: what a checkpoint remembers
 
     def print(self, *message):

@@ -17,8 +17,9 @@ and at the end of the epoch the Euclidean norms ||w_j|| of all N classifier rows
 of the sum, min and max): row_norm_mean / min / max. The cosine softmax normalizes the rows, so their norm
 does not change the logits, but it scales each row's effective step size: a row whose norm grows moves less.
 """
-import horovod.torch as hvd
 import torch
+
+from run.distributed import engine
 
 
 class EpochDiagnostics:
@@ -57,12 +58,13 @@ class EpochDiagnostics:
 def row_norm_statistics(weight):
     """Mean, min and max of ||w_j|| over the rows of all ranks' shards. Collective."""
     norms = weight.detach().double().norm(dim=1)
-    count_and_sum = hvd.allreduce(torch.stack([torch.tensor(float(len(norms)), dtype=torch.float64),
-                                               norms.sum().cpu()]), op=hvd.Sum, name="diagnostics.norm_sum")
+    group = engine()
+    count_and_sum = group.allreduce(torch.stack([torch.tensor(float(len(norms)), dtype=torch.float64),
+                                                 norms.sum().cpu()]), op="sum", name="diagnostics.norm_sum")
     empty = len(norms) == 0  # a rank may own no rows when N < P
-    low = hvd.allreduce(torch.tensor([float("inf") if empty else norms.min().item()], dtype=torch.float64),
-                        op=hvd.Min, name="diagnostics.norm_min")
-    high = hvd.allreduce(torch.tensor([float("-inf") if empty else norms.max().item()], dtype=torch.float64),
-                         op=hvd.Max, name="diagnostics.norm_max")
+    low = group.allreduce(torch.tensor([float("inf") if empty else norms.min().item()], dtype=torch.float64),
+                          op="min", name="diagnostics.norm_min")
+    high = group.allreduce(torch.tensor([float("-inf") if empty else norms.max().item()], dtype=torch.float64),
+                           op="max", name="diagnostics.norm_max")
     return {"row_norm_mean": float(count_and_sum[1] / count_and_sum[0]), "row_norm_min": float(low),
             "row_norm_max": float(high)}

@@ -9,15 +9,15 @@ is the latency of one more small collective per step (Horovod's negotiation cycl
 after the optimizer step, with nothing to overlap it.
 horovodrun itself turns a SIGTERM or SIGINT it receives into SIGTERM to every rank and SIGKILL 5 s later
 (horovod.runner.common.util.safe_shell_exec.GRACEFUL_TERMINATION_TIME_S): the step and the checkpoint have
-those 5 s; a checkpoint cut short stays hidden (model/checkpoint.py) and the previous one is kept.
+those 5 s; a checkpoint cut short stays hidden (run/checkpoint.py) and the previous one is kept.
 Python runs signal handlers in the main thread between bytecodes, so a rank blocked in a collective whose
 peer is gone would never see a second signal. A watcher thread reads the signals from Python's wakeup file
 descriptor (written by the C-level handler at once; Horovod releases the GIL while it waits) and ends the
 process on the second one.
 
-A failing rank. An exception on one rank shuts Horovod down on it, which fails the collectives the other
-ranks are in or enter (HorovodInternalError); horovodrun also sends SIGTERM to the ranks left once one exits
-non-zero, and SIGKILL 5 s later. `end_job_on_failure` makes every rank exit as soon as its exception is
+A failing rank. An exception on one rank shuts the engine down on it, which fails the collectives the other
+ranks are in or enter (Horovod: HorovodInternalError); horovodrun also sends SIGTERM to the ranks left once one
+exits non-zero, and SIGKILL 5 s later. `end_job_on_failure` makes every rank exit as soon as its exception is
 reported, the others with one line instead of a traceback that buries the failing rank's error.
 
 Errors that only some ranks see (a file one rank cannot read): `raise_on_every_rank` turns them into the
@@ -36,11 +36,10 @@ import sys
 import threading
 import time
 
-import horovod.torch as hvd
 import torch
-from horovod.common.exceptions import HorovodInternalError
 
-from model.errors import UsageError
+from run.distributed import engine, shutdown
+from run.errors import UsageError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 TEST_FAULT_VARIABLE = "INSTANCE_CLASSIFIER_TEST_FAULT"
@@ -111,7 +110,7 @@ def end_of_step(epoch, step_losses):
     raises Preempted on every rank when any rank has received a stop signal."""
     _test_fault(epoch + 1, len(step_losses))
     seen = torch.tensor([_StopRequest.signal_number], dtype=torch.int32)
-    agreed = int(hvd.allreduce(seen, op=hvd.Max, name="faults.stop_signal").item())
+    agreed = int(engine().allreduce(seen, op="max", name="faults.stop_signal").item())
     if agreed:
         raise Preempted(agreed, epoch, step_losses)
 
@@ -124,11 +123,11 @@ def exit_preempted(stop, checkpoint, master):
 
 
 def exit_now(status):
-    """End this rank after a stop or an error: Horovod's shutdown, so that the collectives of ranks still running
-    fail now, then exit without the interpreter's teardown. That teardown took 8-9 s after a trainer run on the
+    """End this rank after a stop or an error: the engine's shutdown, so that the collectives of ranks still
+    running fail now, then exit without the interpreter's teardown. That teardown took 8-9 s after a trainer run on the
     shared 2-core test machine, long enough for horovodrun to SIGTERM the ranks still in it once the first
     one had exited, adding a "Terminated" line to their output."""
-    hvd.shutdown()
+    shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -137,19 +136,19 @@ def exit_now(status):
 def raise_on_every_rank(error):
     """Collective: every rank passes None or the one-line error it met; if any rank met one, every rank raises
     the same UsageError, naming the first such rank unless all of them met the same."""
-    errors = hvd.allgather_object(error, name="faults.errors")
+    errors = engine().allgather_object(error, name="faults.errors")
     for rank, message in enumerate(errors):
         if message is not None:
             raise UsageError(message if errors.count(message) == len(errors) else f"rank {rank}: {message}")
 
 
-def end_job_on_failure():
+def end_job_on_failure(started):
     """An exception no one catches ends this rank at once (exit_now): its traceback, or one line for a rank
-    stopped by another rank's failure."""
-    rank = hvd.rank()  # asked now: Horovod may be shut down by the time an exception comes
+    stopped by another rank's failure. started: the Engine (run.distributed.start calls this)."""
+    rank = started.rank
 
     def excepthook(kind, error, traceback):
-        if issubclass(kind, HorovodInternalError):
+        if started.is_peer_failure(kind):
             print(f"error: rank {rank} stopped: another rank failed (its error is above)", file=sys.stderr)
         else:
             sys.__excepthook__(kind, error, traceback)
@@ -163,7 +162,7 @@ def _test_fault(epoch, step):
     if not fault:
         return
     rank, at_epoch, at_step, what = fault.split(":")
-    if (int(rank), int(at_epoch), int(at_step)) != (hvd.rank(), epoch, step):
+    if (int(rank), int(at_epoch), int(at_step)) != (engine().rank, epoch, step):
         return
     if what == "raise":
         raise RuntimeError(f"test fault on rank {rank} at epoch {epoch} step {step}")

@@ -1,0 +1,291 @@
+"""The process group of a run, whatever starts it: the one module that knows the engine.
+
+Every entry point (pretraining, `linear`, `knn`, every bench script) calls `start()` once, first; everything
+else asks `engine()` for the rank, the size, the device and the collectives. The classifier, the checkpoints
+and the evaluation are handed the engine or ask this module for it; none of them starts anything.
+
+Engines (`--engine`):
+  horovod  Horovod under horovodrun or mpirun: the design's launcher, named collectives (Horovod's response
+           cache recognises a collective by its name). run/horovod_engine.py is the only module of the
+           trainer that imports horovod;
+  single   one process, no launcher, no process group and no Horovod: `python trainer.py`. Every collective
+           over one rank is the identity; it returns a copy, as Horovod does, so callers may write into it.
+  auto     horovod where Horovod's launch environment is set (horovodrun's HOROVOD_RANK, mpirun's
+           OMPI_COMM_WORLD_RANK, PMI_RANK or PMIX_RANK), single otherwise.
+A third engine implements the methods of `Engine` below that start with an underscore.
+
+The collectives (op is one of "sum", "average", "min", "max"; `name` is the stable name where the engine takes
+names, the same on every rank):
+  allreduce(tensor, op, name)                  a new tensor
+  grouped_allreduce(tensors, op, name)         one collective for a list of tensors
+  allgather(tensor, name)                      the ranks' tensors concatenated on dim 0, first dims may differ
+  alltoall(tensor, splits, name)               (received, received_splits: the [P] int tensor of the rows
+                                               that came from each rank)
+  broadcast_parameters(named_tensors, root)    in place, from rank root
+  broadcast_object(obj, root, name), allgather_object(obj, name)
+  barrier(name)
+  data_parallel_optimizer(optimizer, named_parameters, op)   gradients reduced over the ranks before each step
+`StepCounter` records them, by "op name", for tests and benchmarks that hold a step to its collectives.
+
+Gradient convention of the classifier (model/classifier.py): each rank's backbone gradient is its share of
+d(global mean loss)/d(theta), so the backbone's data-parallel reduction is a SUM.
+"""
+import contextlib
+import os
+
+import torch
+
+from kernels.launches import LaunchCounter
+from run.errors import UsageError
+
+ENGINES = ("auto", "horovod", "single")
+REDUCTIONS = ("sum", "average", "min", "max")
+# The variables Horovod's launchers set in every rank's environment: (rank variable, size variable).
+HOROVOD_LAUNCH_VARIABLES = (("HOROVOD_RANK", "HOROVOD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                            ("PMI_RANK", "PMI_SIZE"), ("PMIX_RANK", None))
+
+_started = None  # the Engine of this process, once start() has run
+_counters = []  # the StepCounters entered, innermost last
+
+
+class Engine:
+    """One process's view of the process group. Subclasses set rank, size, local_rank, local_size and implement
+    the underscore methods; the public methods record each collective for the StepCounters, then call them."""
+
+    name = None
+    rank = size = local_rank = local_size = None
+    device = torch.device("cpu")
+    settings = {}  # {variable: value} this engine set for the run (printed in the start-up line)
+
+    # ---- collectives
+    def allreduce(self, tensor, op="sum", name=None):
+        return self._counted("allreduce", name, self._allreduce, tensor, _checked(op), name)
+
+    def grouped_allreduce(self, tensors, op="sum", name=None):
+        return self._counted("grouped_allreduce", name, self._grouped_allreduce, list(tensors), _checked(op), name)
+
+    def allgather(self, tensor, name=None):
+        return self._counted("allgather", name, self._allgather, tensor, name)
+
+    def alltoall(self, tensor, splits, name=None):
+        """splits: the rows for each rank, a list or a [P] int tensor (a tensor costs the host no read)."""
+        return self._counted("alltoall", name, self._alltoall, tensor, splits, name)
+
+    def broadcast_parameters(self, named_tensors, root=0):
+        """named_tensors: (name, tensor) pairs or a {name: tensor} dict (a state_dict), overwritten in place."""
+        named = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        return self._counted("broadcast_parameters", None, self._broadcast_parameters, named, root)
+
+    def broadcast_object(self, obj, root=0, name=None):
+        return self._counted("broadcast_object", name, self._broadcast_object, obj, root, name)
+
+    def allgather_object(self, obj, name=None):
+        return self._counted("allgather_object", name, self._allgather_object, obj, name)
+
+    def barrier(self, name):
+        """Wait until every rank got here: a one-element allreduce under a stable name."""
+        self.allreduce(torch.zeros(1), name=f"barrier.{name}")
+
+    def data_parallel_optimizer(self, optimizer, named_parameters, op="average"):
+        """`optimizer` whose step() first reduces the gradients of `named_parameters` over the ranks."""
+        return self._data_parallel_optimizer(optimizer, list(named_parameters), _checked(op))
+
+    # ---- life cycle
+    def is_peer_failure(self, kind):
+        """True for the exception class a collective raises when another rank has failed."""
+        return False
+
+    def shutdown(self):
+        """Leave the process group now, so that the collectives of ranks still running fail instead of waiting."""
+
+    def _counted(self, op, name, call, *args):
+        with contextlib.ExitStack() as stack:
+            for counter in _counters:
+                stack.enter_context(counter.collective(f"{op} {name}"))
+            return call(*args)
+
+
+class SingleProcess(Engine):
+    """One process, no process group: each collective over one rank is a copy of its input."""
+
+    name = "single"
+    rank, size, local_rank, local_size = 0, 1, 0, 1
+
+    def _allreduce(self, tensor, op, name):
+        return tensor.clone()
+
+    def _grouped_allreduce(self, tensors, op, name):
+        return [tensor.clone() for tensor in tensors]
+
+    def _allgather(self, tensor, name):
+        return tensor.clone()
+
+    def _alltoall(self, tensor, splits, name):
+        if isinstance(splits, list) and splits != [len(tensor)]:  # a tensor is not read: that would sync the host
+            raise ValueError(f"alltoall over one rank sends all {len(tensor)} rows to itself, got splits {splits}")
+        return tensor.clone(), torch.tensor([len(tensor)], dtype=torch.int32)
+
+    def _broadcast_parameters(self, named_tensors, root):
+        pass
+
+    def _broadcast_object(self, obj, root, name):
+        return obj
+
+    def _allgather_object(self, obj, name):
+        return [obj]
+
+    def _data_parallel_optimizer(self, optimizer, named_parameters, op):
+        return optimizer  # the sum and the average over one rank are the gradient itself
+
+
+def _checked(op):
+    if op not in REDUCTIONS:
+        raise ValueError(f"reduction op must be one of {REDUCTIONS}, got {op!r}")
+    return op
+
+
+class StepCounter(LaunchCounter):
+    """kernels.launches.LaunchCounter that also records every collective of the engine, as "op name", in order
+    (the collective's own work is not counted as launches)."""
+
+    def __enter__(self):
+        _counters.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _counters.remove(self)
+        return super().__exit__(*exc)
+
+
+# -------------------------------------------------------------------------------- choosing and starting
+def launch_environment():
+    """(launcher, world size or None) of the environment this process was started in: ("horovod", n) under
+    horovodrun or mpirun, (None, None) without a launcher."""
+    for rank_variable, size_variable in HOROVOD_LAUNCH_VARIABLES:
+        if rank_variable in os.environ:
+            size = os.environ.get(size_variable) if size_variable else None
+            return "horovod", int(size) if size and size.isdigit() else None
+    return None, None
+
+
+def resolve_engine(requested):
+    """The engine `requested` ("auto", "horovod", "single") comes to in this environment; a UsageError for a
+    combination that cannot run, before any work."""
+    if requested not in ENGINES:
+        raise UsageError(f"--engine {requested}: choose one of {', '.join(ENGINES)}")
+    launcher, world_size = launch_environment()
+    engine = requested if requested != "auto" else (launcher or "single")
+    if engine == "single" and world_size is not None and world_size > 1:
+        raise UsageError(f"--engine single: this process was launched as one of {world_size} ranks; drop "
+                         f"--engine single under a launcher, or run one process: python trainer.py ...")
+    if engine == "horovod":
+        try:
+            import run.horovod_engine  # noqa: F401  (imports horovod: is it there?)
+        except ImportError as error:
+            raise UsageError(f"--engine horovod: Horovod cannot be imported ({error}); `make setup` builds it, "
+                             f"or run without a launcher: python trainer.py --engine single ...") from None
+    return engine
+
+
+def start(requested="auto", announce=True):
+    """Start the process group of this process and return its Engine: the engine's defaults (set before it
+    starts, which reads them), the process group, the fail-fast hook, this rank's CPU threads and device, and
+    on rank 0 one line naming the engine, the ranks and their devices. Once per process; a second call
+    returns the same engine."""
+    global _started
+    if _started is not None:
+        return _started
+    name = resolve_engine(requested)
+    if name == "horovod":
+        from run.horovod_engine import HorovodEngine  # imports horovod: only when it runs
+        started = HorovodEngine()
+    else:
+        started = SingleProcess()
+    _started = started
+    from run.faults import end_job_on_failure  # faults needs the engine: imported here, not at the top
+    from run.threads import share_cpu_threads
+    end_job_on_failure(started)
+    started.threads = share_cpu_threads(started.local_size)
+    started.device = setup_device(started.local_rank)
+    devices = started.allgather_object(describe_device(started.device), name="start.devices")
+    started.description = (
+        f"engine {started.name}: {started.size} rank{'s' if started.size > 1 else ''}; "
+        + "; ".join(f"rank {rank} {device}" for rank, device in enumerate(devices))
+        + f"; torch threads {started.threads}"
+        + "".join(f"; {variable}={value} (this trainer's default)" for variable, value in started.settings.items()))
+    if announce and started.rank == 0:
+        print(started.description, flush=True)
+    return started
+
+
+def engine():
+    """The Engine start() returned; a RuntimeError before start()."""
+    if _started is None:
+        raise RuntimeError("no process group: call run.distributed.start() first (every entry point does)")
+    return _started
+
+
+def shutdown():
+    """The started engine's shutdown (run/faults.py: a rank that stops leaves the group first); a no-op before
+    start(), when there is no group to leave."""
+    if _started is not None:
+        _started.shutdown()
+
+
+# -------------------------------------------------------------------------------- devices and rows
+def setup_device(local_rank):
+    """This rank's device, made current (DALI's GPU pipelines decode on the current device): the GPU
+    `gpu_ordinal(local rank, visible devices)` when CUDA is visible, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", gpu_ordinal(local_rank, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
+
+
+def gpu_ordinal(local_rank, visible_devices):
+    """The CUDA ordinal of a rank: its local rank modulo the number of devices its process sees.
+
+    Every GPU of a node visible to every rank (`horovodrun -np 8 -H host:8`): ordinal = local rank. One GPU
+    visible per process (SLURM `--gpus-per-task=1`, CUDA_VISIBLE_DEVICES set per rank): ordinal 0, where the
+    local rank itself is an invalid ordinal for every rank but the first. More local ranks than visible
+    devices: ranks share them round robin (correct, but each gets a fraction of a GPU).
+    """
+    if visible_devices < 1:
+        raise ValueError(f"no CUDA device visible to local rank {local_rank}")
+    return local_rank % visible_devices
+
+
+def describe_device(device):
+    """One line naming the device a rank uses, for the start-up line: 'cpu', or
+    'cuda:0 NVIDIA H100 80GB HBM3 (CUDA_VISIBLE_DEVICES=3)': with a per-rank CUDA_VISIBLE_DEVICES the ordinal
+    is 0 on every rank and only the variable tells the physical GPUs apart."""
+    if device.type != "cuda":
+        return str(device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    return f"{device} {torch.cuda.get_device_name(device)} (CUDA_VISIBLE_DEVICES={visible})"
+
+
+def shard_rows(num_instances, num_shards, rank):
+    """The rows of W, i.e. the classes [start, stop), of rank `rank` in a balanced split of num_instances
+    (sizes differ by <= 1)."""
+    base, extra = divmod(num_instances, num_shards)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def barrier(name):
+    engine().barrier(name)
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(*modules):
+    """BatchNorm running statistics move per rank; averaging them keeps one encoder on every rank
+    (what the kNN monitor evaluates and rank 0 saves), as after a resume."""
+    buffers = [buffer for module in modules for buffer in module.buffers() if buffer.is_floating_point()]
+    if not buffers:
+        return
+    # One grouped collective, not one per buffer: each would wait for a Horovod cycle of its own.
+    averages = engine().grouped_allreduce(buffers, op="average", name=f"bn.{len(buffers)}")
+    for buffer, average in zip(buffers, averages):
+        buffer.copy_(average)

@@ -1,0 +1,77 @@
+"""The Horovod engine of run/distributed.py: the only module of the trainer that imports horovod.
+
+Every collective keeps the name it is given, so Horovod's response cache recognises it on the next step instead
+of negotiating it again (tests/test_kernels_classifier.py runs with the cache cut to four entries).
+"""
+import os
+
+import horovod.torch as hvd
+import torch
+from horovod.common.exceptions import HorovodInternalError
+
+from run.distributed import Engine
+
+# Horovod's background thread negotiates and runs the queued collectives once per cycle, 1 ms by default, so
+# a collective that the host waits for costs up to a cycle of latency on top of its transfer. The classifier
+# waits for three per step, one after the other (features with ids, statistics, dE): on a GPU the cycle is
+# most of their cost, and at 0.1 ms the wait is a fraction of a small collective's transfer, while a shorter
+# cycle would only wake the thread more often. A longer one fuses more of the backbone's gradient all-reduces
+# per cycle, which this step does not need (they are large enough to run at full bandwidth on their own).
+# CPU ranks (gloo) are the other way round: a step takes a second or so, and every cycle is a round trip
+# between the ranks' background threads that takes CPU time from the compute threads, which fill every core
+# (run/threads.py). A cycle adds at most 5 ms to each collective the host waits for. bench/RESULTS.md has the
+# measurements behind both values.
+GPU_CYCLE_TIME_MS = "0.1"
+CPU_CYCLE_TIME_MS = "5"
+OPS = {"sum": hvd.Sum, "average": hvd.Average, "min": hvd.Min, "max": hvd.Max}
+
+
+def default_horovod_environment():
+    """Set Horovod's settings this workload needs where the user has not set them; before hvd.init(), which
+    reads them. HOROVOD_CYCLE_TIME (ms): GPU_CYCLE_TIME_MS when the ranks train on GPUs, CPU_CYCLE_TIME_MS on
+    CPU ranks (see there). Returns {variable: value} of what it set."""
+    chosen = {}
+    if "HOROVOD_CYCLE_TIME" not in os.environ:
+        cycle = GPU_CYCLE_TIME_MS if torch.cuda.is_available() else CPU_CYCLE_TIME_MS
+        chosen["HOROVOD_CYCLE_TIME"] = os.environ["HOROVOD_CYCLE_TIME"] = cycle
+    return chosen
+
+
+class HorovodEngine(Engine):
+    name = "horovod"
+
+    def __init__(self):
+        self.settings = default_horovod_environment()
+        hvd.init()
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+
+    def _allreduce(self, tensor, op, name):
+        return hvd.allreduce(tensor, op=OPS[op], name=name)
+
+    def _grouped_allreduce(self, tensors, op, name):
+        return hvd.grouped_allreduce(tensors, op=OPS[op], name=name)
+
+    def _allgather(self, tensor, name):
+        return hvd.allgather(tensor, name=name)
+
+    def _alltoall(self, tensor, splits, name):
+        return hvd.alltoall(tensor, splits=splits, name=name)
+
+    def _broadcast_parameters(self, named_tensors, root):
+        hvd.broadcast_parameters(named_tensors, root_rank=root)
+
+    def _broadcast_object(self, obj, root, name):
+        return hvd.broadcast_object(obj, root_rank=root, name=name)
+
+    def _allgather_object(self, obj, name):
+        return hvd.allgather_object(obj, name=name)
+
+    def _data_parallel_optimizer(self, optimizer, named_parameters, op):
+        return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, op=OPS[op])
+
+    def is_peer_failure(self, kind):
+        return issubclass(kind, HorovodInternalError)
+
+    def shutdown(self):
+        hvd.shutdown()

@@ -1,0 +1,175 @@
+"""The process-group seam (run/distributed.py): which engine a launch gets, the one-line errors of the
+combinations that cannot run, the single engine on a machine without Horovod, the same numbers as a 1-rank
+Horovod job, checkpoints that move between engines, and the layers of the packages."""
+import ast
+import os
+import sys
+
+import pytest
+
+from run import distributed
+from run.errors import UsageError
+from tests.conftest import ROOT, run_horovod
+from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, read_metrics, step_losses, trainer
+
+ONE_EPOCH = [*SMALL, "--epochs", "1", "--warmup-epochs", "0", "--log-every", "1", "--knn-every", "0"]
+LAUNCH_VARIABLES = [name for pair in distributed.HOROVOD_LAUNCH_VARIABLES for name in pair if name]
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def without_horovod(tmp_path):
+    """A PYTHONPATH on which `import horovod` fails, as on a machine where it was never built."""
+    fake = tmp_path / "no-horovod" / "horovod"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("No module named horovod (hidden by the test)")\n')
+    return {"PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+
+
+@pytest.mark.parametrize("requested, environment, expected", [
+    ("auto", {}, "single"),
+    ("auto", {"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, "horovod"),
+    ("auto", {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, "horovod"),
+    ("single", {}, "single"),
+    ("single", {"HOROVOD_RANK": "0", "HOROVOD_SIZE": "1"}, "single"),  # horovodrun -np 1: one process anyway
+    ("horovod", {}, "horovod"),  # a 1-rank Horovod job without a launcher
+])
+def test_the_engine_a_launch_gets(requested, environment, expected, no_launcher, monkeypatch):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.resolve_engine(requested) == expected
+
+
+@pytest.mark.parametrize("environment", [{"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2"},
+                                         {"PMI_RANK": "0", "PMI_SIZE": "3"}])
+def test_single_under_a_launcher_of_more_ranks_is_one_line(environment, no_launcher, monkeypatch):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    size = int(list(environment.values())[1])
+    with pytest.raises(UsageError, match=f"--engine single: this process was launched as one of {size} ranks; "
+                                         "drop --engine single under a launcher"):
+        distributed.resolve_engine("single")
+
+
+def test_horovod_without_horovod_is_one_line(no_launcher, monkeypatch):
+    monkeypatch.setitem(sys.modules, "run.horovod_engine", None)  # its import fails as without horovod
+    with pytest.raises(UsageError, match=r"--engine horovod: Horovod cannot be imported .*`make setup` builds it, "
+                                         r"or run without a launcher: python trainer.py --engine single"):
+        distributed.resolve_engine("horovod")
+    assert distributed.resolve_engine("auto") == "single"  # auto never asks for it without a launcher
+
+
+def test_an_unknown_reduction_is_refused():
+    with pytest.raises(ValueError, match="reduction op must be one of"):
+        distributed.SingleProcess().allreduce(__import__("torch").ones(1), op="product")
+
+
+def test_single_engine_collectives_are_copies_over_one_rank():
+    import torch
+    world, tensor = distributed.SingleProcess(), torch.arange(6.0).view(3, 2)
+    with distributed.StepCounter() as counted:
+        results = [world.allreduce(tensor, op="average", name="a"), world.allgather(tensor, name="b"),
+                   world.alltoall(tensor, splits=[3], name="c")[0], *world.grouped_allreduce([tensor], name="d")]
+    assert all(torch.equal(result, tensor) and result.data_ptr() != tensor.data_ptr() for result in results)
+    assert counted.collectives == ["allreduce a", "allgather b", "alltoall c", "grouped_allreduce d"]
+    assert world.alltoall(tensor, splits=[3])[1].tolist() == [3]
+    assert world.allgather_object("x") == ["x"] and world.broadcast_object(5) == 5
+    with pytest.raises(ValueError, match="alltoall over one rank sends all 3 rows to itself"):
+        world.alltoall(tensor, splits=[2])
+
+
+@pytest.mark.horovod
+def test_bad_engine_combinations_stop_the_trainer_with_one_line(without_horovod, tmp_path):
+    out = tmp_path / "never"
+    result = run_horovod(None, ROOT / "trainer.py", "--engine", "horovod", "--out", out, check=False,
+                         env=without_horovod)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --engine horovod: Horovod cannot be imported")
+    launched = {**{name: None for name in LAUNCH_VARIABLES}, "HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}
+    result = run_horovod(None, ROOT / "trainer.py", "--engine", "single", "--out", out, check=False, env=launched)
+    assert result.returncode == 2 and result.stderr.startswith(
+        "error: --engine single: this process was launched as one of 2 ranks") and result.stderr.count("\n") == 1
+    assert not out.exists()  # nothing was started, nothing written
+
+
+@pytest.mark.horovod
+def test_single_engine_trains_and_evaluates_without_horovod(tiny_dataset, without_horovod, tmp_path):
+    out = tmp_path / "single"
+    result = trainer("--data", tiny_dataset, "--out", out, *ONE_EPOCH, num_ranks=None, env=without_horovod)
+    assert result.stdout.startswith("engine single: 1 rank; rank 0 cpu; torch threads 1 (OMP_NUM_THREADS)")
+    assert len(step_losses(read_metrics(out), 1)) == 30  # 120 images / 4 per step
+    linear = trainer("linear", "--ckpt", out, "--epochs", "1", "--batch-size", "32", num_ranks=None,
+                     env=without_horovod)
+    knn = trainer("knn", "--ckpt", out, num_ranks=None, env=without_horovod)
+    assert "engine single" in linear.stdout and "engine single" in knn.stdout
+    evaluations = [record for record in read_metrics(out) if "epoch" not in record]
+    assert "pretrained/linear_top1" in evaluations[0] and "pretrained/knn20_top1" in evaluations[1]
+
+
+@pytest.mark.horovod
+def test_single_engine_computes_what_a_one_rank_horovod_job_computes(tiny_dataset, tmp_path):
+    runs = {}
+    for name, num_ranks in (("single", None), ("horovod", 1)):
+        runs[name] = tmp_path / name
+        result = trainer("--data", tiny_dataset, "--out", runs[name], *ONE_EPOCH, num_ranks=num_ranks)
+        assert f"engine {name}: 1 rank;" in result.stdout.splitlines()[0]  # horovodrun prefixes "[0]<stdout>:"
+    losses = {name: step_losses(read_metrics(out), 1) for name, out in runs.items()}
+    assert len(losses["single"]) == 30 and losses["single"] == losses["horovod"]  # bitwise
+    assert_checkpoints_bitwise_equal(runs["single"] / "checkpoint-0001", runs["horovod"] / "checkpoint-0001")
+
+
+@pytest.mark.horovod
+def test_a_single_engine_checkpoint_resumes_under_horovodrun(tiny_dataset, tmp_path):
+    """The other way (horovodrun -np 2 -> single) is tests/test_trainer.py's one-rank resume."""
+    out = tmp_path / "moved"
+    trainer("--data", tiny_dataset, "--out", out, *ONE_EPOCH, num_ranks=None)
+    result = trainer("--data", tiny_dataset, "--out", out, *ONE_EPOCH, "--epochs", "2", num_ranks=2)
+    assert "engine horovod: 2 ranks" in result.stdout and "written by 1 ranks" in result.stdout
+    assert sorted(p.name for p in (out / "checkpoint-0002").iterdir()) == ["shard-0.pt", "shard-1.pt", "state.pt"]
+    assert [m["epoch"] for m in read_metrics(out) if "epoch_loss" in m] == [1, 2]
+
+
+# -------------------------------------------------------------------------------- layers
+PACKAGES = ("kernels", "run", "data", "model")
+# What each layer must not import: kernels/ is reused alone, run/ is below the network and the data, and the
+# data know nothing of the network.
+FORBIDDEN = {"kernels": {"run", "data", "model", "settings", "trainer"}, "run": {"data", "model", "settings", "trainer"},
+             "data": {"model", "settings", "trainer"}, "model": {"settings", "trainer"}}
+HOROVOD_IMPORTER = "run/horovod_engine.py"
+
+
+def imported_modules(path):
+    """The top-level names of every module `path` imports, at any depth of its code."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def project_files():
+    return [*sorted(p for package in (*PACKAGES, "bench") for p in (ROOT / package).rglob("*.py")),
+            ROOT / "trainer.py", ROOT / "settings.py"]
+
+
+def test_no_layer_imports_one_above_it():
+    violations = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for name in imported_modules(path):
+                if name.split(".")[0] in FORBIDDEN[package]:
+                    violations.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert violations == []
+
+
+def test_only_the_engine_module_imports_horovod():
+    importers = [str(path.relative_to(ROOT)) for path in project_files()
+                 if any(name.split(".")[0] == "horovod" for name in imported_modules(path))]
+    assert importers == [HOROVOD_IMPORTER]
