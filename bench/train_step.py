@@ -3,6 +3,7 @@
     python bench/train_step.py cpu                                              # tiny shapes, P = 1, seconds
     python bench/train_step.py cpu --engine horovod        # P = 1 through Horovod (a 1-rank job, no launcher)
     horovodrun --gloo -np 2 -H localhost:2 python bench/train_step.py cpu        # the same at P = 2
+    torchrun --nproc_per_node 2 bench/train_step.py cpu                          # P = 2, torch.distributed
     python bench/train_step.py gpu            # one GPU: ResNet-50, 224 px, 64 images x 2 views, bf16 autocast
 
 One step is model.step.train_step, exactly what trainer.py runs per step, started as trainer.py starts (the
@@ -44,7 +45,7 @@ parser.add_argument("--instances", type=int, nargs="+", help="classifier rows N 
 parser.add_argument("--steps", type=int, help="timed steps per head (default: 5 cpu, 30 gpu)")
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps per head first (default: 3)")
 parser.add_argument("--engine", choices=ENGINES, default="auto", help="process group, as trainer.py's "
-                    "(default: auto: horovod under horovodrun, else single)")
+                    "(default: auto: the launcher's engine, else single)")
 
 
 class LinearCrossEntropy(torch.nn.Module):

@@ -63,8 +63,11 @@ class LaunchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def _uncounted(self, record, name, call):
-        """Wrap `call` so that it is recorded once, as `name` in `record`, and its insides are not."""
+        """Wrap `call` so that it is recorded once, as `name` in `record`, and its insides are not (nor is it,
+        inside another uncounted call: a collective's own bookkeeping is the collective's)."""
         def wrapped(*args, **kwargs):
+            if self._paused:
+                return call(*args, **kwargs)
             with self._recorded(record, name):
                 return call(*args, **kwargs)
         return wrapped

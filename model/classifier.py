@@ -66,17 +66,18 @@ class _AlltoallFeatures:
     """
 
     def __init__(self, group, name):
-        self.group, self.name, self.copies, self.sizes = group, name, group.size, None
+        self.group, self.name, self.copies, self.sizes, self.batch = group, name, group.size, None, None
 
     def forward(self, packed):
         copies, batch, width = packed.shape
+        self.batch = batch  # the backward receives this many rows from every rank
         received, self.sizes = self.group.alltoall(packed.view(copies * batch, width), splits=[batch] * copies,
                                                    name=f"classifier.{self.name}")
         return received
 
     def backward(self, grad_features_n):
-        received, _ = self.group.alltoall(grad_features_n, splits=self.sizes,
-                                          name=f"classifier.grad_{self.name}")
+        received, _ = self.group.alltoall(grad_features_n, splits=self.sizes, name=f"classifier.grad_{self.name}",
+                                          received=[self.batch] * self.copies)
         return received.view(self.copies, -1, grad_features_n.shape[1])
 
 
@@ -132,7 +133,9 @@ class ShardedInstanceClassifier(torch.nn.Module):
                                         _AlltoallFeatures(self.group, name))
 
     def _exchange_stats(self, packed):  # [B, S] -> [P, B, S], rank order
-        return self.group.allgather(packed, name="classifier.stats").view(self.group.size, *packed.shape)
+        # Every rank scores the same global batch: the blocks have one shape.
+        return self.group.allgather(packed, name="classifier.stats", same_shape=True).view(self.group.size,
+                                                                                           *packed.shape)
 
     def forward(self, features, ids):
         features_n, ids = self._gather(features, ids, "features")

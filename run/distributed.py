@@ -8,19 +8,22 @@ Engines (`--engine`):
   horovod  Horovod under horovodrun or mpirun: the design's launcher, named collectives (Horovod's response
            cache recognises a collective by its name). run/horovod_engine.py is the only module of the
            trainer that imports horovod;
+  torch    torch.distributed under torchrun: NCCL on CUDA, gloo on CPU, no build (run/torch_engine.py);
   single   one process, no launcher, no process group and no Horovod: `python trainer.py`. Every collective
            over one rank is the identity; it returns a copy, as Horovod does, so callers may write into it.
-  auto     horovod where Horovod's launch environment is set (horovodrun's HOROVOD_RANK, mpirun's
-           OMPI_COMM_WORLD_RANK, PMI_RANK or PMIX_RANK), single otherwise.
-A third engine implements the methods of `Engine` below that start with an underscore.
+  auto     torch under torchrun's environment (TORCHELASTIC_RUN_ID, or RANK, WORLD_SIZE and LOCAL_RANK),
+           horovod under Horovod's (horovodrun's HOROVOD_RANK, mpirun's OMPI_COMM_WORLD_RANK, PMI_RANK or
+           PMIX_RANK), single otherwise.
+An engine implements the methods of `Engine` below that start with an underscore.
 
 The collectives (op is one of "sum", "average", "min", "max"; `name` is the stable name where the engine takes
 names, the same on every rank):
   allreduce(tensor, op, name)                  a new tensor
   grouped_allreduce(tensors, op, name)         one collective for a list of tensors
-  allgather(tensor, name)                      the ranks' tensors concatenated on dim 0, first dims may differ
-  alltoall(tensor, splits, name)               (received, received_splits: the [P] int tensor of the rows
-                                               that came from each rank)
+  allgather(tensor, name, same_shape)          the ranks' tensors concatenated on dim 0, first dims may differ
+                                               (same_shape=True: the caller knows they do not)
+  alltoall(tensor, splits, name, received)     (received, received_splits: the [P] int tensor of the rows
+                                               that came from each rank; received=: the caller knows them)
   broadcast_parameters(named_tensors, root)    in place, from rank root
   broadcast_object(obj, root, name), allgather_object(obj, name)
   barrier(name)
@@ -38,11 +41,12 @@ import torch
 from kernels.launches import LaunchCounter
 from run.errors import UsageError
 
-ENGINES = ("auto", "horovod", "single")
+ENGINES = ("auto", "horovod", "torch", "single")
 REDUCTIONS = ("sum", "average", "min", "max")
 # The variables Horovod's launchers set in every rank's environment: (rank variable, size variable).
 HOROVOD_LAUNCH_VARIABLES = (("HOROVOD_RANK", "HOROVOD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
                             ("PMI_RANK", "PMI_SIZE"), ("PMIX_RANK", None))
+TORCH_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun (and torch's other launchers) set
 
 _started = None  # the Engine of this process, once start() has run
 _counters = []  # the StepCounters entered, innermost last
@@ -64,12 +68,15 @@ class Engine:
     def grouped_allreduce(self, tensors, op="sum", name=None):
         return self._counted("grouped_allreduce", name, self._grouped_allreduce, list(tensors), _checked(op), name)
 
-    def allgather(self, tensor, name=None):
-        return self._counted("allgather", name, self._allgather, tensor, name)
+    def allgather(self, tensor, name=None, same_shape=False):
+        """same_shape: every rank's tensor has this shape (an engine that must otherwise exchange the first
+        dimensions first may skip that)."""
+        return self._counted("allgather", name, self._allgather, tensor, name, same_shape)
 
-    def alltoall(self, tensor, splits, name=None):
-        """splits: the rows for each rank, a list or a [P] int tensor (a tensor costs the host no read)."""
-        return self._counted("alltoall", name, self._alltoall, tensor, splits, name)
+    def alltoall(self, tensor, splits, name=None, received=None):
+        """splits: the rows for each rank, a list or a [P] int tensor (a tensor costs the host no read);
+        received: the rows that will come from each rank, where the caller knows them (likewise)."""
+        return self._counted("alltoall", name, self._alltoall, tensor, splits, name, received)
 
     def broadcast_parameters(self, named_tensors, root=0):
         """named_tensors: (name, tensor) pairs or a {name: tensor} dict (a state_dict), overwritten in place."""
@@ -91,8 +98,8 @@ class Engine:
         return self._data_parallel_optimizer(optimizer, list(named_parameters), _checked(op))
 
     # ---- life cycle
-    def is_peer_failure(self, kind):
-        """True for the exception class a collective raises when another rank has failed."""
+    def is_peer_failure(self, error):
+        """True for the exception a collective raises when another rank has failed."""
         return False
 
     def shutdown(self):
@@ -117,10 +124,10 @@ class SingleProcess(Engine):
     def _grouped_allreduce(self, tensors, op, name):
         return [tensor.clone() for tensor in tensors]
 
-    def _allgather(self, tensor, name):
+    def _allgather(self, tensor, name, same_shape):
         return tensor.clone()
 
-    def _alltoall(self, tensor, splits, name):
+    def _alltoall(self, tensor, splits, name, received):
         if isinstance(splits, list) and splits != [len(tensor)]:  # a tensor is not read: that would sync the host
             raise ValueError(f"alltoall over one rank sends all {len(tensor)} rows to itself, got splits {splits}")
         return tensor.clone(), torch.tensor([len(tensor)], dtype=torch.int32)
@@ -159,8 +166,11 @@ class StepCounter(LaunchCounter):
 
 # -------------------------------------------------------------------------------- choosing and starting
 def launch_environment():
-    """(launcher, world size or None) of the environment this process was started in: ("horovod", n) under
-    horovodrun or mpirun, (None, None) without a launcher."""
+    """(launcher, world size or None) of the environment this process was started in: ("torch", n) under
+    torchrun, ("horovod", n) under horovodrun or mpirun, (None, None) without a launcher."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or all(name in os.environ for name in TORCH_LAUNCH_VARIABLES):
+        size = os.environ.get("WORLD_SIZE", "")
+        return "torch", int(size) if size.isdigit() else None
     for rank_variable, size_variable in HOROVOD_LAUNCH_VARIABLES:
         if rank_variable in os.environ:
             size = os.environ.get(size_variable) if size_variable else None
@@ -178,6 +188,12 @@ def resolve_engine(requested):
     if engine == "single" and world_size is not None and world_size > 1:
         raise UsageError(f"--engine single: this process was launched as one of {world_size} ranks; drop "
                          f"--engine single under a launcher, or run one process: python trainer.py ...")
+    if engine == "torch" and launcher != "torch":
+        raise UsageError("--engine torch: this process was not started by torchrun (no TORCHELASTIC_RUN_ID, or "
+                         "RANK, WORLD_SIZE and LOCAL_RANK); launch it as torchrun --nproc_per_node N trainer.py ...")
+    if engine == "horovod" and launcher == "torch":
+        raise UsageError("--engine horovod: this process was started by torchrun, whose ranks Horovod cannot "
+                         "join; use --engine torch (or auto) under torchrun, or launch with horovodrun")
     if engine == "horovod":
         try:
             import run.horovod_engine  # noqa: F401  (imports horovod: is it there?)
@@ -199,6 +215,9 @@ def start(requested="auto", announce=True):
     if name == "horovod":
         from run.horovod_engine import HorovodEngine  # imports horovod: only when it runs
         started = HorovodEngine()
+    elif name == "torch":
+        from run.torch_engine import TorchEngine
+        started = TorchEngine()
     else:
         started = SingleProcess()
     _started = started

@@ -148,7 +148,7 @@ def end_job_on_failure(started):
     rank = started.rank
 
     def excepthook(kind, error, traceback):
-        if started.is_peer_failure(kind):
+        if started.is_peer_failure(error):
             print(f"error: rank {rank} stopped: another rank failed (its error is above)", file=sys.stderr)
         else:
             sys.__excepthook__(kind, error, traceback)

@@ -52,10 +52,10 @@ class HorovodEngine(Engine):
     def _grouped_allreduce(self, tensors, op, name):
         return hvd.grouped_allreduce(tensors, op=OPS[op], name=name)
 
-    def _allgather(self, tensor, name):
+    def _allgather(self, tensor, name, same_shape):
         return hvd.allgather(tensor, name=name)
 
-    def _alltoall(self, tensor, splits, name):
+    def _alltoall(self, tensor, splits, name, received):
         return hvd.alltoall(tensor, splits=splits, name=name)
 
     def _broadcast_parameters(self, named_tensors, root):
@@ -70,8 +70,8 @@ class HorovodEngine(Engine):
     def _data_parallel_optimizer(self, optimizer, named_parameters, op):
         return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, op=OPS[op])
 
-    def is_peer_failure(self, kind):
-        return issubclass(kind, HorovodInternalError)
+    def is_peer_failure(self, error):
+        return isinstance(error, HorovodInternalError)
 
     def shutdown(self):
         hvd.shutdown()

@@ -1,4 +1,4 @@
-"""Shared test helpers: launching real multi-process Horovod jobs (gloo, localhost, no ssh)."""
+"""Shared test helpers: launching real multi-process Horovod and torchrun jobs (gloo, localhost, no ssh)."""
 import os
 import subprocess
 import sys
@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ROOT / "tests" / "workers"
 
 
-# Markers (pytest.ini): `horovod` on every test that starts a Horovod job (enforced: horovod_job fails a test
-# without it), `slow` on those (added here) and on the tests that take seconds on the 2-core VM anyway.
-# `pytest -m "not slow" tests` is the fast subset, `-m "not horovod"` skips the multi-process jobs; CI runs all.
+# Markers (pytest.ini): `horovod` on every test that starts a Horovod job and `torchrun` on every test that
+# starts a torchrun job (enforced: horovod_job fails a test without it), `slow` on those (added here) and on the
+# tests that take seconds on the 2-core VM anyway. `pytest -m "not slow" tests` is the fast subset,
+# `-m "not horovod and not torchrun"` skips the multi-process jobs; CI runs all.
 _running = None  # the test being set up or run: module-scoped fixtures start their jobs inside its setup
 
 
@@ -29,27 +30,34 @@ def pytest_runtest_setup(item):
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.get_closest_marker("horovod"):
+        if item.get_closest_marker("horovod") or item.get_closest_marker("torchrun"):
             item.add_marker(pytest.mark.slow)
 
 
-def horovod_job(num_ranks, script, *args, env=None):
+def horovod_job(num_ranks, script, *args, env=None, launcher="horovod"):
     """(command, environment) of `python script args` as `num_ranks` Horovod ranks, or as one plain `python`
-    process (num_ranks=None), a 1-rank job, used to check that path too. env entries set to None are unset."""
-    if _running is not None and _running.get_closest_marker("horovod") is None:
-        pytest.fail(f"{_running.nodeid} starts a Horovod job: mark it @pytest.mark.horovod (tests/conftest.py)")
-    horovodrun = Path(sys.executable).parent / "horovodrun"
+    process (num_ranks=None), a 1-rank job, used to check that path too; launcher="torchrun": as num_ranks
+    torchrun workers on this host (output prefixed "[defaultR]:" per local rank R). env entries set to None are
+    unset."""
+    marker = {"horovod": "horovod", "torchrun": "torchrun"}[launcher]
+    if _running is not None and _running.get_closest_marker(marker) is None:
+        pytest.fail(f"{_running.nodeid} starts a {launcher} job: mark it @pytest.mark.{marker} (tests/conftest.py)")
     command = [sys.executable, str(script), *map(str, args)]
-    if num_ranks is not None:
+    if launcher == "torchrun":
+        command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
+                   str(num_ranks), "--tee", "3", *command[1:]]
+    elif num_ranks is not None:
+        horovodrun = Path(sys.executable).parent / "horovodrun"
         command = [str(horovodrun), "--gloo", "-np", str(num_ranks), "-H", f"localhost:{num_ranks}", *command]
     # One intra-op thread per rank: 2 cores shared by up to 3 ranks would otherwise thrash.
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return command, {name: value for name, value in full_env.items() if value is not None}
 
 
-def run_horovod(num_ranks, script, *args, timeout=600, env=None, check=True):
-    """Run a horovod_job to its end; with check, fail the test with the output on a non-zero exit."""
-    command, full_env = horovod_job(num_ranks, script, *args, env=env)
+def run_horovod(num_ranks, script, *args, timeout=600, env=None, check=True, launcher="horovod"):
+    """Run a horovod_job (or a torchrun one) to its end; with check, fail the test with the output on a non-zero
+    exit."""
+    command, full_env = horovod_job(num_ranks, script, *args, env=env, launcher=launcher)
     result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")

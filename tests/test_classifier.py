@@ -26,17 +26,27 @@ def oracle(case):
     return loss.detach(), features.grad, weight.grad
 
 
-@pytest.fixture(scope="module", params=[None, 2, 3], ids=["plain-python", "np2", "np3"])
+JOBS = [("horovod", None), ("horovod", 2), ("horovod", 3), ("torchrun", 1), ("torchrun", 2), ("torchrun", 3)]
+
+
+@pytest.fixture(scope="module", params=JOBS, ids=["single", "horovod-np2", "horovod-np3", "torchrun-1",
+                                                  "torchrun-2", "torchrun-3"])
 def ranks(request, tmp_path_factory):
-    """Results of every rank of one job: P = 1 as a plain python process, then P = 2 and 3."""
-    out = tmp_path_factory.mktemp(f"classifier-{request.param}")
-    run_horovod(request.param, WORKERS / "classifier_cases.py", out, *BACKENDS)
-    return [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
+    """Results of every rank of one job: P = 1 as a plain python process (the single engine), P = 2 and 3 under
+    horovodrun, and P = 1, 2, 3 under torchrun (the torch engine); each rank's batch is a different size."""
+    launcher, num_ranks = request.param
+    out = tmp_path_factory.mktemp(f"classifier-{launcher}-{num_ranks}")
+    run_horovod(num_ranks, WORKERS / "classifier_cases.py", out, *BACKENDS, launcher=launcher)
+    results = [torch.load(path, weights_only=False) for path in sorted(out.glob("rank*.pt"))]
+    expected = {(None, "horovod"): "single", (1, "torchrun"): "torch"}.get((num_ranks, launcher), launcher)
+    assert [result["engine"] for result in results] == [expected.replace("torchrun", "torch")] * len(results)
+    return results
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.horovod
+@pytest.mark.torchrun
 def test_loss_and_gradients_match_oracle(ranks, name, backend):
     case = CASES[name]
     loss, features_grad, weight_grad = oracle(case)
@@ -51,6 +61,7 @@ def test_loss_and_gradients_match_oracle(ranks, name, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.horovod
+@pytest.mark.torchrun
 def test_merged_topk_equals_dense_topk(ranks, backend):
     case = CASES["smooth"]
     features, weight, labels = make_problem(case)
@@ -64,6 +75,7 @@ def test_merged_topk_equals_dense_topk(ranks, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.horovod
+@pytest.mark.torchrun
 def test_diagnostics_match_the_dense_oracle(ranks, name, backend):
     """Per sample of the global batch, on every rank: its id, exp(z_{i,y_i} - lse_i), whether its own class
     is the argmax, and the merged top-K ids, against the float64 logits."""
@@ -97,6 +109,7 @@ def test_oracle_smoothing_changes_the_loss():
 
 
 @pytest.mark.horovod
+@pytest.mark.torchrun
 def test_seed_writes_exactly_the_owned_rows(ranks):
     case = CASES["smooth"]
     features, _, labels = make_problem(case)
@@ -114,6 +127,7 @@ def test_seed_writes_exactly_the_owned_rows(ranks):
 
 
 @pytest.mark.horovod
+@pytest.mark.torchrun
 def test_one_sgd_step_equals_single_process(ranks):
     torch.manual_seed(0)
     backbone = tiny_backbone()

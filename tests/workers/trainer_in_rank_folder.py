@@ -3,7 +3,8 @@ flags): ranks that see different files under the same relative paths, as hosts w
 import os
 import sys
 
-os.chdir(os.path.join(sys.argv[1], f"rank-{os.environ['HOROVOD_RANK']}"))
+rank = os.environ.get("HOROVOD_RANK", os.environ.get("RANK"))  # horovodrun's or torchrun's
+os.chdir(os.path.join(sys.argv[1], f"rank-{rank}"))
 sys.argv = ["trainer.py", *sys.argv[2:]]
 
 import trainer  # noqa: E402 (after the chdir: the trainer resolves --out against this rank's folder)

@@ -1,0 +1,147 @@
+"""The torch.distributed engine of run/distributed.py: `torchrun --nproc_per_node N trainer.py ...`.
+
+NCCL on CUDA, gloo on CPU, both in every torch wheel. The collectives have no names (torch.distributed matches
+them by their order, the same on every rank); what the seam promises holds as under Horovod:
+
+- allgather with per-rank first dimensions and alltoall with splits need the sizes they will receive before
+  they can allocate it (torch takes the received split sizes as host integers, where Horovod exchanges them
+  in its own negotiation). So each first exchanges the sizes, a few integers, on a CPU (gloo) group: on the
+  host, so that reading them never waits for the GPU. Callers that know what they will receive say so
+  (`same_shape=True`, `received=`) and skip that exchange; the classifier does for its statistics and its dE.
+- grouped_allreduce and the data-parallel gradient reduction flatten their tensors into one buffer per dtype:
+  one collective each, summed in the same order on every rank. The gradients are reduced at step(), after
+  the backward, not overlapped with it as Horovod's hooks do.
+- "average" is the sum divided by the size, as Horovod computes it (gloo has no average).
+
+A failing rank: its exit closes its connections, and a peer's collective then raises at once (gloo) or at
+the process group's timeout (COLLECTIVE_TIMEOUT); torchrun also stops the other workers when one exits
+non-zero. Signals: README.md, "Stopping".
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from run.distributed import Engine
+
+# How long a collective may wait for a peer before it fails: long enough for the slowest legitimate wait of a
+# run (rank 0 building the index of a large folder, or writing a checkpoint, while the others wait at a
+# barrier), far below torch's default of 30 minutes, which would leave a job hung that long on a dead peer.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+# What gloo's errors say when a peer's process is gone (it raises them as plain RuntimeErrors).
+PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# Newer torch names the equal-size allgather all_gather_single (all_gather_into_tensor warns there).
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self):
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if backend == "nccl":  # NCCL needs this rank's GPU current before the group forms
+            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        # Host integers (split sizes, first dimensions) travel on a CPU group: gloo alongside NCCL.
+        self.host_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if backend == "nccl" else None
+        self.settings = {"backend": backend, "timeout": f"{COLLECTIVE_TIMEOUT.total_seconds():.0f}s"}
+
+    # ---- host integers
+    def _gather_sizes(self, size):
+        """[P] int64 on the CPU: every rank's `size`."""
+        sizes = torch.zeros(self.size, dtype=torch.int64)
+        all_gather_single(sizes, torch.tensor([size], dtype=torch.int64), group=self.host_group)
+        return sizes
+
+    def _exchange_splits(self, splits):
+        """The rows each rank sends to this one, given the rows this one sends to each."""
+        received = torch.zeros(self.size, dtype=torch.int64)
+        dist.all_to_all_single(received, torch.as_tensor(splits, dtype=torch.int64).cpu(), group=self.host_group)
+        return received
+
+    # ---- collectives
+    def _allreduce(self, tensor, op, name):
+        result = tensor.clone()
+        dist.all_reduce(result, op=OPS.get(op, dist.ReduceOp.SUM))
+        return result / self.size if op == "average" else result
+
+    def _grouped_allreduce(self, tensors, op, name):
+        results = [None] * len(tensors)
+        for dtype in dict.fromkeys(tensor.dtype for tensor in tensors):  # one flat buffer per dtype, in order
+            members = [position for position, tensor in enumerate(tensors) if tensor.dtype == dtype]
+            flat = self._allreduce(torch.cat([tensors[position].reshape(-1) for position in members]), op, name)
+            for position, piece in zip(members, flat.split([tensors[position].numel() for position in members])):
+                results[position] = piece.view_as(tensors[position])
+        return results
+
+    def _allgather(self, tensor, name, same_shape):
+        tensor = tensor.contiguous()
+        if same_shape:
+            gathered = tensor.new_empty((self.size * tensor.shape[0], *tensor.shape[1:]))
+            all_gather_single(gathered, tensor)
+            return gathered
+        sizes = self._gather_sizes(tensor.shape[0]).tolist()
+        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        gathered = tensor.new_empty((self.size * max(sizes), *tensor.shape[1:]))
+        all_gather_single(gathered, padded)
+        return torch.cat([block[:size] for block, size in zip(gathered.split(max(sizes)), sizes)])
+
+    def _alltoall(self, tensor, splits, name, received):
+        splits = torch.as_tensor(splits, dtype=torch.int64).tolist() if not isinstance(splits, list) else splits
+        received = self._exchange_splits(splits) if received is None else torch.as_tensor(received)
+        output = tensor.new_empty((int(received.sum()), *tensor.shape[1:]))
+        dist.all_to_all_single(output, tensor.contiguous(), output_split_sizes=received.tolist(),
+                               input_split_sizes=splits)
+        return output, received.to(torch.int32)
+
+    def _broadcast_parameters(self, named_tensors, root):
+        for _, tensor in named_tensors:
+            dist.broadcast(tensor.data, src=root)
+
+    def _broadcast_object(self, obj, root, name):
+        box = [obj]
+        dist.broadcast_object_list(box, src=root, group=self.host_group)
+        return box[0]
+
+    def _allgather_object(self, obj, name):
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, obj, group=self.host_group)
+        return gathered
+
+    def _data_parallel_optimizer(self, optimizer, named_parameters, op):
+        return GradientReducingOptimizer(optimizer, [parameter for _, parameter in named_parameters],
+                                         lambda grads: self._grouped_allreduce(grads, op, None))
+
+    # ---- life cycle
+    def is_peer_failure(self, error):
+        return isinstance(error, dist.DistBackendError) or (
+            isinstance(error, RuntimeError) and any(sign in str(error) for sign in PEER_FAILURE_SIGNS))
+
+    def shutdown(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class GradientReducingOptimizer:
+    """An optimizer whose step() first replaces the gradients of `parameters` by their reduction over the ranks
+    (`reduce`: list of gradients -> list of reduced gradients); everything else is the wrapped optimizer's."""
+
+    def __init__(self, optimizer, parameters, reduce):
+        self.optimizer, self.parameters, self.reduce = optimizer, parameters, reduce
+
+    def step(self, closure=None):
+        for parameter in self.parameters:  # every rank reduces the same list: a gradient missing here is zero
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        for parameter, reduced in zip(self.parameters, self.reduce([parameter.grad for parameter in self.parameters])):
+            parameter.grad.copy_(reduced)
+        return self.optimizer.step(closure)
+
+    def __getattr__(self, name):  # zero_grad, param_groups, state, state_dict, load_state_dict, ...
+        return getattr(self.optimizer, name)
