@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Build Horovod 0.28.1 against the installed torch and install it into PYTHON.
 #
-# PyPI has only the 0.28.1 sdist, which sets C++14; torch >= 2.1 headers need C++17. We check the
-# sdist's sha256, patch the two CMake files, and build with gloo, plus NCCL when torch has CUDA.
-# What else this machine needs (CMake 4, a newer GCC, NCCL from its pip wheel, no network) is decided
-# by .ci/horovod_build_plan.py, which says why in the log and fails in one line before any work.
-# The built wheel is cached under ~/.cache, keyed by torch version and build flags, because the
-# build takes ~10 minutes on 2 cores and a second setup should take seconds.
+# PyPI has only the 0.28.1 sdist, which sets C++14; torch's headers need 17 (20 from torch 2.14). We
+# check the sdist's sha256, patch the two CMake files to the standard torch requires, build with gloo,
+# plus NCCL when torch has CUDA, and strip the libraries' debug info before caching the wheel.
+# What else this machine needs (the C++ standard, the CUDA toolkit, CMake 4, a newer GCC, NCCL from its
+# pip wheel, no network) is decided by .ci/horovod_build_plan.py, which says why in the log and fails
+# in one line before any work. The built wheel is cached under ~/.cache, keyed by torch version and
+# build flags (the plan's docstring says what the key holds), because the build takes ~10 minutes on
+# 2 cores and a second setup should take seconds. pip's output goes to a log beside the cache entry,
+# which a failure names.
 #
 # Usage: .ci/build-horovod.sh [--dry-run] PYTHON [SDIST_DIR]
 #   SDIST_DIR (or $HOROVOD_SDIST_DIR): build without network from the sdist and the cffi/pycparser wheels
@@ -33,9 +36,11 @@ if [[ -n $offline_dir ]]; then pip_offline=(--no-index --find-links "$offline_di
 torch_version=$("$python" -c 'import torch; print(torch.__version__)')
 # LC_ALL=C: the same order as the C.UTF-8 locale the first keys were made in, whatever the user's locale.
 flags=$(env | grep '^HOROVOD_' | LC_ALL=C sort | tr '\n' ' ')
-key=$(printf '%s %s %s' "$torch_version" "$("$python" -c 'import sys; print(sys.version.split()[0])')" "$flags" \
-      | sha256sum | cut -c1-16)
+# cache_key_extra is empty for a CPU build, whose key string is then the one of every earlier build.
+key=$(printf '%s %s %s%s' "$torch_version" "$("$python" -c 'import sys; print(sys.version.split()[0])')" "$flags" \
+      "$cache_key_extra" | sha256sum | cut -c1-16)
 cache=$cache_root/horovod-0.28.1-$key
+log=$cache.log
 if [[ $dry_run == 1 ]]; then
   hit=$(ls "$cache"/horovod-*.whl 2>/dev/null || echo "none yet")
   echo "cache entry: $cache (wheel: $hit)"; exit 0
@@ -48,7 +53,7 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-echo "building horovod 0.28.1 for torch $torch_version ($flags) — about 10 minutes on 2 cores, 2 on 16"
+echo "building horovod 0.28.1 for torch $torch_version ($flags) — about 10 minutes on 2 cores, 2 on 16; log: $log"
 if [[ -n $sdist ]]; then
   cp "$sdist" "$work/"
 else
@@ -64,10 +69,10 @@ patch_line() {  # FILE FROM TO: the sdist is pinned by its sha256, so a missing 
   sed -i "s/$2/$3/" "$1"
 }
 for f in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
-  patch_line "$f" 'set(CMAKE_CXX_STANDARD 14)' 'set(CMAKE_CXX_STANDARD 17)'
+  patch_line "$f" 'set(CMAKE_CXX_STANDARD 14)' "set(CMAKE_CXX_STANDARD $cxx_standard)"
 done
-if [[ $patch_cuda_standard == 1 ]]; then
-  patch_line "$src/horovod/common/ops/cuda/CMakeLists.txt" 'set(CMAKE_CUDA_STANDARD 11)' 'set(CMAKE_CUDA_STANDARD 17)'
+if [[ -n $cuda_standard ]]; then
+  patch_line "$src/horovod/common/ops/cuda/CMakeLists.txt" 'set(CMAKE_CUDA_STANDARD 11)' "set(CMAKE_CUDA_STANDARD $cuda_standard)"
 fi
 if [[ -n $nccl_wheel ]]; then
   # Horovod's finder wants lib/libnccl.so; the wheel has lib/libnccl.so.2 only.
@@ -83,12 +88,28 @@ if [[ -n $offline_installs ]]; then
   "$python" -m pip install -q "${pip_offline[@]}" $offline_installs
 fi
 "$python" -m pip install -q "${pip_offline[@]}" setuptools wheel
-MAKEFLAGS=-j$(nproc) "$python" -m pip wheel -q --no-deps --no-build-isolation "${pip_offline[@]}" -w "$work/dist" "$src"
+mkdir -p "$cache_root"
+# -v: CMake's own lines, which say what it found (NCCL, the toolkit), are in the log even when the build succeeds.
+MAKEFLAGS=-j$(nproc) "$python" -m pip wheel -v --no-deps --no-build-isolation "${pip_offline[@]}" -w "$work/dist" \
+  "$src" >"$log" 2>&1 || die "building the wheel failed: see $log (the last lines say where)"
+megabytes() { stat -c %s "$1" | awk '{printf "%.1f MB", $1 / 1e6}'; }
+wheel=$(echo "$work"/dist/horovod-*.whl)
+size="$(megabytes "$wheel")"
+if [[ -n $strip ]]; then
+  # setup.py hard-codes RelWithDebInfo; its debug info is most of the wheel and no instruction, so the key stays.
+  "$python" -m wheel unpack -d "$work/unpacked" "$wheel" >>"$log"
+  find "$work/unpacked" -name '*.so' -exec "$strip" --strip-debug {} +
+  mkdir "$work/stripped"
+  "$python" -m wheel pack -d "$work/stripped" "$work"/unpacked/horovod-* >>"$log"
+  wheel=$(echo "$work"/stripped/horovod-*.whl)
+  size="$(megabytes "$wheel") ($size before strip)"
+fi
 mkdir -p "$cache"
-cp "$work"/dist/horovod-*.whl "$cache"/
+cp "$wheel" "$cache"/
+echo "built $(basename "$wheel"): $size"
 "$python" -m pip install -q "${pip_offline[@]}" "$cache"/horovod-*.whl
 "$python" -c 'import horovod, horovod.torch as hvd; print("horovod", horovod.__version__, "built with gloo:", hvd.gloo_built(), "nccl:", hvd.nccl_built())'
 if [[ -n ${HOROVOD_GPU_OPERATIONS:-} ]] && ! "$python" -c 'import horovod.torch as hvd, sys; sys.exit(not hvd.nccl_built())'; then
   rm -rf "$cache"  # not the wheel this key promises
-  die "the plan asked for NCCL but CMake built without it: rerun the pip wheel line above without -q to see why"
+  die "the plan asked for NCCL but CMake built without it: see CMake's NCCL lines in $log"
 fi

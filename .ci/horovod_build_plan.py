@@ -1,18 +1,29 @@
 """How to build Horovod 0.28.1 on this machine: the fixes it needs, printed as shell lines for build-horovod.sh.
 
 PyPI's only 0.28.1 release is a 2023 sdist. Against today's toolchains it needs, depending on the machine
-(each one met on a CUDA 13 / CMake 4 / recent-GCC / no-network H100, see ../shared/horovod-cuda-build.md):
+(met on a CUDA 13 / CMake 4 / recent-GCC / no-network H100 and on a CPU machine whose nvcc is a wrapper script
+outside its CUDA 13 toolkit, see ../shared/horovod-cuda-build.md):
 
-  always                C++14 -> 17 in two CMake files (torch >= 2.1 headers need C++17; build-horovod.sh).
+  always                C++14 -> the standard torch's headers require, in two CMake files (build-horovod.sh): the
+                        lowest one their own guard accepts (`#if __cplusplus < 201703L #error` at the top of
+                        ATen/ATen.h: 17 up to torch 2.13, 20 from 2.14), else the CXX_STANDARD torch's CMake config
+                        gives its users. Not the -std torch builds its own extensions with (c++20 from 2.13 on): a
+                        torch whose headers accept 17 builds with exactly the flags, and so the wheel, it always had.
+                        And the built libraries' debug info stripped (`strip --strip-debug`): setup.py hard-codes
+                        RelWithDebInfo, whose debug info is most of the wheel and changes no instruction.
   CMake >= 4            CMAKE_POLICY_VERSION_MINIMUM=3.5: CMake 4 refuses gloo's cmake_minimum_required(2.8.12).
   a libstdc++ without   CXXFLAGS="-include string -include cstdint -include stdexcept": group_table.h uses
   transitive includes   std::string and int32_t without including them. Detected by compiling that header's
                         includes with the compiler CMake will use, so a machine whose compiler accepts them
                         (GCC 12 here) builds with exactly the flags it always had.
-  torch with CUDA       HOROVOD_GPU_OPERATIONS=NCCL, HOROVOD_CUDA_HOME, CUDACXX, HOROVOD_BUILD_CUDA_CC_LIST = the
-                        visible GPUs' compute capabilities, else 90 (without it nvcc builds every architecture it
-                        knows), and CMAKE_CUDA_STANDARD 11 -> 17 (same standard as the C++ files; every nvcc able
-                        to build for torch >= 2.1 accepts it; nvcc 13.0 also still compiles the kernels at 11).
+  torch with CUDA       HOROVOD_GPU_OPERATIONS=NCCL; HOROVOD_CUDA_HOME, CUDA_HOME and CUDACXX = the CUDA toolkit
+                        (`find_cuda_home`: a folder with bin/nvcc, include/cuda_runtime.h and libcudart, found where
+                        the nvcc on PATH really lives, even behind a wrapper script; torch.utils.cpp_extension, which
+                        Horovod's CMake asks for torch's CUDA folders, reads CUDA_HOME); HOROVOD_BUILD_CUDA_CC_LIST =
+                        the visible GPUs' compute capabilities, else 90 (without it nvcc builds every architecture it
+                        knows); CMAKE_CUDA_STANDARD 11 -> 17: the .cu files include no torch header, so they need not
+                        follow torch's standard, and every CMake since 3.18 passes 17 to every nvcc since 11.0 (CMake
+                        3.25 refuses CUDA 20 with nvcc 13).
   NCCL from pip         the nvidia-nccl wheel ships include/nccl.h and lib/libnccl.so.2 only, and Horovod's finder
                         looks for libnccl.so: a folder of links with that name becomes HOROVOD_NCCL_HOME
                         (HOROVOD_NCCL_LINK=SHARED: the wheel has no static library). Preferred over a system NCCL:
@@ -21,6 +32,11 @@ PyPI's only 0.28.1 release is a 2023 sdist. Against today's toolchains it needs,
   no network            the sdist comes from a local folder (its sha256 checked here, before any work) and so does
                         cffi, which setup.py lists in setup_requires (setuptools would fetch it).
 
+The cache key of the built wheel (build-horovod.sh) hashes torch's version (which fixes its C++ standard), Python's,
+the HOROVOD_* variables (gloo or NCCL, toolkit, compute capabilities, NCCL folder) and, for an NCCL build, nvcc's
+release (`cache_key_extra`: the wheel holds the kernels it compiled and needs that toolkit's libcudart.so.N); for a
+CPU build it is the key every earlier build had. Stripping stays out of it: it removes no instruction.
+
 The environment is read once into `Facts` (`probe`); `plan` turns facts into lines and is pure, so
 tests/test_build_horovod.py checks it on made-up machines without building. A machine that cannot build says
 why in one line (`PlanError`) before any work. Run it with the Python that will hold Horovod:
@@ -28,7 +44,8 @@ why in one line (`PlanError`) before any work. Run it with the Python that will 
     python .ci/horovod_build_plan.py [--sdist-dir DIR] [--facts JSON]   the plan, as shell lines
     python .ci/horovod_build_plan.py --verify DIR                       DIR holds what an offline build needs
 
-BUILD_NCCL=auto|1|0 (default auto: NCCL exactly when torch has CUDA) and HOROVOD_BUILD_CUDA_CC_LIST override.
+BUILD_NCCL=auto|1|0 (default auto: NCCL exactly when torch has CUDA), HOROVOD_BUILD_CUDA_CC_LIST and
+HOROVOD_CUDA_HOME / CUDA_HOME (the toolkit) override.
 """
 import argparse
 import dataclasses
@@ -60,6 +77,12 @@ int32_t group_id(const std::string& name) { if (name.empty()) throw std::runtime
 """
 MISSING_INCLUDES = "-include string -include cstdint -include stdexcept"
 OFFLINE_WHEELS = ("cffi", "pycparser")  # cffi needs pycparser
+CUDA_STANDARD = 17  # see the docstring: what every CMake and nvcc that can build for a CUDA torch accept
+CMAKE_CUDA17_VERSION = (3, 18)  # the first CMake that passes a CUDA 17 flag to nvcc
+# Where toolkits install when neither a variable nor the nvcc on PATH names one (the installers' /usr/local/cuda
+# link, its versioned folders, Arch's /opt/cuda); versioned folders newest first.
+USUAL_CUDA_HOMES = ("/usr/local/cuda", "/usr/local/cuda-*", "/opt/cuda")
+CUDA_HOME_VARIABLES = ("HOROVOD_CUDA_HOME", "CUDA_HOME", "CUDA_PATH")
 
 
 class PlanError(Exception):
@@ -72,7 +95,9 @@ class Facts:
     torch_version: str
     torch_cuda: str | None           # torch.version.cuda: None for a CPU-only torch
     gpu_capabilities: list[str]      # visible GPUs' compute capabilities, e.g. ["90"]; [] when none
-    cuda_home: str | None            # folder with bin/nvcc
+    torch_cxx_standard: int          # the C++ standard torch's headers require (`torch_cxx_standard`), e.g. 17
+    cuda_home: str | None            # the CUDA toolkit (`find_cuda_home`); None when none was found
+    cuda_search: str                 # how cuda_home was found, or where a toolkit was looked for in vain
     nvcc_version: str | None         # e.g. "13.0"
     cmake_version: str | None        # of the cmake Horovod's setup.py will run
     cxx: str | None                  # the C++ compiler CMake will pick
@@ -80,6 +105,7 @@ class Facts:
     nccl_wheel: str | None           # the nvidia-nccl pip package's folder (include/nccl.h, lib/libnccl.so.2)
     nccl_system: bool                # nccl.h and libnccl.so / libnccl_static.a where Horovod's finder looks
     installed: list[str]             # which of OFFLINE_WHEELS are importable
+    strip: str | None                # the strip tool, None when absent
     sdist_dir: str | None = None     # the local folder to build from (offline), if any
     sdist_sha256: str | None = None  # of SDIST_NAME in sdist_dir, None when absent
     offline_wheels: list[str] = dataclasses.field(default_factory=list)  # *.whl names in sdist_dir
@@ -90,20 +116,79 @@ def version_tuple(text):
 
 
 def run_text(command):
+    """stdout and stderr of `command`, "" when it cannot run."""
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        return result.stdout + result.stderr
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def find_cuda_home(env):
-    """torch.utils.cpp_extension's order: the variables, the nvcc on PATH, /usr/local/cuda."""
-    candidates = [env.get(name) for name in ("HOROVOD_CUDA_HOME", "CUDA_HOME", "CUDA_PATH")]
+def toolkit_lacks(home):
+    """What `home` lacks of the CUDA toolkit CMake's FindCUDAToolkit needs, as a phrase; "" for a toolkit."""
+    if not os.path.isdir(home):
+        return "absent"
+    lacks = [piece for piece, present in (
+        ("bin/nvcc", os.path.isfile(f"{home}/bin/nvcc") and os.access(f"{home}/bin/nvcc", os.X_OK)),
+        ("include/cuda_runtime.h", os.path.isfile(f"{home}/include/cuda_runtime.h")),
+        ("libcudart.so", any(glob.glob(f"{home}/{lib}/libcudart.so*") for lib in ("lib64", "lib", "targets/*/lib"))),
+    ) if not present]
+    return f"no {', '.join(lacks)}" if lacks else ""
+
+
+def nvcc_homes(nvcc):
+    """[(home, origin)] for the nvcc at `nvcc` on PATH: where it says it lives, then where its links lead. A wrapper
+    script outside the toolkit answers from the real nvcc it runs, whose verbose dry run prints TOP (above its bin)."""
+    answer = run_text([nvcc, "-v", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull])
+    told = re.findall(r"^#\$ TOP=(.+?)\s*$", answer, re.MULTILINE)[:1]
+    return ([(os.path.realpath(top), f"TOP of {nvcc} -v --dryrun") for top in told]
+            + [(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), f"{nvcc} resolved")])
+
+
+def find_cuda_home(env, usual_homes=USUAL_CUDA_HOMES):
+    """(the CUDA toolkit or None, how it was found or where it was looked for), in torch.utils.cpp_extension's order:
+    the variables (the first one set decides: a wrong one is reported, not passed over), the nvcc on PATH (asked, then
+    resolved), the usual places. A home holds the toolkit (`toolkit_lacks`), not merely a bin/nvcc."""
+    given = next((name for name in CUDA_HOME_VARIABLES if env.get(name)), None)
+    if given:
+        lacks = toolkit_lacks(env[given])
+        return (None, f"{env[given]} (${given}, {lacks})") if lacks else (env[given], f"${given}")
     nvcc = shutil.which("nvcc", path=env.get("PATH"))
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    return next((home for home in candidates if home and os.access(f"{home}/bin/nvcc", os.X_OK)), None)
+    candidates = nvcc_homes(nvcc) if nvcc else []
+    for pattern in usual_homes:
+        found = sorted(glob.glob(pattern), key=lambda home: version_tuple(os.path.basename(home)), reverse=True)
+        candidates += [(os.path.realpath(home), f"{home}, a usual place") for home in found or [pattern]]
+    looked_at, seen = [] if nvcc else ["no nvcc on PATH"], set()
+    for home, origin in candidates:
+        if home in seen:
+            continue
+        seen.add(home)
+        lacks = toolkit_lacks(home)
+        if not lacks:
+            return home, origin
+        looked_at.append(f"{home} ({origin}, {lacks})")
+    return None, "; ".join(looked_at)
+
+
+def torch_cxx_standard(torch_dir):
+    """The C++ standard the torch installed at `torch_dir` requires: the lowest one the guard atop ATen/ATen.h
+    accepts (`__cplusplus < 202002L`: the standard's year and month, 2020 for C++20), else the CXX_STANDARD its
+    CMake config sets for its users; PlanError when torch says neither."""
+    def read(path):
+        try:
+            with open(f"{torch_dir}/{path}") as file:
+                return file.read()
+        except OSError:
+            return ""
+
+    guard = re.search(r"__cplusplus\s*<\s*(\d{4})\d{2}L", read("include/ATen/ATen.h"))
+    if guard:
+        return int(guard.group(1)) - 2000
+    declared = re.search(r"\bCXX_STANDARD\s+(\d+)", read("share/cmake/Torch/TorchConfig.cmake"))
+    if declared:
+        return int(declared.group(1))
+    raise PlanError(f"cannot tell which C++ standard the torch in {torch_dir} needs: no __cplusplus guard in "
+                    "include/ATen/ATen.h and no CXX_STANDARD in share/cmake/Torch/TorchConfig.cmake")
 
 
 def find_cxx(env):
@@ -160,7 +245,7 @@ def probe(env, sdist_dir=None):
         import torch
     except ImportError:
         raise PlanError(f"torch is not installed in {sys.executable}: install the requirements first") from None
-    cuda_home = find_cuda_home(env)
+    cuda_home, cuda_search = find_cuda_home(env)
     cmake = env.get("HOROVOD_CMAKE") or shutil.which("cmake", path=env.get("PATH"))  # what setup.py runs
     cxx = find_cxx(env)
     capabilities = []
@@ -170,13 +255,15 @@ def probe(env, sdist_dir=None):
     sdist_sha256, offline_wheels = probe_sdist_dir(sdist_dir) if sdist_dir else (None, [])
     return Facts(
         python_version=sys.version.split()[0], torch_version=torch.__version__, torch_cuda=torch.version.cuda,
-        gpu_capabilities=capabilities, cuda_home=cuda_home,
+        gpu_capabilities=capabilities, torch_cxx_standard=torch_cxx_standard(os.path.dirname(torch.__file__)),
+        cuda_home=cuda_home, cuda_search=cuda_search,
         nvcc_version=(re.findall(r"release (\d+\.\d+)", run_text([f"{cuda_home}/bin/nvcc", "--version"]))
                       or [None])[0] if cuda_home else None,
         cmake_version=(re.findall(r"version\s*([\d.]+)", run_text([cmake, "--version"])) or [None])[0] if cmake else None,
         cxx=cxx, cxx_needs_includes=bool(cxx) and needs_includes(cxx),
         nccl_wheel=find_nccl_wheel(), nccl_system=has_system_nccl(cuda_home),
         installed=[name for name in OFFLINE_WHEELS if importlib.util.find_spec(name)],
+        strip=shutil.which("strip", path=env.get("PATH")),
         sdist_dir=sdist_dir, sdist_sha256=sdist_sha256, offline_wheels=offline_wheels)
 
 
@@ -219,18 +306,23 @@ def check_offline_dir(sdist_sha256, wheel_names, sdist_dir, needed, python_versi
 def nccl_exports(facts, env, cache_root):
     """(lines, NCCL wheel folder to link or None) for an NCCL build; PlanError when a piece is missing."""
     if not facts.cuda_home:
-        raise PlanError(f"torch {facts.torch_version} has CUDA {facts.torch_cuda} but nvcc was not found "
-                        "($HOROVOD_CUDA_HOME, $CUDA_HOME, PATH, /usr/local/cuda): install the CUDA toolkit, "
-                        "or BUILD_NCCL=0 for a CPU-only Horovod")
+        raise PlanError(f"torch {facts.torch_version} has CUDA {facts.torch_cuda} but no CUDA toolkit (bin/nvcc, "
+                        f"include/cuda_runtime.h, libcudart.so) was found; looked at {facts.cuda_search}: install "
+                        "the toolkit, set CUDA_HOME to it, or BUILD_NCCL=0 for a CPU-only Horovod")
+    if facts.cmake_version and version_tuple(facts.cmake_version) < CMAKE_CUDA17_VERSION:
+        raise PlanError(f"cmake {facts.cmake_version} cannot compile CUDA {CUDA_STANDARD} (3.18 or newer can): install "
+                        "a newer cmake (or point $HOROVOD_CMAKE at one), or BUILD_NCCL=0 for a CPU-only Horovod")
     cc_list = env.get("HOROVOD_BUILD_CUDA_CC_LIST") or ",".join(facts.gpu_capabilities) or DEFAULT_CUDA_CC
     if not re.fullmatch(r"\d+(,\d+)*", cc_list):
         raise PlanError(f"HOROVOD_BUILD_CUDA_CC_LIST={cc_list!r}: want compute capabilities like 90 or 80,90")
     cc_origin = ("$HOROVOD_BUILD_CUDA_CC_LIST" if env.get("HOROVOD_BUILD_CUDA_CC_LIST")
                  else "the visible GPUs" if facts.gpu_capabilities else "default: no GPU visible")
     lines = [f"# torch {facts.torch_version} has CUDA {facts.torch_cuda}, nvcc {facts.nvcc_version} in "
-             f"{facts.cuda_home}: NCCL operations, CUDA code for compute capability {cc_list} ({cc_origin})",
+             f"{facts.cuda_home} ({facts.cuda_search}): NCCL operations, CUDA {CUDA_STANDARD}, code for compute "
+             f"capability {cc_list} ({cc_origin})",
              export("HOROVOD_GPU_OPERATIONS", "NCCL"), export("HOROVOD_CUDA_HOME", facts.cuda_home),
-             export("CUDACXX", f"{facts.cuda_home}/bin/nvcc"), export("HOROVOD_BUILD_CUDA_CC_LIST", cc_list)]
+             export("CUDA_HOME", facts.cuda_home), export("CUDACXX", f"{facts.cuda_home}/bin/nvcc"),
+             export("HOROVOD_BUILD_CUDA_CC_LIST", cc_list)]
     if any(env.get(name) for name in ("HOROVOD_NCCL_HOME", "HOROVOD_NCCL_INCLUDE", "HOROVOD_NCCL_LIB")):
         return lines + ["# NCCL: where $HOROVOD_NCCL_HOME / _INCLUDE / _LIB say"], None
     if facts.nccl_wheel:
@@ -267,7 +359,9 @@ def plan(facts, env):
     if not facts.cxx:
         raise PlanError("no C++ compiler ($CXX, c++, g++, clang++): install g++")
     lines = [f"# python {facts.python_version}, torch {facts.torch_version}, cmake {facts.cmake_version}, {facts.cxx}",
-             *(export(name, value) for name, value in BASE_EXPORTS.items())]
+             *(export(name, value) for name, value in BASE_EXPORTS.items()),
+             f"# torch {facts.torch_version}'s headers require C++{facts.torch_cxx_standard}: the C++ standard of both "
+             "CMake files"]
     nccl_wheel = None
     build_nccl = wants_nccl(facts, env)
     if build_nccl:
@@ -282,12 +376,16 @@ def plan(facts, env):
     if facts.cxx_needs_includes:
         lines += ["# this C++ library does not give group_table.h std::string and int32_t through its includes",
                   export("CXXFLAGS", f"{env.get('CXXFLAGS', '')} {MISSING_INCLUDES}".strip())]
+    lines.append(f"# debug info stripped from the built libraries by {facts.strip}" if facts.strip
+                 else "# no strip on PATH: the wheel keeps RelWithDebInfo's debug info")
     lines += [f"# sdist: {f'{facts.sdist_dir}/{SDIST_NAME} (offline)' if offline else 'pip download'}"
               f"{'; installs ' + ', '.join(to_install) + ' from there' if to_install else ''}",
               assign("cache_root", cache_root), assign("sdist_sha256", SDIST_SHA256),
               assign("sdist", os.path.join(facts.sdist_dir, SDIST_NAME) if offline else ""),
               assign("offline_dir", facts.sdist_dir or ""), assign("offline_installs", " ".join(to_install)),
-              assign("nccl_wheel", nccl_wheel or ""), assign("patch_cuda_standard", int(build_nccl))]
+              assign("nccl_wheel", nccl_wheel or ""), assign("cxx_standard", facts.torch_cxx_standard),
+              assign("cuda_standard", CUDA_STANDARD if build_nccl else ""), assign("strip", facts.strip or ""),
+              assign("cache_key_extra", f"nvcc {facts.nvcc_version}" if build_nccl else "")]
     return lines
 
 
