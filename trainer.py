@@ -20,7 +20,7 @@ ImageNet, the paper's setting (ResNet-50, 64 GPUs x 64 images = 4096 per step, 2
 Throughput without I/O (random images made on the GPU, no DALI needed; 1,281,167 classifier rows):
     horovodrun -np 8 -H localhost:8 python trainer.py --data synthetic --epochs 1 --steps-per-epoch 200 \\
         --out runs/synthetic
-Other subcommands: `knn --ckpt RUN`, `export --ckpt RUN --to backbone.pth`,
+Other subcommands: `knn --ckpt RUN`, `export --ckpt RUN --to backbone.pth`, `pack --data FOLDER --to SHARDS`,
 `plan --instances 1281167 --gpus 64 --batch-size 64 --feat-dim 128`. `python trainer.py -h` and
 `python trainer.py SUBCOMMAND -h` explain every flag.
 """
@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from data.index import InstanceIndex
 from data.loaders import is_synthetic, pretrain_loader
-from data.run_index import run_indexes
+from data.pack import pack
+from data.run_index import run_indexes, saved_run_indexes
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
 from model.encoder import build_encoder
 from model.evaluation import baselines, knn_monitor, linear_evaluation, report
@@ -60,8 +60,8 @@ from settings import check_machine_and_paths, check_settings
 flags = argparse.ArgumentParser(add_help=False)
 group = flags.add_argument_group("data")
 group.add_argument("--data", help="dataset root: a folder with train/ (and val/ for evaluation), an image folder "
-                   "itself, or 'synthetic': random images made on the device, no files and no DALI, to measure "
-                   "the training step without I/O (default: the built-in MNIST-5k)")
+                   "or a folder of WebDataset .tar shards (`pack`) itself, or 'synthetic': random images made on the "
+                   "device, no DALI, to measure the training step without I/O (default: the built-in MNIST-5k)")
 group.add_argument("--instances", type=int, default=1_281_167, help="classifier rows N of --data synthetic and of "
                    "`plan` (default: 1281167, ImageNet's train split)")
 group.add_argument("--steps-per-epoch", type=int, help="--data synthetic only: cut every epoch to this many steps "
@@ -80,7 +80,7 @@ group.add_argument("--views", type=int, default=2, choices=[1, 2], help="augment
 group.add_argument("--dali-device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="where DALI decodes and augments; auto = gpu when CUDA is visible (default: auto)")
 group.add_argument("--threads", type=int, default=4, help="DALI CPU threads per rank (default: 4)")
-group.add_argument("--strict", action="store_true", help="stop on unusable image files instead of skipping them")
+group.add_argument("--strict", action="store_true", help="stop on unusable images, samples or shards, not skip them")
 group = flags.add_argument_group("model")
 group.add_argument("--arch", choices=["resnet18", "resnet50"], help="backbone (default: resnet50; "
                    "resnet18 built-in)")
@@ -337,11 +337,7 @@ def evaluation_setup(args):
     checkpoint = resolve_checkpoint(args.ckpt)  # its one-line error before the process group starts
     world = start(args.engine)
     backbone, config = load_trained_backbone(checkpoint, world.device)
-    run_dir = checkpoint.parent
-    if not (layout.index_dir(run_dir, "val") / "index.json").is_file():
-        raise UsageError(f"{run_dir} has no val split: evaluation needs a dataset with labelled train/ and val/")
-    return (world, checkpoint, backbone, config, InstanceIndex.load(layout.index_dir(run_dir, "train")),
-            InstanceIndex.load(layout.index_dir(run_dir, "val")))
+    return (world, checkpoint, backbone, config, *saved_run_indexes(checkpoint.parent))
 
 
 def knn_command(argv):
@@ -424,8 +420,19 @@ def plan_command(argv):
         [(name, f"{hybrid / 2**20:,.1f} MiB", f"{replicated / 2**20:,.1f} MiB") for name, hybrid, replicated in rows])
 
 
+def pack_command(argv):
+    sub = argparse.ArgumentParser(prog="trainer.py pack", description="Image folder -> WebDataset .tar shards for --data.")
+    sub.add_argument("--data", help="a folder with train/ (and val/), or an image folder (default: built-in MNIST-5k)")
+    sub.add_argument("--to", required=True, help="new or empty folder for the shards (with train/, val/ as --data)")
+    sub.add_argument("--samples-per-shard", type=int, default=1000, help="images per shard (default: 1000)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the samples' order (default: 0)")
+    sub.add_argument("--strict", action="store_true", help="stop on unusable image files instead of skipping them")
+    args = sub.parse_args(argv)
+    pack(args.data, args.to, samples_per_shard=args.samples_per_shard, seed=args.seed, strict=args.strict)
+
+
 def main():
-    commands = {"export": export, "plan": plan_command, "linear": linear, "knn": knn_command}
+    commands = {"export": export, "plan": plan_command, "linear": linear, "knn": knn_command, "pack": pack_command}
     try:
         if len(sys.argv) > 1 and sys.argv[1] in commands:
             commands[sys.argv[1]](sys.argv[2:])

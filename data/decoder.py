@@ -9,8 +9,8 @@ bytes, sized for ImageNet's largest files: at 4 threads that is 0.84 GB of GPU a
 per decoder, pure waste for 32-pixel images, and multiplied by every pipeline alive at once.
 
 The rule, decided per loader from the data:
-- the widths and heights of up to SAMPLED_IMAGES files spread evenly over the index are read from their
-  headers (no decoding; a few milliseconds);
+- the widths and heights of up to SAMPLED_IMAGES images spread evenly over the index (files of a folder,
+  members of tar shards) are read from their headers (no decoding; a few milliseconds);
 - a training loader over "photo" data, whose largest sampled side exceeds LARGE_IMAGE_SIDE, gets the ImageNet
   example's paddings, and `preallocate_width_hint` / `preallocate_height_hint` set to the largest sampled width
   and height (the hardware decoder reserves a batch of images of that size up front; without a hint it reserves
@@ -62,9 +62,9 @@ def sample_image_sizes(index, count=SAMPLED_IMAGES):
     a file whose header cannot be read is left out (the decoder will report it if it is really broken)."""
     step = max(1, index.num_instances // count)
     sizes = []
-    for name in index.files[::step][:count]:
+    for instance in range(0, index.num_instances, step)[:count]:
         try:
-            with Image.open(index.root / name) as image:
+            with index.open_image(instance) as file, Image.open(file) as image:
                 sizes.append(image.size)
         except (OSError, Image.DecompressionBombError):
             continue

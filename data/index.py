@@ -14,10 +14,10 @@ Bad files are excluded, counted and reported (first few paths and why); `strict=
 Checks read only the first bytes and the last few KiB of each file, never decode, so indexing 1.28M files is
 bounded by `open()` calls (see bench/RESULTS.md):
 - empty or unreadable files;
-- files whose header is neither JPEG (FF D8 FF) nor PNG (89 'PNG' 0D 0A 1A 0A), whatever their extension;
-- truncated files: a JPEG without its end-of-image marker FF D9, a PNG without its IEND chunk, near the end.
-  DALI's decoder rejects a JPEG cut before its end marker with an error that stops the whole pipeline,
-  so these must not reach it (data/pipelines.py says what happens to damage these checks cannot see);
+- files that are not complete images of a format DALI decodes (JPEG, PNG, WebP, BMP, TIFF, PNM, JPEG 2000),
+  judged by their content whatever their extension: data/formats.py has the signature of each format and how
+  its end is checked. DALI's decoder stops the whole pipeline on an image cut short, so these must not reach
+  it (data/pipelines.py says what happens to damage these checks cannot see);
 - paths that a DALI file list cannot hold (line breaks, leading or trailing white space).
 
 Persistence. `<dir>/index.json` names the root, the class names and a file list `files-<content hash>.txt`
@@ -35,13 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from data.cache import cache_root, folder_key, write_text_atomically
+from data.formats import image_problem
 
-JPEG_SIGNATURE = b"\xff\xd8\xff"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-END_MARKERS = {"JPEG": (b"\xff\xd9", "end-of-image marker"), "PNG": (b"IEND", "IEND chunk")}
-# The end marker is looked for this far from the end of the file, not just in the last bytes, because encoders
-# and cameras may append padding or trailers after it; DALI decodes such files fine.
-END_MARKER_SEARCH_BYTES = 4096
 BAD_FILES_REPORTED = 5  # how many excluded paths the report names; the rest are only counted
 INDEX_FORMAT = 1
 
@@ -50,6 +45,7 @@ INDEX_FORMAT = 1
 class InstanceIndex:
     """The ids of one dataset folder; `files[i]` is instance i, `labels[i]` its semantic class."""
 
+    layout = "folder"  # what index.json says, beside data/shards.py's "shards"
     root: Path  # absolute dataset folder; `files` are relative to it
     files: list  # [N] relative POSIX paths, sorted; the position is the instance id
     class_names: list  # sorted class folder names; [] for a flat folder
@@ -70,6 +66,14 @@ class InstanceIndex:
     def num_instances(self):
         return len(self.files)
 
+    def name(self, instance):
+        """Instance `instance`'s path relative to the root, as reports name it."""
+        return self.files[instance]
+
+    def open_image(self, instance):
+        """The encoded image of instance `instance` as an open binary file."""
+        return open(self.root / self.files[instance], "rb")
+
     def save(self, directory):
         """Write `directory/index.json` and its file list atomically; return the index.json path."""
         directory = Path(directory)
@@ -79,6 +83,7 @@ class InstanceIndex:
             write_text_atomically(file_list, text)
         description = {
             "format": INDEX_FORMAT,
+            "layout": self.layout,
             "root": str(self.root),
             "file_list": file_list.name,
             "class_names": self.class_names,
@@ -92,14 +97,7 @@ class InstanceIndex:
     @classmethod
     def load(cls, path):
         """Reload a saved index (its index.json or the folder holding it) without looking at the dataset."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "index.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no instance index at {path}")
-        description = json.loads(path.read_text())
-        if description.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{path} is not an instance index of format {INDEX_FORMAT}")
+        path, description = saved_description(path, cls.layout)
         file_list = path.parent / description["file_list"]
         files = [line.rsplit(" ", 1)[0] for line in file_list.read_text().splitlines()]
         if len(files) != description["num_instances"]:
@@ -110,6 +108,23 @@ class InstanceIndex:
         return cls(root, files, description["class_names"], description["num_excluded"], path, file_list)
 
 
+def saved_description(path, layout=None):
+    """(index.json path, its contents) of the index saved at `path` (the file or its folder), checked to be of
+    this format and, when given, of this layout (indexes written before layouts existed are folders)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no instance index at {path}")
+    description = json.loads(path.read_text())
+    if description.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path} is not an instance index of format {INDEX_FORMAT}")
+    description.setdefault("layout", InstanceIndex.layout)
+    if layout is not None and description["layout"] != layout:
+        raise ValueError(f"{path} indexes {description['layout']}, not {layout}")
+    return path, description
+
+
 def build_index(folder, *, out_dir=None, index_dir=None, strict=False, log=print):
     """Index `folder`, save the index and return it.
 
@@ -117,30 +132,35 @@ def build_index(folder, *, out_dir=None, index_dir=None, strict=False, log=print
     `index.path` says where, for `InstanceIndex.load` on resume. Every call rescans the folder: the saved
     index records what was there.
     """
+    started = time.perf_counter()
+    root, files, class_names, num_excluded = scan_folder(folder, strict=strict, log=log)
+    index = InstanceIndex(root, files, class_names, num_excluded=num_excluded)
+    index.save(index_dir or (Path(out_dir) if out_dir else cache_root()) / f"index-{folder_key(root)}")
+    layout = f"{len(class_names)} class folders" if class_names else "flat folder"
+    log(f"indexed {index.num_instances} images in {root} ({layout}) in {time.perf_counter() - started:.1f}s "
+        f"-> {index.path}")
+    return index
+
+
+def scan_folder(folder, *, strict=False, log=print):
+    """(absolute root, sorted relative paths of its usable images, class names, number of files excluded) of an
+    image folder; the excluded files are reported through `log`, or are an error when strict."""
     root = Path(folder).expanduser().resolve()
     if not root.exists():
         raise FileNotFoundError(f"dataset folder {folder} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"dataset path {folder} is not a folder")
-    started = time.perf_counter()
     class_names, candidates, excluded = list_files(root)
     problems = {name: file_problem(os.path.join(root, name)) for name in candidates}
     files = sorted(name for name, problem in problems.items() if problem is None)
     excluded = sorted(excluded + [(name, problem) for name, problem in problems.items() if problem])
     if not files:
         found = f": {describe_excluded(excluded)}" if excluded else ""
-        raise ValueError(f"no JPEG or PNG images in {root}{found}")
+        raise ValueError(f"no images DALI decodes in {root}{found}")
     if excluded:
-        report = f"{len(excluded)} of {len(files) + len(excluded)} files in {root} are not usable images"
-        if strict:
-            raise ValueError(f"{report} (strict): {describe_excluded(excluded)}")
-        log(f"excluded {report}: {describe_excluded(excluded)}")
-    index = InstanceIndex(root, files, class_names, num_excluded=len(excluded))
-    index.save(index_dir or (Path(out_dir) if out_dir else cache_root()) / f"index-{folder_key(root)}")
-    layout = f"{len(class_names)} class folders" if class_names else "flat folder"
-    log(f"indexed {index.num_instances} images in {root} ({layout}) in {time.perf_counter() - started:.1f}s "
-        f"-> {index.path}")
-    return index
+        report_excluded(f"{len(excluded)} of {len(files) + len(excluded)} files in {root} are not usable images",
+                        excluded, strict, log)
+    return root, files, class_names, len(excluded)
 
 
 def list_files(root):
@@ -174,27 +194,23 @@ def walk_files(folder, prefix):
 
 
 def file_problem(path):
-    """None if `path` looks like a complete JPEG or PNG by its first and last bytes, else why it is not."""
+    """None if `path` holds a complete image of a format DALI decodes (data/formats.py), else why it does not."""
     try:
         with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size == 0:
-                return "empty file"
-            head = file.read(len(PNG_SIGNATURE))
-            kind = "JPEG" if head.startswith(JPEG_SIGNATURE) else "PNG" if head == PNG_SIGNATURE else None
-            if kind is None:
-                return f"not a JPEG or PNG (starts with {head[:4].hex(' ')})"
-            file.seek(max(0, size - END_MARKER_SEARCH_BYTES))
-            marker, marker_name = END_MARKERS[kind]
-            if marker not in file.read():
-                return f"truncated {kind} (no {marker_name})"
+            return image_problem(file, 0, os.fstat(file.fileno()).st_size)
     except OSError as error:
         return f"unreadable ({error.strerror or error})"
-    return None
+
+
+def report_excluded(report, excluded, strict, log):
+    """Log `report` with the first excluded names and why; raise it as a ValueError instead when strict."""
+    if strict:
+        raise ValueError(f"{report} (strict): {describe_excluded(excluded)}")
+    log(f"excluded {report}: {describe_excluded(excluded)}")
 
 
 def describe_excluded(excluded):
-    """'a.jpg (empty file), b.txt (not a JPEG or PNG ...), ... and 7 more' for the report."""
+    """'a.jpg (empty file), b.txt (not an image DALI decodes ...), ... and 7 more' for the report."""
     named = ", ".join(f"{name} ({reason})" for name, reason in excluded[:BAD_FILES_REPORTED])
     remaining = len(excluded) - BAD_FILES_REPORTED
     return named + (f" and {remaining} more" if remaining > 0 else "")

@@ -1,15 +1,18 @@
 """DALI input pipelines over an instance index, sharded per Horovod rank; the label they yield is the instance id.
 
-Reading. `fn.readers.file` over the index's file list with shard_id = rank, num_shards = world size and
-pad_last_batch=True, consumed by `DALIGenericIterator(reader_name=..., last_batch_policy=PARTIAL)`: padding
-gives every shard the same number of batches and the iterator strips the padded repeats, so across all ranks
-every instance comes exactly once per epoch, in a last batch smaller than batch_size where the shard does not
-divide (checked at P=2 over several epochs by tests/test_data_pipelines.py). Training loaders reshuffle the
-whole dataset each epoch (shuffle_after_epoch) with a seed that all ranks share, because they must agree on
-the permutation they cut into disjoint shards; `random_shuffle` would only mix a 1024-image window of the
-class-sorted list, and each rank would keep seeing a fixed subset of classes. Evaluation loaders read their
-shard in id order, or shuffled the same way when given a shuffle_seed (BatchNorm statistics need batches
-that mix the classes).
+Reading. The index of an image folder (data/index.py) is read by `fn.readers.file` over its file list with
+shard_id = rank, num_shards = world size and pad_last_batch=True, consumed by
+`DALIGenericIterator(reader_name=..., last_batch_policy=PARTIAL)`: padding gives every shard the same number of
+batches and the iterator strips the padded repeats, so across all ranks every instance comes exactly once per
+epoch, in a last batch smaller than batch_size where the shard does not divide (checked at P=2 over several
+epochs by tests/test_data_pipelines.py). Training loaders reshuffle the whole dataset each epoch
+(shuffle_after_epoch) with a seed that all ranks share, because they must agree on the permutation they cut
+into disjoint shards; `random_shuffle` would only mix a 1024-image window of the class-sorted list, and each
+rank would keep seeing a fixed subset of classes. Evaluation loaders read their shard in id order, or shuffled
+the same way when given a shuffle_seed (BatchNorm statistics need batches that mix the classes). The index of tar shards (data/shards.py) is read by `fn.readers.webdataset` with the
+same sharding, padding and shared shuffle seed, which shuffles the order of the shards and a buffer of samples
+instead of the whole dataset; its ids are read back from each image's source info (data/shard_reader.py;
+tests/test_data_shards.py checks every sample once per epoch at P=2 and 3).
 
 Devices. "gpu" decodes with nvJPEG (`device="mixed"`) on the current CUDA device (call
 `run.distributed.start()` first: it makes the local rank modulo the visible GPUs current) and augments
@@ -29,14 +32,14 @@ Lifetime. A loader holds its pipeline (DALI's threads, the decoder's buffers, pr
 loader is built and before an evaluation pass, so that no two pipelines are alive at once: `loader = new(...)`
 builds the new one while the old one still lives.
 
-Bad images. Empty, unreadable, non-JPEG/PNG and truncated files (no end marker) are left out at index time
-(data/index.py). Damage those checks cannot see reaches DALI's decoder (measured on the CPU decoder, DALI 2.4;
-the GPU decoder was not available to test):
+Bad images. Empty and unreadable files, and images that are not of a format DALI decodes or are cut short, are
+left out at index time (data/formats.py). Damage those checks cannot see reaches DALI's decoder (measured on the
+CPU decoder, DALI 2.4; the GPU decoder was not available to test):
 - a JPEG whose entropy-coded data is cut or garbled but which still ends in an end-of-image marker decodes,
   with a "Corrupt JPEG data" warning on stderr and grey or garbled rows: training goes on with that image;
 - a file DALI cannot decode at all stops its pipeline: the loader raises UndecodableImage (a ValueError that
-  trainer.py reports in one line: "DALI cannot decode <file> in <root> ..."), naming the file when DALI does,
-  and never hangs. In a Horovod job that rank exits
+  trainer.py reports in one line: "DALI cannot decode <file> in <root> ..."), naming the file when DALI does
+  (a sample of shards as "<shard>/<key> (instance i)"), and never hangs. In a Horovod job that rank exits
   with the error and horovodrun then stops the other ranks (tests/test_data_pipelines.py checks this at P=2).
 
 Memory. The trainer builds a new loader for every epoch (so that an epoch is a pure function of its seed), so a
@@ -60,6 +63,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data import augment
 from data.decoder import decoder_arguments
+from data.shard_reader import read_shards, source_name
 from run.errors import UsageError
 
 READER_NAME = "instances"
@@ -127,10 +131,13 @@ def eval_pipeline(index, rank, world_size, decoder, shuffle_seed, image_size, cr
 def read_and_decode(index, rank, world_size, decoder, shuffle_seed):
     """This rank's shard as (decoded HWC uint8 RGB images, ids), reshuffled every epoch unless shuffle_seed is None;
     `decoder` holds the arguments of the image decoder (data/decoder.py)."""
-    order = (dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed) if shuffle_seed is not None
-             else dict(stick_to_shard=True))
-    encoded, ids = fn.readers.file(file_root=str(index.root), file_list=str(index.file_list), shard_id=rank,
-                                   num_shards=world_size, pad_last_batch=True, name=READER_NAME, **order)
+    if index.layout == "shards":
+        encoded, ids = read_shards(index, rank, world_size, shuffle_seed, name=READER_NAME)
+    else:
+        order = (dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed) if shuffle_seed is not None
+                 else dict(stick_to_shard=True))
+        encoded, ids = fn.readers.file(file_root=str(index.root), file_list=str(index.file_list), shard_id=rank,
+                                       num_shards=world_size, pad_last_batch=True, name=READER_NAME, **order)
     images = fn.decoders.image(encoded, output_type=types.RGB, **decoder)
     # On the GPU path the ids leave the pipeline on the GPU too: as a CPU output of a GPU pipeline they may come in
     # pinned memory, whose DLPack capsule torch 2.13 rejects ("BufferError: Unsupported device_type: 3").
@@ -148,19 +155,19 @@ class InstanceLoader:
         check_positive(batch_size=batch_size, image_size=pipeline_arguments["image_size"], threads=threads)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
-        if index.file_list is None:
-            raise ValueError("the instance index has no file list yet: save it (build_index does) first")
+        if index.path is None:
+            raise ValueError("the instance index is not saved yet: save it (build_index does) first")
         device = resolve_device(device)
         decoder = decoder_arguments(index, device, training=shuffle)  # the shuffled loaders are the training ones
         pipeline = pipeline_function(
             index, rank, world_size, decoder, seed if shuffle else None, **pipeline_arguments,
             batch_size=batch_size, num_threads=threads, seed=augmentation_seed(seed, rank),
             device_id=torch.cuda.current_device() if device == "gpu" else None)
-        self.root = index.root
+        self.index = index
         self.output_names = output_names
         self.group_views = group_views
         self.epoch_unfinished = False
-        with decode_errors_explained(self.root):  # the iterator decodes its first batch while being built
+        with decode_errors_explained(self.index):  # the iterator decodes its first batch while being built
             self.iterator = DALIGenericIterator(pipeline, [*output_names, "ids"], reader_name=READER_NAME,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
 
@@ -196,7 +203,7 @@ class InstanceLoader:
         return epoch
 
     def epoch(self):
-        with decode_errors_explained(self.root):
+        with decode_errors_explained(self.index):
             if self.epoch_unfinished:  # DALI cannot reset mid-epoch: finish it, so this epoch starts at its beginning
                 for _ in self.iterator:
                     pass
@@ -213,9 +220,9 @@ class UndecodableImage(UsageError, ValueError):
 
 
 @contextlib.contextmanager
-def decode_errors_explained(root):
-    """Turn DALI's pipeline-killing decoder error into a one-line UndecodableImage naming the file where DALI
-    names it."""
+def decode_errors_explained(index):
+    """Turn DALI's pipeline-killing decoder error into a one-line UndecodableImage naming the file (or the sample of
+    a shard) where DALI names it."""
     try:
         yield
     except RuntimeError as error:
@@ -223,8 +230,10 @@ def decode_errors_explained(root):
             raise
         named = DECODE_FAILURE.search(str(error))
         image = named.group(1).strip() if named else "an image (DALI does not say which)"
-        raise UndecodableImage(f"DALI cannot decode {image} in {root} (truncated or corrupt): replace it, or remove it "
-                         f"and index the folder again") from error
+        if named and index.layout == "shards":
+            image = source_name(index, image)
+        raise UndecodableImage(f"DALI cannot decode {image} in {index.root} (truncated or corrupt): replace it, or "
+                               f"remove it and index the folder again") from error
 
 
 def return_free_heap_memory():

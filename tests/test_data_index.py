@@ -52,7 +52,7 @@ def write_bad_files(folder):
     (folder / "d-cut.png").write_bytes(png[: len(png) // 2])
     (folder / "e-dangling.jpg").symlink_to(folder / "nowhere.jpg")
     (folder / "f-trailing-space.jpg ").write_bytes(jpeg)
-    return {"a-empty.jpg": "empty file", "b-text.jpg": "not a JPEG or PNG (starts with 3c 21 44 4f)",
+    return {"a-empty.jpg": "empty file", "b-text.jpg": "not an image DALI decodes (starts with 3c 21 44 4f)",
             "c-cut.jpg": "truncated JPEG (no end-of-image marker)", "d-cut.png": "truncated PNG (no IEND chunk)",
             "e-dangling.jpg": "unreadable (No such file or directory)",
             "f-trailing-space.jpg ": "name not usable in a DALI file list"}
@@ -93,7 +93,7 @@ def test_unusable_folders_are_errors_naming_the_path(tmp_path):
         build_index(tmp_path / "empty", log=quiet)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("hello")
-    with pytest.raises(ValueError, match=f"no JPEG or PNG images in {tmp_path / 'notes'}: readme.txt"):
+    with pytest.raises(ValueError, match=f"no images DALI decodes in {tmp_path / 'notes'}: readme.txt"):
         build_index(tmp_path / "notes", log=quiet)
 
 

@@ -14,7 +14,9 @@ from PIL import Image
 
 from data.augment import IMAGENET_MEAN, IMAGENET_STD
 from data.index import build_index
+from data.pack import pack
 from data.pipelines import UndecodableImage, augmentation_seed, eval_loader, linear_train_loader, pretrain_loader
+from data.shards import build_shard_index
 from tests.conftest import WORKERS, run_horovod
 from tests.workers import data_batches
 from tests.workers.data_images import image_bytes, write_images
@@ -119,16 +121,28 @@ def test_same_seed_gives_the_same_epochs_and_another_seed_does_not(small_index):
         assert not all(torch.equal(views, other_views) for (views, _), (other_views, _) in zip(expected, other_epoch))
 
 
+@pytest.fixture(scope="module")
+def small_shard_index(tmp_path_factory):
+    """10 images packed into 4 shards of up to 3 (data/pack.py)."""
+    folder, shards = tmp_path_factory.mktemp("small-folder"), tmp_path_factory.mktemp("small-shards") / "shards"
+    write_images(folder, 10, seed=1)
+    pack(folder, shards, samples_per_shard=3, log=quiet)
+    return build_shard_index(shards, index_dir=shards.parent / "index", log=quiet)
+
+
+@pytest.mark.parametrize("layout", ["small_index", "small_shard_index"])
 @pytest.mark.horovod
-def test_a_fresh_process_draws_the_same_epoch_for_the_same_seed_and_rank(small_index, tmp_path):
-    """What resuming relies on: an epoch's loader in a new process equals one built after other loaders here."""
+def test_a_fresh_process_draws_the_same_epoch_for_the_same_seed_and_rank(layout, request, tmp_path):
+    """What resuming relies on: an epoch's loader in a new process equals one built after other loaders here, for an
+    image folder and for tar shards."""
+    index = request.getfixturevalue(layout)
     seed, rank, world_size = 11, 1, 2
-    for _ in pretrain_loader(small_index, batch_size=4, image_size=16, device="cpu", seed=seed):  # must not matter
+    for _ in pretrain_loader(index, batch_size=4, image_size=16, device="cpu", seed=seed):  # must not matter
         pass
-    run_horovod(None, WORKERS / "data_batches.py", small_index.path, tmp_path / "batches.pt", seed, rank, world_size,
+    run_horovod(None, WORKERS / "data_batches.py", index.path, tmp_path / "batches.pt", seed, rank, world_size,
                 timeout=120)
     fresh = torch.load(tmp_path / "batches.pt")
-    here = data_batches.epochs(small_index, seed, rank, world_size)
+    here = data_batches.epochs(index, seed, rank, world_size)
     for loader in ("pretrain", "linear"):
         assert len(fresh[loader]) == len(here[loader]) == 2  # 5 of 10 images on rank 1, 4 a batch
         for (fresh_images, fresh_ids), (images, ids) in zip(fresh[loader], here[loader]):

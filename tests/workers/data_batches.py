@@ -1,14 +1,14 @@
 """A fresh process's epoch of batches from the pretraining and linear-training loaders of one (seed, rank).
 
-Usage: data_batches.py INDEX_JSON OUT SEED RANK WORLD_SIZE. Saves {"pretrain": [(views [2, b, 3, S, S], ids), ...],
+Usage: data_batches.py INDEX_JSON OUT SEED RANK WORLD_SIZE (an index of a folder or of shards). Saves {"pretrain": [(views [2, b, 3, S, S], ids), ...],
 "linear": [(images [b, 3, S, S], ids), ...]} to OUT with torch.save, for the test to compare with its own loaders'.
 """
 import sys
 
 import torch
 
-from data.index import InstanceIndex
 from data.pipelines import linear_train_loader, pretrain_loader
+from data.run_index import load_index
 
 BATCH_SIZE = 4
 IMAGE_SIZE = 16
@@ -24,4 +24,4 @@ def epochs(index, seed, rank, world_size):
 
 if __name__ == "__main__":
     index_json, out, seed, rank, world_size = sys.argv[1:]
-    torch.save(epochs(InstanceIndex.load(index_json), int(seed), int(rank), int(world_size)), out)
+    torch.save(epochs(load_index(index_json), int(seed), int(rank), int(world_size)), out)

@@ -1,0 +1,55 @@
+"""P-rank worker: what every loader yields from tar shards over several epochs, written to OUT/rank<r>.json.
+
+Usage: data_shard_epochs.py DATA OUT EPOCHS. The ranks index DATA as a run does (rank 0 builds the indexes in
+OUT, every rank loads them: data/run_index.py), then run each loader for EPOCHS epochs, and build a pretraining
+loader per epoch from that epoch's seed as the trainer does. Recorded per loader and epoch: the ids of every
+batch and, for the evaluation loaders, the sample that each row's pixels show (tests/workers/data_shards.py).
+"""
+import json
+import sys
+from pathlib import Path
+
+import horovod.torch as hvd
+
+from data.loaders import epoch_seed
+from data.pipelines import eval_loader, linear_train_loader, pretrain_loader
+from data.run_index import run_indexes
+from tests.workers.data_shards import numbers_shown
+
+BATCH_SIZE = 4
+IMAGE_SIZE = 8
+SEED = 3
+
+
+def epochs_of(loader, epochs, evaluation):
+    """[epoch][batch] ids, and for evaluation loaders the [epoch][batch] samples the pixels show."""
+    ids, shown = [], []
+    for _ in range(epochs):
+        batches = [(images, batch_ids) for images, batch_ids in loader]
+        ids.append([batch_ids.tolist() for _, batch_ids in batches])
+        if evaluation:
+            shown.append([numbers_shown(images) for images, _ in batches])
+    return {"ids": ids, "shown": shown, "batches_per_epoch": len(loader)}
+
+
+def main(data, out, epochs):
+    hvd.init()
+    messages = []
+    index, val_index = run_indexes(data, out, strict=False, log=messages.append)
+    shard = dict(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, rank=hvd.rank(), world_size=hvd.size(), device="cpu",
+                 threads=1)
+    record = {"keys": index.keys, "num_instances": index.num_instances, "messages": messages,
+              "val_instances": val_index and val_index.num_instances}
+    record["pretrain"] = epochs_of(pretrain_loader(index, views=1, seed=SEED, **shard), epochs, False)
+    record["linear"] = epochs_of(linear_train_loader(index, seed=SEED, **shard), epochs, False)
+    record["eval"] = epochs_of(eval_loader(index, crop_ratio=1.0, **shard), epochs, True)
+    record["eval_shuffled"] = epochs_of(eval_loader(index, crop_ratio=1.0, shuffle_seed=SEED, **shard), epochs, True)
+    per_epoch = [epochs_of(pretrain_loader(index, views=1, seed=epoch_seed(SEED, epoch), **shard), 1, False)
+                 for epoch in range(epochs)]
+    record["pretrain_per_epoch"] = {"ids": [run["ids"][0] for run in per_epoch], "shown": [],
+                                    "batches_per_epoch": per_epoch[0]["batches_per_epoch"]}
+    (Path(out) / f"rank{hvd.rank()}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
