@@ -9,11 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-import horovod.torch as hvd
 
 from data.loaders import epoch_seed
 from data.pipelines import eval_loader, linear_train_loader, pretrain_loader
 from data.run_index import run_indexes
+from run.distributed import start
 from tests.workers.data_shards import numbers_shown
 
 BATCH_SIZE = 4
@@ -33,10 +33,10 @@ def epochs_of(loader, epochs, evaluation):
 
 
 def main(data, out, epochs):
-    hvd.init()
+    world = start(announce=False)
     messages = []
     index, val_index = run_indexes(data, out, strict=False, log=messages.append)
-    shard = dict(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, rank=hvd.rank(), world_size=hvd.size(), device="cpu",
+    shard = dict(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, rank=world.rank, world_size=world.size, device="cpu",
                  threads=1)
     record = {"keys": index.keys, "num_instances": index.num_instances, "messages": messages,
               "val_instances": val_index and val_index.num_instances}
@@ -48,7 +48,7 @@ def main(data, out, epochs):
                  for epoch in range(epochs)]
     record["pretrain_per_epoch"] = {"ids": [run["ids"][0] for run in per_epoch], "shown": [],
                                     "batches_per_epoch": per_epoch[0]["batches_per_epoch"]}
-    (Path(out) / f"rank{hvd.rank()}.json").write_text(json.dumps(record))
+    (Path(out) / f"rank{world.rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
