@@ -207,7 +207,8 @@ def cuda():
     from model.classifier import ShardedInstanceClassifier
 
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("cuda --dry-run runs the Triton kernels on the CPU: set TRITON_INTERPRET=1 (before triton is imported)")
+        sys.exit("cuda --dry-run runs the Triton kernels on the CPU: set TRITON_INTERPRET=1 (before triton is "
+                 "imported)")
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("cuda mode needs a GPU (the CPU figures come from the overhead mode, or check it with --dry-run)")
     world = start_workers_engine()

@@ -187,7 +187,8 @@ DRY_RUN_CASES = [(5, 37, 16, 1, 0.2, 0.07, FP32, FP32), (9, 70, 48, 5, 0.2, 0.15
 # of 7.8e-3); at C = 20,011 the K-th cosine is ~0.30 and a typical class sits ~2.0 below the K-th logit.
 #
 # Loss and gradients, on the kernel's own operands (the rounded normalized features and rows; the gradient
-# w.r.t. a rounded row is the kernel's dW of the raw row) at the kernel's own top-K ids. On the inputs instead, the operands' rounding would move every p_ij by up to 2 delta
+# w.r.t. a rounded row is the kernel's dW of the raw row) at the kernel's own top-K ids. On the inputs
+# instead, the operands' rounding would move every p_ij by up to 2 delta
 # relative (13u at tau 0.15, 29u at tau 0.07) and hide a 1% error. What is left is the kernels'
 # arithmetic: fp32 accumulation (1e-5 relative; issue 9's H100 run: <= 3.2e-7) and, in bf16, dE_n and dW
 # rounded to bf16 on output (<= u per element, ~0.4u rms when rounded to nearest; the Triton 3.9
@@ -199,7 +200,8 @@ DRY_RUN_CASES = [(5, 37, 16, 1, 0.2, 0.07, FP32, FP32), (9, 70, 48, 5, 0.2, 0.15
 # (2.6u) fails, and 4u per row (the worst of many rows of D elements each), so a row off by 1.6% fails.
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 LOSS_TOLERANCE = 1e-5  # relative: the fp32 accumulation of sums over C classes
-GRADIENT_TOLERANCE = {FP32: dict(row=1e-5, norm=1e-5), BF16: dict(row=4 * 2.0 ** -8, norm=1.5 * 2.0 ** -8)}  # by products' dtype
+# By the products' dtype.
+GRADIENT_TOLERANCE = {FP32: dict(row=1e-5, norm=1e-5), BF16: dict(row=4 * 2.0 ** -8, norm=1.5 * 2.0 ** -8)}
 
 
 def logit_error_bound(compute_dtype, dim, temperature, rows_rounded=False):

@@ -82,8 +82,9 @@ def main():
         sys.exit("bench/triton_smoke.py: no CUDA device (or --dry-run under TRITON_INTERPRET=1)")
     shape = DRY_RUN_SHAPE if args.dry_run else SHAPE
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
-    print(f"Triton smoke test on {where}: triton {triton.__version__}, torch {torch.__version__}; B = {shape['batch']}, "
-          f"C = {shape['classes']:,}, D = {shape['dim']}, K = {shape['k']}; fp32 features and rows, bf16 products")
+    print(f"Triton smoke test on {where}: triton {triton.__version__}, torch {torch.__version__}; "
+          f"B = {shape['batch']}, C = {shape['classes']:,}, D = {shape['dim']}, K = {shape['k']}; "
+          "fp32 features and rows, bf16 products")
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(shape["classes"], shape["dim"], generator=generator).to(device)
     features = torch.randn(shape["batch"], shape["dim"], generator=generator).to(device)

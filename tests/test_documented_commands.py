@@ -259,7 +259,8 @@ def run_command(workdir):
             return done[command.key()]
         needed = command.flag("--ckpt")
         if needed is not None:
-            writer = next(other for other in RUN if other.subcommand is None and other.flag("--out", DEFAULT_OUT) == needed)
+            writer = next(other for other in RUN
+                          if other.subcommand is None and other.flag("--out", DEFAULT_OUT) == needed)
             assert run(writer).returncode == 0, f"{writer.text} (which writes {needed}) failed"
         argv, env = tiny_command(command, workdir)
         done[command.key()] = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)

@@ -59,7 +59,8 @@ def test_the_whole_session_runs_dry_on_the_cpu(tmp_path):
                    "| head | rows per rank |", "| instance-400 |", "| B | C | D | K |", "float32 -> bfloat16",
                    "K = 0:", "| ours (Triton) |", "| torch.compile, materialised |"):
         assert header in summary, header
-    assert re.search(r"^epoch 1: loss [\d.]+, [\d.]+ images/s over its 2 steps after the first 5", summary, re.MULTILINE)
+    assert re.search(r"^epoch 1: loss [\d.]+, [\d.]+ images/s over its 2 steps after the first 5", summary,
+                     re.MULTILINE)
     metrics = [json.loads(line) for line in (out / "trainer-metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["images_per_s"] is None and metrics[-1]["images_per_s"] > 0  # the warm-up is left out
     assert (out / "session.log").read_text().count("\n== ") >= 2 * len(DEFAULT_STEPS) - 1
@@ -72,7 +73,8 @@ def test_the_horovod_steps_run_dry_with_the_build_plan(tmp_path):
     result = session(out, "--dry-run", "--with-horovod", "--steps", "horovod_setup,horovod_trainer")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     steps = step_lines((out / "summary.md").read_text())
-    assert list(steps) == ["horovod_setup", "horovod_trainer", "session"] and "budget 2240 s (the GPU's x 4)" in result.stdout
+    assert list(steps) == ["horovod_setup", "horovod_trainer", "session"]
+    assert "budget 2240 s (the GPU's x 4)" in result.stdout
     assert "cache entry:" in (out / "summary.md").read_text() and "[0]<stdout>:engine horovod: 1 rank" in result.stdout
     assert sorted(path.name for path in out.iterdir()) == ["horovod-trainer-metrics.jsonl", "session.log", "summary.md"]
 
