@@ -51,7 +51,7 @@ from run.diagnostics import EpochDiagnostics
 from run.distributed import ENGINES, average_batchnorm_statistics, barrier, start
 from run.errors import UsageError
 from run.faults import Preempted, default_signals, end_of_step, exit_now, exit_preempted, stop_on_signals
-from run.run_log import RunLog
+from run.run_log import WARMUP_STEPS, RunLog, Throughput
 from run.schedule import set_learning_rate, warmup_cosine
 from settings import check_machine_and_paths, check_settings
 
@@ -113,7 +113,7 @@ group.add_argument("--classifier-lr-mult", type=float, help="classifier learning
 group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
 group.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
 group.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay "
-                   "(default: 10; 1 built-in)")
+                   "(default: 10; 1 built-in; 0 with --data synthetic)")
 group = flags.add_argument_group("run")
 group.add_argument("--engine", default="auto", choices=ENGINES, help="process group: horovod (horovodrun or "
                    "mpirun), torch (torchrun: torch.distributed), single (one process: no launcher, no Horovod "
@@ -143,6 +143,8 @@ BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=Tru
 DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=False, hidden_dim=2048, epochs=200,
                         batch_size=64, warmup_epochs=10, classifier_lr_mult=1.0, lr=0.03, min_scale=0.2,
                         crop_ratio=0.875, flip=True, temperature=0.15, smooth_k=5, smooth_alpha=0.2)
+# --data synthetic measures the step: its runs are a few hundred steps, where a 10-epoch warm-up cannot fit.
+SYNTHETIC_DEFAULTS = {**DATASET_DEFAULTS, "warmup_epochs": 0}
 
 
 # -------------------------------------------------------------------------------- pretraining
@@ -257,7 +259,7 @@ def train_one_epoch(epoch, loader, run, config, log, diagnostics, done_losses=()
     backbone, head, encoder_optimizer, classifier, classifier_optimizer = run
     optimizers = (encoder_optimizer, classifier_optimizer)
     steps = len(loader)  # equal on every rank: the reader pads every shard to the same number of batches
-    losses, images_seen, started = list(done_losses), 0, time.perf_counter()
+    losses, throughput, started = list(done_losses), Throughput(), time.perf_counter()
     progress = Progress(TextColumn(f"epoch {epoch + 1}/{config.epochs}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} {task.fields[status]}"), TimeRemainingColumn(),
                         console=log.console, disable=not log.active)
@@ -279,25 +281,31 @@ def train_one_epoch(epoch, loader, run, config, log, diagnostics, done_losses=()
                 raise FloatingPointError(f"{error} at epoch {epoch + 1} step {step + 1}; stopped, the last good "
                                          f"checkpoint in {config.out} is kept") from None
             diagnostics.update(classifier.last_diagnostics)
-            images_seen += classifier.last_global_rows // len(views)
-            images_per_s = images_seen / (time.perf_counter() - started)
-            progress.update(task, advance=1, status=f"loss {losses[-1]:.4f} lr {lr:.4g} {images_per_s:.0f} img/s")
+            images_per_s = throughput.step_ended(classifier.last_global_rows // len(views))  # None in the warm-up
+            speed = "warm-up" if images_per_s is None else f"{images_per_s:.0f} img/s"
+            progress.update(task, advance=1, status=f"loss {losses[-1]:.4f} lr {lr:.4g} {speed}")
             if (step + 1) % config.log_every == 0 or step + 1 == steps:
                 log.record(epoch=epoch + 1, step=global_step + 1, loss=losses[-1], lr=lr, images_per_s=images_per_s)
             end_of_step(epoch, losses)  # collective: a stop signal on any rank stops every rank after this step
     average_batchnorm_statistics(backbone, head)
     mean_loss = sum(losses) / max(len(losses), 1)
     summary = diagnostics.summary(classifier.weight)
-    log.print(f"epoch {epoch + 1}: loss {mean_loss:.4f}, " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-    log.record(epoch=epoch + 1, epoch_loss=mean_loss, images_per_s=images_seen / (time.perf_counter() - started),
+    images_per_s = throughput.rate()
+    speed = (f"{images_per_s:.1f} images/s over its {throughput.timed_steps} steps after the first {WARMUP_STEPS}"
+             if images_per_s is not None else f"images/s not measured (no step after the first {WARMUP_STEPS})")
+    log.print(f"epoch {epoch + 1}: loss {mean_loss:.4f}, {speed}, "
+              + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    log.record(epoch=epoch + 1, epoch_loss=mean_loss, images_per_s=images_per_s,
                seconds=time.perf_counter() - started, **summary)
     return mean_loss
 
 
 def resolve_config(args, defaults=None):
-    """The flags with the unset ones filled in (BUILTIN_DEFAULTS without --data, else DATASET_DEFAULTS),
+    """The flags with the unset ones filled in (BUILTIN_DEFAULTS without --data, SYNTHETIC_DEFAULTS with --data
+    synthetic, else DATASET_DEFAULTS),
     judged before anything else runs: a UsageError names the first bad one (settings.py)."""
-    defaults = defaults or (BUILTIN_DEFAULTS if args.data is None else DATASET_DEFAULTS)
+    defaults = defaults or (BUILTIN_DEFAULTS if args.data is None else
+                            SYNTHETIC_DEFAULTS if is_synthetic(args) else DATASET_DEFAULTS)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)

@@ -7,6 +7,7 @@
     .venv/bin/python bench/classifier_step.py overhead --np 1 --engine single   # P = 1 without Horovod
     .venv/bin/python bench/classifier_step.py overhead --engine torch   # the workers under torchrun
     python bench/classifier_step.py cuda                          # one GPU, P = 1: B = 128, C = 20,019 and 1,281,167
+    TRITON_INTERPRET=1 .venv/bin/python bench/classifier_step.py cuda --dry-run   # the same on the CPU, tiny shapes
 
 layouts: each configuration is its own `horovodrun --gloo -np P` job (so peak RSS is per configuration), its
 own `torchrun --nproc_per_node P` job with --engine torch, or its own plain process with --engine single (P = 1).
@@ -21,7 +22,9 @@ overhead / cuda: one step = the classifier's forward + backward from given featu
 trainer adds to its backbone step). Launches, collectives and host syncs of one step are counted by
 run.distributed.StepCounter (aten ops + Triton launches: a proxy that runs on any machine); on CUDA
 the profiler also counts the GPU kernels that really ran (NCCL's excluded). Time: median over --steps
-steps after warm-up, the slower rank; CUDA times with the GPU synchronised after each step.
+steps after warm-up, the slower rank; CUDA times with the GPU synchronised after each step. cuda --dry-run runs
+the cuda mode's code on the CPU under Triton's interpreter (backend triton, bf16 operands as on a GPU) at tiny
+shapes, to check the script where there is no GPU; its times mean nothing.
 """
 import argparse
 import json
@@ -55,11 +58,14 @@ parser.add_argument("--dim", type=int, default=128, help="feature dim D (default
 parser.add_argument("--k", type=int, default=5, help="top-K smoothing classes (default: 5)")
 parser.add_argument("--steps", type=int, default=None,
                     help="timed steps after the warm-up, median reported (default: 3 layouts, 20 overhead, 100 cuda)")
-parser.add_argument("--backend", default="auto", help="kernel backend (default: auto)")
+parser.add_argument("--backend", default="auto", help="kernel backend (default: auto; triton in cuda --dry-run)")
+parser.add_argument("--dry-run", action="store_true", help="cuda mode on the CPU under TRITON_INTERPRET=1 at tiny "
+                    "shapes (default: off)")
 parser.add_argument("--worker", choices=["hybrid", "replicated", "overhead"], help=argparse.SUPPRESS)
 parser.add_argument("--result", help=argparse.SUPPRESS)
 DEFAULTS = {"layouts": ([10_000, 100_000, 1_281_167], 128, 3), "overhead": ([10_000], 64, 20),
-            "cuda": ([20_019, 1_281_167], 128, 100)}
+            "cuda": ([20_019, 1_281_167], 128, 100), "cuda-dry-run": ([200, 400], 8, 1)}
+DRY_RUN_DIM = 32  # cuda --dry-run: the interpreter's cost grows with D
 
 
 def start_workers_engine():
@@ -199,39 +205,52 @@ def overhead():
 
 
 def cuda():
-    """P = 1 on one GPU: the classifier step alone at the ImageNet shapes of one rank."""
+    """P = 1 on one GPU: the classifier step alone at the ImageNet shapes of one rank (--dry-run: on the CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     from model.classifier import ShardedInstanceClassifier
 
-    if not torch.cuda.is_available():
-        sys.exit("cuda mode needs a GPU (the CPU figures come from the overhead mode)")
+    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("cuda --dry-run runs the Triton kernels on the CPU: set TRITON_INTERPRET=1 (before triton is "
+                 "imported)")
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("cuda mode needs a GPU (the CPU figures come from the overhead mode, or check it with --dry-run)")
     world = start_workers_engine()
     device = world.device
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+    on_gpu = device.type == "cuda"
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+    where = torch.cuda.get_device_name(device) if on_gpu else "CPU (Triton interpreter, dry run: times mean nothing)"
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {where}, torch {torch.__version__}, "
           f"engine {world.name}, size {world.size}, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')} ms; "
-          f"B = {args.batch_size}, D = {args.dim}, K = {args.k}, backend {args.backend}, bf16 kernel inputs, "
+          f"B = {args.batch_size}, D = {args.dim}, K = {args.k}, backend {args.backend}, bf16 kernel operands, "
           f"median of {args.steps} steps")
     print("| C | ms/step | GPU kernels/step (profiler) | launches/step (counter) | collectives/step | host syncs/step |")
     print("|---|---|---|---|---|---|")
     for instances in args.instances:
+        # bf16 operands, as the classifier chooses on CUDA: said here so that the dry run rounds the same way.
         classifier = ShardedInstanceClassifier(instances, args.dim, smooth_k=args.k, smooth_alpha=0.2,
-                                               backend=args.backend).to(device)
-        milliseconds, counted = time_and_count(classifier, instances, device, torch.cuda.synchronize, seed=0)
+                                               backend=args.backend, compute_dtype=torch.bfloat16).to(device)
+        milliseconds, counted = time_and_count(classifier, instances, device, synchronize, seed=0)
         batch = random_batch(instances, device, torch.Generator().manual_seed(1))
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+        synchronize()
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as profiled:
             classifier_step(classifier, *batch)
-            torch.cuda.synchronize()
+            synchronize()
         kernels = [event for event in profiled.events() if event.device_type == torch.autograd.DeviceType.CUDA
                    and not any(word in event.name.lower() for word in ("nccl", "memcpy", "memset"))]
-        print(f"| {instances:,} | {milliseconds:.3f} | {len(kernels)} | {len(counted.launches)} | "
-              f"{len(counted.collectives)} | {len(counted.syncs)} |", flush=True)
+        print(f"| {instances:,} | {milliseconds:.3f} | {len(kernels) if on_gpu else '- (no GPU)'} | "
+              f"{len(counted.launches)} | {len(counted.collectives)} | {len(counted.syncs)} |", flush=True)
+        del classifier  # the next size's rows are allocated after these are freed
 
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    defaults = DEFAULTS[args.mode]
+    if args.dry_run and args.mode != "cuda":
+        sys.exit("error: --dry-run is an option of the cuda mode")
+    defaults = DEFAULTS["cuda-dry-run" if args.dry_run else args.mode]
+    if args.dry_run:
+        args.backend = "triton" if args.backend == "auto" else args.backend
+        args.dim = DRY_RUN_DIM if "--dim" not in sys.argv else args.dim
     args.instances = args.instances or defaults[0]
     args.batch_size = args.batch_size or defaults[1]
     args.steps = args.steps or defaults[2]

@@ -5,6 +5,7 @@
     horovodrun --gloo -np 2 -H localhost:2 python bench/train_step.py cpu        # the same at P = 2
     torchrun --nproc_per_node 2 bench/train_step.py cpu                          # P = 2, torch.distributed
     python bench/train_step.py gpu            # one GPU: ResNet-50, 224 px, 64 images x 2 views, bf16 autocast
+    TRITON_INTERPRET=1 python bench/train_step.py gpu --dry-run   # gpu mode's code on the CPU, tiny shapes
 
 One step is model.step.train_step, exactly what trainer.py runs per step, started as trainer.py starts (the
 engine's defaults, threads and device: run.distributed.start), on synthetic input (data.synthetic, no I/O): backbone + projection head on views x images, the head's loss, backward, both SGD-momentum optimizers,
@@ -14,10 +15,18 @@ and the read of the loss the trainer does every step. Heads, each built fresh on
   instance-N    the sharded instance classifier (model/classifier.py) with N rows in all, N/P per rank,
                 K = 5 top-K smoothing; encoder gradients summed over ranks, its shard updated locally.
 Reported per head: ms/step (median of --steps after --warmup steps; CUDA synchronised), images/s of the
-global batch, the step time relative to linear-1000 ("adds": (t - t_linear) / t_linear) and peak memory
-(CUDA: max allocated during the head's steps; CPU: the process's peak RSS so far, heads in increasing size).
+global batch, the step time relative to linear-1000 ("adds": (t - t_linear) / t_linear) and peak memory from a
+clean state: the earlier head's parameters, gradients, buffers and optimizer state are freed (emptied: Horovod's
+optimizer hooks would keep them alive) and the peak counter reset before the head is built, so the figure is the
+most this head's encoder, criterion, optimizer state and steps held at once above what was left before it (CUDA:
+allocated memory; CPU: resident memory, peak reset through /proc/self/clear_refs); "left" is what was there
+before it (CUDA: 0 when nothing leaked). gpu --dry-run runs the gpu mode's code (Triton backend, bf16 operands)
+on the CPU under Triton's interpreter at tiny shapes, to check the script where there is no GPU; its numbers mean
+nothing.
 """
 import argparse
+import gc
+import os
 import statistics
 import sys
 import time
@@ -37,13 +46,17 @@ SHAPES = {  # per mode: encoder config, images per rank, views, and the instance
                 batch_size=16, views=2, instances=[1_000, 100_000]),
     "gpu": dict(arch="resnet50", width=64, small_stem=False, hidden_dim=2048, feat_dim=128, image_size=224,
                 batch_size=64, views=2, instances=[20_019, 1_281_167]),
+    "gpu-dry-run": dict(arch="resnet18", width=8, small_stem=True, hidden_dim=32, feat_dim=32, image_size=32,
+                        batch_size=8, views=2, instances=[200, 400]),
 }
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("mode", choices=sorted(SHAPES))
+parser.add_argument("mode", choices=["cpu", "gpu"])
 parser.add_argument("--instances", type=int, nargs="+", help="classifier rows N in all (default: 1000 100000 "
                     "cpu; 20019 1281167 gpu = one shard of ImageNet at P = 64, and all of it on one GPU)")
-parser.add_argument("--steps", type=int, help="timed steps per head (default: 5 cpu, 30 gpu)")
-parser.add_argument("--warmup", type=int, default=3, help="untimed steps per head first (default: 3)")
+parser.add_argument("--steps", type=int, help="timed steps per head (default: 5 cpu, 30 gpu, 1 --dry-run)")
+parser.add_argument("--warmup", type=int, help="untimed steps per head first (default: 3; 1 --dry-run)")
+parser.add_argument("--dry-run", action="store_true", help="gpu mode on the CPU under TRITON_INTERPRET=1 at tiny "
+                    "shapes (default: off)")
 parser.add_argument("--engine", choices=ENGINES, default="auto", help="process group, as trainer.py's "
                     "(default: auto: the launcher's engine, else single)")
 
@@ -59,8 +72,9 @@ class LinearCrossEntropy(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.linear(features.float()), ids % self.classes)
 
 
-def build_head(name, rows, shape, backbone, head, device):
-    """(criterion, optimizers) of one head on a fresh encoder, as the trainer builds them."""
+def build_head(name, rows, shape, backbone, head, device, kernels):
+    """(criterion, optimizers) of one head on a fresh encoder, as the trainer builds them; kernels: the instance
+    classifier's backend and compute dtype."""
     sgd = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
     named = [*backbone.named_parameters(prefix="backbone"), *head.named_parameters(prefix="head")]
     if name == "linear":
@@ -70,17 +84,53 @@ def build_head(name, rows, shape, backbone, head, device):
                                                      op="average")
         return criterion, [optimizer]
     criterion = ShardedInstanceClassifier(rows, shape["feat_dim"], temperature=0.15, smooth_k=5,
-                                          smooth_alpha=0.2).to(device)
+                                          smooth_alpha=0.2, **kernels).to(device)
     encoder_optimizer = distributed_backbone_optimizer(torch.optim.SGD([p for _, p in named], **sgd), named)
     return criterion, [encoder_optimizer, torch.optim.SGD(criterion.parameters(), **sgd)]
 
 
-def time_head(name, rows, shape, args, device):
-    """Median ms/step and peak MiB of one head."""
+def memory_bytes(device, field):
+    """CUDA: allocated ("now") or its peak since the last reset ("peak"); CPU: resident memory, VmRSS or VmHWM."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) if field == "now" else torch.cuda.max_memory_allocated(device)
+    name = "VmRSS" if field == "now" else "VmHWM"
+    return int(next(line for line in open("/proc/self/status") if line.startswith(name)).split()[1]) * 1024
+
+
+def release(modules, optimizers):
+    """Free the memory of a timed head, whatever still refers to it: Horovod's DistributedOptimizer hooks the
+    parameters' gradient accumulators (C++ objects, which the garbage collector cannot see through) with closures
+    that hold the optimizer and the parameters, so dropping the names frees nothing. Empty the storage instead:
+    the optimizer state (momentum), the gradients, the parameters and buffers."""
+    for optimizer in optimizers:
+        optimizer.state.clear()
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.grad = None
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+
+def clean_state(device):
+    """Collect what earlier heads left and reset the peak counter: returns the bytes still allocated (CUDA) or
+    resident (CPU)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as clear:  # "5": VmHWM := VmRSS (Linux >= 4.0)
+            clear.write("5")
+    return memory_bytes(device, "now")
+
+
+def time_head(name, rows, shape, args, device, kernels):
+    """(median ms/step, peak MiB above the clean state, MiB left before the head) of one head."""
+    left = clean_state(device)
     torch.manual_seed(0)
     config = argparse.Namespace(**shape)
     backbone, head = build_encoder(config, device)
-    criterion, optimizers = build_head(name, rows, shape, backbone, head, device)
+    criterion, optimizers = build_head(name, rows, shape, backbone, head, device, kernels)
     world = engine()
     loader = SyntheticLoader(max(rows, world.size * shape["batch_size"]), batch_size=shape["batch_size"],
                              image_size=shape["image_size"], views=shape["views"], rank=world.rank,
@@ -89,45 +139,54 @@ def time_head(name, rows, shape, args, device):
     step = lambda: train_step(backbone, head, criterion, optimizers, views, ids).item()  # noqa: E731
     for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         started = time.perf_counter()
         step()  # .item() waits for the step, as the trainer's does
         times.append((time.perf_counter() - started) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
-            int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024)
+    peak = memory_bytes(device, "peak") - left
+    release((backbone, head, criterion), optimizers)
     # The slowest rank sets the pace of a synchronous step.
     milliseconds = world.allreduce(torch.tensor(statistics.median(times)), op="max", name=f"bench.{name}.{rows}")
-    return float(milliseconds), peak / 2**20
+    return float(milliseconds), peak / 2**20, left / 2**20
 
 
 def main():
     args = parser.parse_args()
-    shape = SHAPES[args.mode]
-    args.steps = args.steps or (5 if args.mode == "cpu" else 30)
+    if args.dry_run and (args.mode != "gpu" or os.environ.get("TRITON_INTERPRET") != "1"):
+        sys.exit("--dry-run runs the gpu mode on the CPU: bench/train_step.py gpu --dry-run under TRITON_INTERPRET=1")
+    shape = SHAPES["gpu-dry-run" if args.dry_run else args.mode]
+    args.steps = args.steps or (1 if args.dry_run else 5 if args.mode == "cpu" else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 3)
+    # gpu mode: what the classifier picks on CUDA, said outright so that the dry run runs the same kernels.
+    kernels = dict(backend="triton", compute_dtype=torch.bfloat16) if args.mode == "gpu" else {}
     world = start(args.engine)
     device = world.device
-    if args.mode == "gpu" and device.type != "cuda":
-        sys.exit("bench/train_step.py gpu: no CUDA device")
+    if args.mode == "gpu" and not args.dry_run and device.type != "cuda":
+        sys.exit("bench/train_step.py gpu: no CUDA device (or --dry-run under TRITON_INTERPRET=1)")
     heads = [("linear", 1000), *[("instance", rows) for rows in args.instances or shape["instances"]]]
-    results = [(name, rows, *time_head(name, rows, shape, args, device)) for name, rows in heads]
+    results = []
+    for name, rows in heads:
+        results.append((name, rows, *time_head(name, rows, shape, args, device, kernels)))
+        if world.rank == 0:  # one line per head as it ends: a run cut short keeps what it measured
+            print(f"{name}-{rows:,}: {results[-1][2]:.1f} ms/step, peak {results[-1][3]:,.0f} MiB", flush=True)
     if world.rank != 0:
         return
     global_images = shape["batch_size"] * world.size
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    device_name = (torch.cuda.get_device_name() if device.type == "cuda" else
+                   "CPU (Triton interpreter, dry run: numbers mean nothing)" if args.dry_run else "CPU")
     print(f"{device_name}, engine {world.name}, P = {world.size}, {shape['arch']} width {shape['width']} at {shape['image_size']} px, "
           f"{shape['batch_size']} images x {shape['views']} views per rank, D = {shape['feat_dim']}, "
-          f"torch {torch.__version__}, median of {args.steps} steps after {args.warmup}")
-    print("| head | rows per rank | ms/step | images/s | vs linear-1000 | peak MiB |")
-    print("|---|---|---|---|---|---|")
+          f"torch {torch.__version__}, median of {args.steps} steps after {args.warmup}; peak = most held above "
+          f"the state before the head ({'allocated' if device.type == 'cuda' else 'resident'}), left = that state")
+    print("| head | rows per rank | ms/step | images/s | vs linear-1000 | peak MiB | left MiB |")
+    print("|---|---|---|---|---|---|---|")
     linear_ms = results[0][2]
-    for name, rows, milliseconds, peak in results:
+    for name, rows, milliseconds, peak, left in results:
         per_rank = rows if name == "linear" else -(-rows // world.size)
         print(f"| {name}-{rows:,} | {per_rank:,} | {milliseconds:.1f} | {global_images / milliseconds * 1e3:,.0f} | "
-              f"{milliseconds / linear_ms:.2f}x ({(milliseconds / linear_ms - 1) * 100:+.0f}%) | {peak:,.0f} |")
+              f"{milliseconds / linear_ms:.2f}x ({(milliseconds / linear_ms - 1) * 100:+.0f}%) | {peak:,.0f} | "
+              f"{left:,.0f} |")
 
 
 if __name__ == "__main__":

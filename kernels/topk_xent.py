@@ -155,20 +155,21 @@ def sharded_topk_xent(features_n, weight, labels, shard_start, num_classes, **op
     return loss, merged.hardest
 
 
-def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha, backend="auto"):
+def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha, backend="auto", compute_dtype=None):
     """Single-device loss: mean_i of the smoothed cosine-softmax cross-entropy (see kernels.reference).
 
     features [B, D] raw (normalized here, in fp32 at least), weight [N, D] raw, labels [B] long in [0, N).
-    fp32 or bf16 inputs (bf16 products when both are bf16); statistics and accumulation in fp32 (float64
-    inputs stay float64 on the torch backends). Autograd flows to features and weight, gradients in their
-    dtypes. Limits of the 'triton' backend: fp32 or bf16 only, K <= 32, D <= 256
+    fp32 or bf16 inputs; the products' operands are rounded to compute_dtype (default: the wider of the inputs'
+    dtypes, so bf16 products when both are bf16; bf16 with fp32 inputs is what the classifier does on CUDA);
+    statistics and accumulation in fp32 (float64 inputs stay float64 on the torch backends). Autograd flows to
+    features and weight, gradients in their dtypes. Limits of the 'triton' backend: fp32 or bf16 only, K <= 32, D <= 256
     (kernels.triton_topk_xent.MAX_K / MAX_FEATURE_DIM).
     """
     ops = shard_ops(backend, weight.device)
     # Normalized in fp32 at least: in bf16 the backward of the normalisation cancels catastrophically
     # (0.24 relative error on dE measured at tau = 1); the products then round to the inputs' dtype.
     features_n, labels = NormalizedExchange.apply(features, labels, ops, LocalFeatures())
-    compute_dtype = torch.promote_types(features.dtype, weight.dtype)
+    compute_dtype = compute_dtype or torch.promote_types(features.dtype, weight.dtype)
     loss, _ = sharded_topk_xent(features_n, weight, labels, 0, weight.shape[0], temperature=temperature, k=k,
                                 alpha=alpha, compute_dtype=compute_dtype, backend=ops)
     return loss

@@ -3,15 +3,23 @@
 metrics.jsonl reads as one uninterrupted run: a checkpoint stores how many lines the file had when it was
 written, and a resume from it drops the training records after them (they are about to be replayed), keeping
 the evaluation records that `linear`/`knn` appended meanwhile. Training records carry an "epoch".
+
+Throughput (`images_per_s` of the training records) is measured over an epoch's steps after its first
+WARMUP_STEPS: those include what the first steps of a process or an epoch pay once (Triton and cuDNN
+compiles, cuDNN's algorithm search, the new epoch's loader), so a rate from the first step would not be the
+step's speed. It is None (null) until a step after the warm-up has ended.
 """
 import json
 import os
+import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from run.layout import METRICS
+
+WARMUP_STEPS = 5  # steps of each epoch left out of its images/s
 
 
 class RunLog:
@@ -67,3 +75,34 @@ def is_evaluation_record(line):
         return "epoch" not in json.loads(line) and line.endswith("\n")
     except ValueError:
         return False
+
+
+class Throughput:
+    """Images per second over the steps after the first WARMUP_STEPS that this process ran of an epoch (after
+    a resume inside an epoch, its first steps are a warm-up again). The clock starts when the last warm-up
+    step ends; the step's images are counted when it ends (the trainer reads every step's loss, so a step has
+    ended on the device too)."""
+
+    def __init__(self, warmup_steps=WARMUP_STEPS, clock=time.perf_counter):
+        self.warmup_steps, self.clock = warmup_steps, clock
+        self.steps = self.images = 0
+        self.started = clock() if warmup_steps == 0 else None
+
+    def step_ended(self, images):
+        """Count one step of `images` images (of all ranks); returns the rate so far, or None in the warm-up."""
+        self.steps += 1
+        if self.steps == self.warmup_steps:
+            self.started = self.clock()
+        elif self.steps > self.warmup_steps:
+            self.images += images
+        return self.rate()
+
+    def rate(self):
+        """Images per second of the timed steps, None before the first of them has ended."""
+        if self.started is None or not self.images:
+            return None
+        return self.images / max(self.clock() - self.started, 1e-9)
+
+    @property
+    def timed_steps(self):
+        return max(self.steps - self.warmup_steps, 0)

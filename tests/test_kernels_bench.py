@@ -2,8 +2,9 @@
 criterion (bench/kernel.py judge) on CPU under TRITON_INTERPRET=1: a legitimate bf16 near-tie reorder
 passes, planted bugs (a wrong pick at a clear gap, invalid ids, a wrong gradient or loss) fail.
 
-The full dry run (`bench/gpu_check.sh --dry-run`: the GPU check on CPU, then the sm_90 compile check)
-takes minutes and is run by hand; see bench/RESULTS.md, Kernels.
+`bench/gpu_check.sh --dry-run` (the GPU check on the CPU) runs in the GPU session's dry run
+(tests/test_gpu_session.py); the sm_90 compile check (`bench/kernel.py compile`) takes minutes and is run by
+hand; see bench/RESULTS.md, Kernels.
 """
 import subprocess
 import sys
@@ -16,9 +17,11 @@ from bench import kernel as bench
 from kernels import reference
 from tests.conftest import ROOT
 
-# B, C, D, K, alpha, tau, dtype: with make_inputs(seed=B), bf16 rounding of the normalized features
-# swaps near-ties across the K-th place in two rows (found by search; asserted below).
+# B, C, D, K, alpha, tau, dtype, products' dtype: with make_inputs(seed=B), bf16 rounding of the normalized
+# features swaps near-ties across the K-th place in two rows (found by search; asserted below).
 NEAR_TIE_CASE = bench.DRY_RUN_CASES[-1]
+# The trainer's operands on a GPU: fp32 features and rows, rounded to bf16 inside the kernels.
+TRAINER_DTYPES_CASE = next(case for case in bench.DRY_RUN_CASES if case[-2:] == (torch.float32, torch.bfloat16))
 GRADIENT_CHECKS = ("dE row", "dE norm", "dW row", "dW norm")
 
 
@@ -71,9 +74,13 @@ def test_oracle_at_given_ids_is_the_reference_loss():
 @pytest.fixture(scope="module")
 def near_tie():
     """The Triton outputs of NEAR_TIE_CASE under the interpreter and the float64 oracle of its inputs."""
-    batch, num_rows, dim, k, alpha, temperature, dtype = NEAR_TIE_CASE
+    return case_outputs_and_oracle(NEAR_TIE_CASE)
+
+
+def case_outputs_and_oracle(case):
+    batch, num_rows, dim, k, alpha, temperature, dtype, compute_dtype = case
     inputs = bench.make_inputs(batch, num_rows, dim, dtype, torch.device("cpu"), seed=batch)
-    options = dict(temperature=temperature, k=k, alpha=alpha)
+    options = dict(temperature=temperature, k=k, alpha=alpha, compute_dtype=compute_dtype)
     return bench.triton_outputs(*inputs, **options), bench.float64_oracle(*inputs, **options)
 
 
@@ -156,3 +163,15 @@ def test_dry_run_cases_pass_the_check(case):
     outputs are judged above)."""
     verdict = bench.check_case(*case, torch.device("cpu"))
     assert verdict.ok and verdict.deterministic, verdict.failures
+
+
+def test_rows_rounded_in_the_kernels_are_the_oracles_operands():
+    """fp32 rows with bf16 products: the kernels round W as they multiply, so the oracle must take the rounded
+    rows too: judged against the raw fp32 rows instead, the same outputs fail (the loss by over 3x its tolerance)."""
+    outputs, oracle = case_outputs_and_oracle(TRAINER_DTYPES_CASE)
+    assert oracle.rows_rounded and not torch.equal(oracle.weight_operands, oracle.weight)
+    verdict = bench.judge(outputs, oracle)
+    assert verdict.ok, verdict.failures
+    raw_rows = SimpleNamespace(**{**vars(oracle), "weight_operands": oracle.weight})
+    wrong = bench.judge(outputs, raw_rows)
+    assert not wrong.ok and wrong.errors["loss"] > 3 * wrong.tolerances["loss"] > 300 * verdict.errors["loss"]

@@ -1,13 +1,18 @@
 """--data synthetic: the loader deals out instances like the DALI reader; the whole trainer runs without DALI;
-bench/train_step.py's CPU mode runs."""
+its defaults suit a throughput run and its images/s leaves the warm-up steps out; bench/train_step.py's CPU mode
+runs."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import trainer
 from data.synthetic import SyntheticLoader
+from run.errors import UsageError
+from run.run_log import WARMUP_STEPS, Throughput
 from tests.conftest import ROOT, WORKERS, run_horovod
 
 
@@ -39,8 +44,9 @@ def test_steps_per_epoch_cuts_the_epoch_and_eval_batches_are_single_tensors():
     assert all(images.shape == (10, 3, 4, 4) and len(ids) == 10 for images, ids in batches)
 
 
-TINY = ["--image-size", "32", "--arch", "resnet18", "--width", "8", "--small-stem", "--hidden-dim", "32",
-        "--feat-dim", "16", "--batch-size", "8", "--warmup-epochs", "1", "--log-every", "1"]
+TINY_SHAPE = ["--image-size", "32", "--arch", "resnet18", "--width", "8", "--small-stem", "--hidden-dim", "32",
+              "--feat-dim", "16", "--batch-size", "8"]
+TINY = [*TINY_SHAPE, "--warmup-epochs", "1", "--log-every", "1"]
 
 
 @pytest.mark.horovod
@@ -77,3 +83,84 @@ def test_train_step_bench_cpu_mode_prints_both_heads():
     rows = [line for line in result.stdout.splitlines() if line.startswith("[0]<stdout>:| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["linear-1,000", "instance-500"], result.stdout
     assert "rows per rank" in rows[0] and "| 250 |" in rows[2]
+
+
+def test_synthetic_runs_default_to_no_warmup_and_an_explicit_one_is_still_judged():
+    """The documented throughput command (one epoch) must not stop on the dataset default of 10 warm-up epochs."""
+    config = trainer.resolve_config(trainer.parser.parse_args(["--data", "synthetic", "--epochs", "1"]))
+    assert config.warmup_epochs == 0 and config.arch == "resnet50"  # the rest are the dataset defaults
+    assert trainer.resolve_config(trainer.parser.parse_args(["--data", "/some/folder"])).warmup_epochs == 10
+    with pytest.raises(UsageError, match="--warmup-epochs 2.0 must be in"):
+        trainer.resolve_config(trainer.parser.parse_args(["--data", "synthetic", "--epochs", "1",
+                                                          "--warmup-epochs", "2"]))
+
+
+def test_throughput_counts_only_the_steps_after_the_warmup():
+    """A slow first step (a compile) must not enter the rate: steps of 8 images, the first 10 s, then 1 s each."""
+    now = [0.0]
+    throughput = Throughput(warmup_steps=2, clock=lambda: now[0])
+    rates = []
+    for seconds in (10.0, 1.0, 1.0, 1.0):
+        now[0] += seconds
+        rates.append(throughput.step_ended(8))
+    assert rates == [None, None, 8.0, 8.0] and throughput.timed_steps == 2
+    none_yet = Throughput(warmup_steps=0, clock=lambda: now[0])
+    assert none_yet.rate() is None
+    now[0] += 2.0
+    assert none_yet.step_ended(8) == 4.0
+
+
+@pytest.mark.slow
+def test_trainer_images_per_s_is_null_in_the_warmup_and_a_rate_after(tmp_path):
+    out = tmp_path / "run"
+    steps = WARMUP_STEPS + 3
+    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--data", "synthetic", "--instances", "64",
+                             "--epochs", "1", "--steps-per-epoch", str(steps), "--out", str(out), "--engine", "single",
+                             *TINY_SHAPE, "--log-every", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [m["images_per_s"] for m in metrics if "step" in m]
+    assert rates[:WARMUP_STEPS] == [None] * WARMUP_STEPS and all(rate > 0 for rate in rates[WARMUP_STEPS:])
+    assert len(rates) == steps and metrics[-1]["images_per_s"] > 0 and "epoch_loss" in metrics[-1]
+    assert f"images/s over its 3 steps after the first {WARMUP_STEPS}" in result.stdout
+    assert json.loads((out / "config.json").read_text())["warmup_epochs"] == 0
+
+
+@pytest.mark.slow
+def test_train_step_bench_measures_each_head_from_a_clean_state(monkeypatch, single_engine):
+    """Horovod's DistributedOptimizer hooks every parameter's gradient accumulator with a closure that holds the
+    optimizer and the parameter: a reference cycle, so dropping a head's names after timing it frees none of its
+    memory until the garbage collector runs. The bench must free it before the next head, whose peak counts
+    from there."""
+    import argparse
+    import gc
+    import weakref
+
+    from bench import train_step as bench
+    rows_of_heads = []
+    build_head = bench.build_head
+
+    def build_with_hooks(*args, **kwargs):
+        if rows_of_heads:  # the earlier head's rows hold no memory before this one is built
+            assert rows_of_heads[-1]() is None or rows_of_heads[-1]().numel() == 0
+        criterion, optimizers = build_head(*args, **kwargs)
+        for optimizer in optimizers:  # what horovod.torch.DistributedOptimizer._register_hooks does
+            optimizer.grad_accumulators = []
+            for parameter in (p for group in optimizer.param_groups for p in group["params"]):
+                accumulator = parameter.expand_as(parameter).grad_fn.next_functions[0][0]
+                accumulator.register_hook(lambda *grads, optimizer=optimizer, parameter=parameter: None)
+                optimizer.grad_accumulators.append(accumulator)
+        rows_of_heads.append(weakref.ref(criterion.weight))
+        return criterion, optimizers
+
+    monkeypatch.setattr(bench, "build_head", build_with_hooks)
+    args, shape = argparse.Namespace(steps=1, warmup=1), bench.SHAPES["cpu"]
+    gc.disable()  # no collection but the bench's own between the heads
+    try:
+        _, peak, _ = bench.time_head("instance", 50_000, shape, args, torch.device("cpu"), {})
+        assert rows_of_heads[0]() is not None  # the hooks keep the rows' Parameter alive: this test can fail
+        bench.time_head("instance", 1_000, shape, args, torch.device("cpu"), {})
+    finally:
+        gc.enable()
+    assert len(rows_of_heads) == 2 and peak > 50_000 * shape["feat_dim"] * 4 * 3 / 2**20  # rows, gradient, momentum
