@@ -67,3 +67,11 @@ def is_evaluation_record(line):
         return "epoch" not in json.loads(line) and line.endswith("\n")
     except ValueError:
         return False
+
+
+def human_bytes(count):
+    """A byte count for people: '812 B', '10.5 MiB', '9.54 GiB' (binary units, as `trainer.py plan`)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{int(count)} B"
