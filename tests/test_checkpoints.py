@@ -115,6 +115,21 @@ def tensors_of(obj):
     return [tensor for value in values for tensor in tensors_of(value)]
 
 
+def test_plan_sizes_the_checkpoint_a_save_writes(tiny_run, tmp_path):
+    """model.plan's checkpoint rows (2 C D 4 per shard file, + 2 |theta| 4 for state.pt) against the files; the
+    BatchNorm buffers and the files' records are what the formula leaves aside."""
+    from model.plan import plan
+    config, run = tiny_run
+    written = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    rows = {name: hybrid for name, hybrid, _ in plan(instances=37, gpus=1, batch_size=10, feat_dim=16, k=2,
+                                                      image_size=32, **{k: v for k, v in ENCODER.items()
+                                                                        if k not in ("feat_dim", "data")})}
+    in_all = rows["checkpoint in all (every rank's file + state.pt)"]
+    shard = rows["checkpoint: classifier file of one rank"]
+    assert in_all <= checkpoints.checkpoint_bytes(written) <= 1.1 * in_all
+    assert shard == 2 * 37 * 16 * 4 <= (written / "shard-0.pt").stat().st_size
+
+
 # -------------------------------------------------------------------------------- --keep-checkpoints
 def make_checkpoints(out, positions):
     for epoch, step in positions:
