@@ -36,7 +36,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from data.index import InstanceIndex
 from data.loaders import is_synthetic, pretrain_loader
 from data.run_index import run_indexes
-from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
+from model.classifier import ShardedInstanceClassifier, ShardSGD, distributed_backbone_optimizer
 from model.encoder import build_encoder
 from model.evaluation import baselines, knn_monitor, linear_evaluation, report
 from model.export import export_backbone
@@ -189,7 +189,7 @@ def pretrain(config):
     sgd = dict(lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
     encoder_optimizer = distributed_backbone_optimizer(
         torch.optim.SGD([p for _, p in encoder_parameters], **sgd), encoder_parameters)
-    classifier_optimizer = torch.optim.SGD(classifier.parameters(), **sgd)  # local: never all-reduced
+    classifier_optimizer = ShardSGD(classifier.parameters(), **sgd)  # local: never all-reduced
     run = (backbone, head, encoder_optimizer, classifier, classifier_optimizer)
 
     # Resume, or start: the same encoder on every rank, classifier rows seeded from raw features.
