@@ -304,10 +304,10 @@ def load_rows(checkpoint, start, stop, num_instances, state, own_shard=None):
                              f"not [{shard_start}, {shard_stop})")
         if own:
             batchnorm = shard["batchnorm"]
-        if lo < hi:
-            weights.append(shard["weight"][lo - shard_start:hi - shard_start].clone())
+        if lo < hi:  # views of the mapped file: the one copy is torch.cat's, into memory of this process
+            weights.append(shard["weight"][lo - shard_start:hi - shard_start])
             if shard["momentum"] is not None:
-                momenta.append(shard["momentum"][lo - shard_start:hi - shard_start].clone())
+                momenta.append(shard["momentum"][lo - shard_start:hi - shard_start])
     weight = torch.cat(weights) if weights else torch.empty(0)
     momentum = torch.cat(momenta) if momenta and len(momenta) == len(weights) else None
     return weight, momentum, batchnorm

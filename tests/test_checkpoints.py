@@ -48,7 +48,7 @@ def tiny_run():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(distributed, "_started", distributed.SingleProcess())
         torch.manual_seed(0)
-        config = argparse.Namespace(**ENCODER, keep_checkpoints=2)
+        config = argparse.Namespace(**ENCODER, keep_checkpoints=2, num_instances=37)
         backbone, head = build_encoder(config, torch.device("cpu"))
         classifier = ShardedInstanceClassifier(37, 16, smooth_k=2, smooth_alpha=0.1)
         encoder_optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
@@ -128,6 +128,21 @@ def test_plan_sizes_the_checkpoint_a_save_writes(tiny_run, tmp_path):
     shard = rows["checkpoint: classifier file of one rank"]
     assert in_all <= checkpoints.checkpoint_bytes(written) <= 1.1 * in_all
     assert shard == 2 * 37 * 16 * 4 <= (written / "shard-0.pt").stat().st_size
+
+
+def test_a_resume_copies_its_rows_once(tiny_run, tmp_path):
+    """load_rows reads rows [5, 30) from the memory-mapped shard into one copy each of the weight and the
+    momentum: at a resume the rank holds its parameter, the rows read and their momentum, no fourth copy."""
+    from run.checkpoint import load_rows, load_state
+    from tests.allocations import NewStorages
+    config, run = tiny_run
+    written = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    with NewStorages() as new:
+        weight, momentum, _ = load_rows(written, 5, 30, 37, load_state(written))
+    classifier, optimizer = run[3], run[4]
+    assert torch.equal(weight, classifier.weight.detach()[5:30])
+    assert torch.equal(momentum, optimizer.state[classifier.weight]["momentum_buffer"][5:30])
+    assert [entry for entry in new.allocated if entry[1] >= 25 * 16 * 4] == [((25, 16), 25 * 16 * 4)] * 2
 
 
 # -------------------------------------------------------------------------------- --keep-checkpoints

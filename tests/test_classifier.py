@@ -10,6 +10,7 @@ from kernels import merge_shard_stats, reference
 from kernels.reference import relative_error
 from model.classifier import random_unit_rows
 from run.distributed import shard_rows
+from tests.allocations import NewStorages
 from tests.classifier_problems import CASES, SGD_STEP, make_problem, tiny_backbone
 from tests.conftest import WORKERS, run_horovod
 
@@ -236,35 +237,6 @@ def test_default_horovod_environment(monkeypatch, cuda, user_value, expected):
     assert chosen == ({"HOROVOD_CYCLE_TIME": expected} if user_value is None else {})
 
 
-class NewStorages:
-    """Records the shape of every op output that got storage of its own (not a view of an input, nor an input
-    written in place), through a TorchDispatchMode."""
-
-    def __init__(self):
-        self.shapes = []
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-        shapes = self.shapes
-
-        class Record(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
-                          if isinstance(leaf, torch.Tensor)}
-                shapes.extend(tuple(leaf.shape) for leaf in tree_leaves(out)
-                              if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() not in inputs)
-                return out
-
-        self.mode = Record()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
-
-
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
 def test_shard_sgd_updates_bitwise_as_torch_sgd_without_a_copy_of_the_gradient(weight_decay):
     """Three steps of ShardSGD and torch.optim.SGD from the same rows and gradients: the same rows bitwise; after
@@ -282,7 +254,7 @@ def test_shard_sgd_updates_bitwise_as_torch_sgd_without_a_copy_of_the_gradient(w
             weight.grad = gradient.clone()
             with NewStorages() as new:
                 optimizer.step()
-            allocated.append(new.shapes.count((1000, 24)))
+            allocated.append(new.allocated.count(((1000, 24), 1000 * 24 * 4)))
         results[optimizer_class] = weight.detach(), allocated, optimizer.param_groups[0]["weight_decay"]
     assert torch.equal(results[torch.optim.SGD][0], results[ShardSGD][0])
     assert results[ShardSGD][1] == [1, 0, 0]  # the momentum buffer, once
