@@ -28,6 +28,8 @@ def check_settings(config):
     require(config.steps_per_epoch is None or (is_synthetic(config) and config.steps_per_epoch > 0),
             "--steps-per-epoch takes a positive number of steps, with --data synthetic only")
     require(config.knn_every >= 0, f"--knn-every must be >= 0, got {config.knn_every}")
+    require(config.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 keeps every one), got "
+            f"{config.keep_checkpoints}")
     require(config.seed >= 0, f"--seed must be >= 0 (it seeds DALI), got {config.seed}")
     require(config.smooth_k >= 0, f"--smooth-k must be >= 0, got {config.smooth_k}")
     require(0 <= config.smooth_alpha < 1, f"--smooth-alpha must be in [0, 1), got {config.smooth_alpha}")

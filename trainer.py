@@ -38,7 +38,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from data.loaders import is_synthetic, pretrain_loader
 from data.pack import pack
 from data.run_index import run_indexes, saved_run_indexes
-from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
+from model.classifier import ShardedInstanceClassifier, ShardSGD, distributed_backbone_optimizer
 from model.encoder import build_encoder
 from model.evaluation import baselines, knn_monitor, linear_evaluation, report
 from model.export import export_backbone
@@ -46,7 +46,8 @@ from model.initialisation import raw_feature_init
 from model.plan import plan
 from model.step import train_step
 from run import layout
-from run.checkpoint import checkpoint_to_resume, load_state, resolve_checkpoint, restore_checkpoint, save_checkpoint
+from run.checkpoint import (checkpoint_to_resume, load_state, resolve_checkpoint, restore_checkpoint, save_and_prune,
+                            write_file)
 from run.diagnostics import EpochDiagnostics
 from run.distributed import ENGINES, average_batchnorm_statistics, barrier, start
 from run.errors import UsageError
@@ -124,6 +125,10 @@ group.add_argument("--out", default="runs/pretrain", help="run directory: config
 group.add_argument("--resume", default="auto", help="'auto' = newest complete checkpoint in --out if any, "
                    "'none', or a checkpoint path (default: auto)")
 group.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs, and at the end (default: 10)")
+group.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept in --out: after each "
+                   "save rank 0 deletes the older ones beyond the N newest (a checkpoint written on a stop inside an "
+                   "epoch counts as the newest; the one just written, which --resume auto takes, always stays); "
+                   "0 keeps every one. --out holds N + 1 while the next one is written (default: 2)")
 group.add_argument("--knn-every", type=int, default=5, help="kNN monitor every N epochs when labels exist; "
                    "0 = only at the end (default: 5)")
 group.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default: 10)")
@@ -189,16 +194,17 @@ def pretrain(config):
     sgd = dict(lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
     encoder_optimizer = distributed_backbone_optimizer(
         torch.optim.SGD([p for _, p in encoder_parameters], **sgd), encoder_parameters)
-    classifier_optimizer = torch.optim.SGD(classifier.parameters(), **sgd)  # local: never all-reduced
+    classifier_optimizer = ShardSGD(classifier.parameters(), **sgd)  # local: never all-reduced
     run = (backbone, head, encoder_optimizer, classifier, classifier_optimizer)
 
     # Resume, or start: the same encoder on every rank, classifier rows seeded from raw features.
     checkpoint, start_epoch, resumed_losses, resumed_totals = checkpoint_to_resume(config.resume, out), 0, [], None
     if checkpoint is not None:
+        started = time.perf_counter()
         state = restore_checkpoint(checkpoint, *run)
         start_epoch, resumed_losses, resumed_totals = state["epoch"], state["step_losses"], state.get("diagnostics")
         log.print(f"resumed from {checkpoint} (epoch {start_epoch}, step {len(resumed_losses)} of the next, "
-                  f"written by {state['num_shards']} ranks)")
+                  f"written by {state['num_shards']} ranks): read in {time.perf_counter() - started:.1f}s")
     # metrics.jsonl keeps what this run's checkpoint covers: the rest is about to be replayed (run_log.py).
     log.rewind(state["metrics_lines"] if checkpoint is not None and checkpoint.parent.resolve() == out.resolve() else 0)
     if checkpoint is None:
@@ -221,9 +227,8 @@ def pretrain(config):
             epoch_losses.append(train_one_epoch(epoch, loader, run, config, log, diagnostics,
                                                 resumed_losses if epoch == start_epoch else []))
         except Preempted as stop:
-            exit_preempted(stop, save_checkpoint(out, epoch, config, *run, step_losses=stop.step_losses,
-                                                 diagnostics=diagnostics.totals.tolist(), metrics_lines=log.lines),
-                           master)
+            exit_preempted(stop, save_and_prune(out, epoch, config, run, log, step_losses=stop.step_losses,
+                                                diagnostics=diagnostics.totals.tolist()), master)
         del loader  # its prefetched batches and decoder go before the kNN pass and the next epoch's pipeline
         last = epoch + 1 == config.epochs
         if (config.knn_every and (epoch + 1) % config.knn_every == 0) or last:
@@ -232,16 +237,17 @@ def pretrain(config):
                 log.print(f"epoch {epoch + 1} kNN: " + ", ".join(f"{k} {v:.2f}%" for k, v in knn.items()))
                 log.record(epoch=epoch + 1, **knn)
         if (epoch + 1) % config.save_every == 0 or last:
-            save_checkpoint(out, epoch + 1, config, *run, metrics_lines=log.lines)
+            save_and_prune(out, epoch + 1, config, run, log)
     default_signals()
 
     # Export the backbone (torchvision layout when it is a standard ResNet) and summarise.
     if master and config.epochs > start_epoch:
         try:
-            torch.save(export_backbone(backbone.state_dict()), out / layout.BACKBONE)
+            exported = export_backbone(backbone.state_dict())
         except ValueError as error:  # small stem or other width: keep our own layout
             log.print(f"{layout.BACKBONE} in this project's layout ({error})")
-            torch.save(backbone.state_dict(), out / layout.BACKBONE)
+            exported = backbone.state_dict()
+        write_file(exported, out / layout.BACKBONE)  # a full disk: one line
         log.table("pretraining", ["what", "value"], [
             ("ranks x images/rank", f"{config.world_size} x {config.batch_size}"),
             ("instances (classifier rows)", f"{config.num_instances:,}"),

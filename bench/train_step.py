@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from data.synthetic import SyntheticLoader  # noqa: E402
-from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer  # noqa: E402
+from model.classifier import ShardedInstanceClassifier, ShardSGD, distributed_backbone_optimizer  # noqa: E402
 from model.encoder import build_encoder  # noqa: E402
 from model.step import train_step  # noqa: E402
 from run.distributed import ENGINES, engine, start  # noqa: E402
@@ -86,7 +86,7 @@ def build_head(name, rows, shape, backbone, head, device, kernels):
     criterion = ShardedInstanceClassifier(rows, shape["feat_dim"], temperature=0.15, smooth_k=5,
                                           smooth_alpha=0.2, **kernels).to(device)
     encoder_optimizer = distributed_backbone_optimizer(torch.optim.SGD([p for _, p in named], **sgd), named)
-    return criterion, [encoder_optimizer, torch.optim.SGD(criterion.parameters(), **sgd)]
+    return criterion, [encoder_optimizer, ShardSGD(criterion.parameters(), **sgd)]
 
 
 def memory_bytes(device, field):

@@ -176,6 +176,35 @@ class ShardedInstanceClassifier(torch.nn.Module):
         return seed_rows_(self.weight.data, features_n, ids, self.start, backend=backend)
 
 
+class ShardSGD(torch.optim.SGD):
+    """torch.optim.SGD for the classifier shard (local: never all-reduced) that adds the weight decay to the
+    gradient in place. torch's SGD adds it into a new tensor (grad.add(param, alpha=weight_decay)): one more
+    [C, D] beside the weight, its gradient and its momentum at the peak of every step, a third more than they
+    hold, on the largest state of a run. The same add into the gradient itself: every update is bitwise the
+    one torch.optim.SGD makes. No closure and no maximize (the trainer uses neither)."""
+
+    def __init__(self, params, **options):
+        if options.get("maximize"):
+            raise ValueError("ShardSGD minimizes only")
+        super().__init__(params, **options)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("ShardSGD takes no closure: it would recompute the gradients after the decay")
+        decays = [group["weight_decay"] for group in self.param_groups]
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and group["weight_decay"]:
+                    param.grad.add_(param, alpha=group["weight_decay"])
+            group["weight_decay"] = 0
+        try:
+            return super().step()
+        finally:
+            for group, decay in zip(self.param_groups, decays):
+                group["weight_decay"] = decay
+
+
 def distributed_backbone_optimizer(optimizer, named_parameters, group=None):
     """The data-parallel optimizer of the backbone + head (group: default the started engine) that SUMS
     gradients over the ranks.

@@ -10,6 +10,10 @@ Communication is counted as the bytes one rank RECEIVES per step (what the wire 
               K' = max(K, 1) + the dE reduce-scatter (alltoall) (P-1) b D 4
   replicated: ring allreduce of dW, 2 (P-1)/P N D 4 (every rank holds all of W, PIC-style)
 The backbone's gradient allreduce, 2 (P-1)/P |theta| 4, is the same in both layouts.
+
+A checkpoint (run/checkpoint.py) holds every row with its SGD momentum, 2 N D 4, in one shard file of 2 C D 4 per
+rank (hybrid; replicated, one file of 2 N D 4), and state.pt: the backbone + head weights and momentum,
+2 |theta| 4 (its BatchNorm buffers and a few KB of metadata aside).
 tests/test_plan.py checks these formulas against the bytes that pass through Horovod in real runs.
 """
 import math
@@ -75,5 +79,11 @@ def plan(*, instances, gpus, batch_size, feat_dim, k, arch="resnet50", small_ste
          ring_allreduce_received_bytes(P, N * D * FLOAT)),
         ("communication/step: backbone allreduce", backbone_comm, backbone_comm),
         ("materialised logits (not allocated by the kernels)", B * C * FLOAT, b * N * FLOAT),
+    ]
+    state_file = 2 * params * FLOAT
+    rows += [
+        ("checkpoint: classifier file of one rank", 2 * C * D * FLOAT, 2 * N * D * FLOAT),
+        ("checkpoint in all (every rank's file + state.pt)", 2 * N * D * FLOAT + state_file,
+         2 * N * D * FLOAT + state_file),
     ]
     return rows

@@ -15,20 +15,48 @@ overlap its own rows, memory-mapped (a resume reads every row once in all, not P
 taken inside an epoch resumes on the same P only: the rest of the epoch is the remaining batches of that
 P's data shards, and each rank gets its own BatchNorm buffers back. (Several hosts need `--out` on a shared
 file system, as every rank writes into the same directory.)
+
+Room on the disk. Before a byte is written, every rank estimates the size of its files (`estimated_file_bytes`:
+the tensors' storages, the pickled rest and the zip records around them) and reads the free space of --out's
+file system (`shutil.disk_usage`); one collective shares both, and a checkpoint that does not fit stops every
+rank with the same line naming it, what it needs and what is free. A write that fails anyway (something else
+filled the disk, a quota, a wrong estimate) is caught on its rank; the ranks agree on it after each round of
+writes (the shards, then state.pt), rank 0 removes the partial directory, and every rank stops with one line
+naming the rank, the file, its error and the same numbers. Either way the earlier checkpoints are untouched and
+`--resume auto` continues from the newest once there is room. What saves and deletions cut short by a kill
+left behind (hidden directories) goes at the start of the next save, before the free space is read.
+
+Keeping a few (`--keep-checkpoints`: `prune_checkpoints`, which `save_and_prune` runs on rank 0 after a save
+succeeded): of the complete checkpoints up to the one just written, the `keep` newest stay, counting that one;
+a checkpoint taken inside an epoch is newer than the epoch's checkpoint before it. The one just written, which
+`--resume auto` takes, is never deleted, and checkpoints newer than it (left by a run that went further, when
+--resume named an older one) are not touched. A checkpoint is renamed to a hidden name before its files go, so
+a deletion cut short never leaves half of one. The disk holds keep + 1 checkpoints while the next one is written.
 """
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
-from run.distributed import barrier, engine, shard_rows
+from run.distributed import engine, shard_rows
 from run.errors import UsageError
 from run.faults import raise_on_every_rank
-from run.layout import STATE, checkpoint_name, complete_checkpoints, partial_checkpoint, shard_file
+from run.layout import (STATE, checkpoint_name, checkpoint_position, complete_checkpoints, deleted_checkpoint,
+                        hidden_checkpoints, partial_checkpoint, shard_file)
+from run.run_log import human_bytes
 
 # What reading a checkpoint file can raise when the file is missing, cut short or not a checkpoint.
 READ_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError)
+# What torch.save raises when the disk fills: OSError from open, RuntimeError from its zip writer
+# ("basic_ios::clear: iostream error", "unexpected pos").
+WRITE_ERRORS = (OSError, RuntimeError)
+# What a torch.save file holds besides its tensors' storages and its pickled structure: per storage its zip
+# records (local header, padding to 64-byte alignment, zip64 extra, central directory entry) and its rebuild
+# call in the pickle; per file the fixed records, and the file system's last partly filled block.
+STORAGE_OVERHEAD_BYTES = 512
+FILE_OVERHEAD_BYTES = 8192
 
 
 def resolve_checkpoint(path):
@@ -63,33 +91,162 @@ def batchnorm_buffers(backbone, head):
 
 def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, classifier, classifier_optimizer, *,
                     step_losses=(), diagnostics=None, metrics_lines=0):
-    """Collective: every rank writes its shard, rank 0 the state, then the directory appears at once.
-    epoch: complete epochs; step_losses: the losses of the steps done since (a stop inside an epoch), and
-    diagnostics the classifier's totals over them (run.diagnostics.EpochDiagnostics.totals, a list)."""
-    rank = engine().rank
-    final = Path(out_dir) / checkpoint_name(epoch, len(step_losses))
+    """Collective: every rank writes its shard, rank 0 the state, then the directory appears at once; returns
+    its path. epoch: complete epochs; step_losses: the losses of the steps done since (a stop inside an epoch),
+    and diagnostics the classifier's totals over them (run.diagnostics.EpochDiagnostics.totals, a list).
+    A checkpoint that does not fit, or a write that fails, raises the same UsageError on every rank and leaves
+    nothing of itself (module docstring)."""
+    rank, out_dir = engine().rank, Path(out_dir)
+    final = out_dir / checkpoint_name(epoch, len(step_losses))
     partial = partial_checkpoint(final)
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    barrier("checkpoint-mkdir")  # the directory exists
     momentum = classifier_optimizer.state.get(classifier.weight, {}).get("momentum_buffer")
-    torch.save({"start": classifier.start, "stop": classifier.stop, "num_instances": classifier.num_instances,
-                "weight": classifier.weight.detach().cpu(),
-                "momentum": None if momentum is None else momentum.cpu(),
-                "batchnorm": {name: buffer.cpu() for name, buffer in batchnorm_buffers(backbone, head).items()}},
-               shard_file(partial, rank))
-    barrier("checkpoint-shards")  # every shard is on disk
+    shard = {"start": classifier.start, "stop": classifier.stop, "num_instances": classifier.num_instances,
+             "weight": classifier.weight.detach().cpu(), "momentum": None if momentum is None else momentum.cpu(),
+             "batchnorm": {name: buffer.cpu() for name, buffer in batchnorm_buffers(backbone, head).items()}}
+    state, previous = None, None
     if rank == 0:
         state = {"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
                  "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "config": vars(config), "num_shards": engine().size, "step_losses": list(step_losses),
                  "diagnostics": diagnostics, "metrics_lines": metrics_lines}
-        torch.save(state, partial / STATE)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-    barrier("checkpoint-done")
+        found = complete_checkpoints(out_dir)
+        previous = found[-1].name if found else None
+        for leftover in hidden_checkpoints(out_dir):  # their space counts as free below
+            shutil.rmtree(leftover, ignore_errors=True)
+        partial.mkdir(parents=True)
+    # One collective: every rank's bytes to write and the free space it sees; also the barrier after the mkdir.
+    needed = estimated_file_bytes(shard) + (estimated_file_bytes(state) if rank == 0 else 0)
+    space = engine().allgather_object((needed, shutil.disk_usage(out_dir).free, previous), name="checkpoint-space")
+    needed, free, previous = sum(entry[0] for entry in space), min(entry[1] for entry in space), space[0][2]
+    room = f"it needs {human_bytes(needed)} and {human_bytes(free)} were free on the file system of {out_dir}"
+    kept = (f"{previous} is intact: free some space (or lower --keep-checkpoints) and --resume auto continues "
+            f"from it" if previous else "there is no earlier checkpoint: --resume auto would start afresh")
+    if needed > free:
+        _abandon(partial, f"cannot write {final.name}: {room}; nothing of it was written, {kept}")
+    for part, written, path in (("shards", shard, shard_file(partial, rank)), ("state", state, partial / STATE)):
+        error = None if written is None else _write(written, path)
+        if part == "state" and rank == 0 and error is None:  # state.pt is the last file: the checkpoint is whole
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+        # Every rank learns of a failed write before anything builds on it: the shards before state.pt is
+        # written, state.pt before the run goes on.
+        errors = engine().allgather_object(None if error is None else (rank, path.name, error),
+                                           name=f"checkpoint-{part}")
+        failed = [entry for entry in errors if entry is not None]
+        if failed:
+            failed_rank, name, reason = failed[0]
+            _abandon(partial, f"cannot write {final.name}: rank {failed_rank} failed writing {name} ({reason}); "
+                     f"{room} when it started; nothing of it was kept, {kept}")
     return final
+
+
+def save_and_prune(out_dir, epoch, config, run, log, **progress):
+    """Collective: save_checkpoint of the run's objects (run: backbone, head, encoder optimizer, classifier,
+    classifier optimizer; progress: the step_losses and diagnostics of a stop inside an epoch), then rank 0
+    deletes what config.keep_checkpoints leaves out and prints what it wrote, its size and time, and what it
+    deleted (log: the run's RunLog, active on rank 0). Returns the checkpoint."""
+    started = time.perf_counter()
+    written = save_checkpoint(out_dir, epoch, config, *run, metrics_lines=log.lines, **progress)
+    seconds = time.perf_counter() - started
+    if engine().rank == 0:
+        deleted = prune_checkpoints(out_dir, config.keep_checkpoints, written)
+        log.print(f"wrote {written.name}: {human_bytes(checkpoint_bytes(written))} in {seconds:.1f}s"
+                  + (f"; deleted {', '.join(path.name for path in deleted)} (--keep-checkpoints "
+                     f"{config.keep_checkpoints})" if deleted else ""))
+    return written
+
+
+def _abandon(partial, message):
+    """Collective: rank 0 removes the partial checkpoint, then every rank raises the same one-line error."""
+    if engine().rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    engine().barrier("checkpoint-abandoned")  # when any rank reports, nothing of the checkpoint is left
+    raise UsageError(message)
+
+
+def _write(obj, path):
+    """torch.save(obj, path); None, or the one-line reason it failed (the file cut short is removed)."""
+    try:
+        torch.save(obj, path)
+        return None
+    except WRITE_ERRORS as error:
+        Path(path).unlink(missing_ok=True)
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def write_file(obj, path):
+    """One process's torch.save of a file outside checkpoints (the exported backbone): a one-line UsageError,
+    naming what it needs and what is free, when it does not fit or the write fails."""
+    path = Path(path)
+    needed, free = estimated_file_bytes(obj), shutil.disk_usage(path.parent).free
+    room = f"it needs {human_bytes(needed)} and {human_bytes(free)} were free on its file system"
+    if needed > free:
+        raise UsageError(f"cannot write {path}: {room}")
+    error = _write(obj, path)
+    if error is not None:
+        raise UsageError(f"cannot write {path}: {error}; {room} when it started")
+
+
+class _StorageCounter(pickle.Pickler):
+    """Pickles what torch.save pickles, but for the tensors, whose storages it records (by address) instead."""
+
+    def __init__(self, stream):
+        super().__init__(stream, protocol=2)
+        self.storages = {}
+
+    def persistent_id(self, obj):
+        if not isinstance(obj, torch.Tensor):
+            return None
+        storage = obj.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes(), storage.device.type)
+        self.storages.setdefault(key, len(self.storages))
+        return self.storages[key]
+
+
+class _ByteCount:
+    """A write-only stream that counts the bytes written to it."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def write(self, data):
+        self.bytes += len(data)
+        return len(data)
+
+
+def estimated_file_bytes(obj):
+    """An upper estimate of the size of torch.save(obj): every tensor's whole storage (torch.save writes a view's
+    storage whole, and a storage shared by several tensors once), the pickled rest, and the zip records."""
+    stream = _ByteCount()
+    counter = _StorageCounter(stream)
+    counter.dump(obj)
+    storage_bytes = sum(nbytes for _, nbytes, _ in counter.storages)
+    return stream.bytes + storage_bytes + STORAGE_OVERHEAD_BYTES * len(counter.storages) + FILE_OVERHEAD_BYTES
+
+
+def checkpoint_bytes(checkpoint):
+    """The bytes of a checkpoint directory's files."""
+    return sum(path.stat().st_size for path in Path(checkpoint).iterdir())
+
+
+def prune_checkpoints(out_dir, keep, written):
+    """Rank 0, after `written` was saved: delete the complete checkpoints of out_dir that `keep` leaves out
+    (0 keeps every one; module docstring). Returns the deleted ones; one that cannot be renamed stays (the
+    next save tries again)."""
+    if not keep:
+        return []
+    older = [path for path in complete_checkpoints(out_dir) if checkpoint_position(path) < checkpoint_position(written)]
+    deleted = []
+    for path in older[:max(len(older) - (keep - 1), 0)]:
+        hidden = deleted_checkpoint(path)
+        try:
+            path.rename(hidden)  # from here on it is not a checkpoint: half of one is never left
+        except OSError:
+            continue
+        shutil.rmtree(hidden, ignore_errors=True)
+        deleted.append(path)
+    return deleted
 
 
 def restore_checkpoint(checkpoint, backbone, head, encoder_optimizer, classifier, classifier_optimizer):
@@ -147,10 +304,10 @@ def load_rows(checkpoint, start, stop, num_instances, state, own_shard=None):
                              f"not [{shard_start}, {shard_stop})")
         if own:
             batchnorm = shard["batchnorm"]
-        if lo < hi:
-            weights.append(shard["weight"][lo - shard_start:hi - shard_start].clone())
+        if lo < hi:  # views of the mapped file: the one copy is torch.cat's, into memory of this process
+            weights.append(shard["weight"][lo - shard_start:hi - shard_start])
             if shard["momentum"] is not None:
-                momenta.append(shard["momentum"][lo - shard_start:hi - shard_start].clone())
+                momenta.append(shard["momentum"][lo - shard_start:hi - shard_start])
     weight = torch.cat(weights) if weights else torch.empty(0)
     momentum = torch.cat(momenta) if momenta and len(momenta) == len(weights) else None
     return weight, momentum, batchnorm

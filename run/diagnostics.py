@@ -21,6 +21,10 @@ import torch
 
 from run.distributed import engine
 
+# Rows per block of the float64 norms: a float64 copy of a whole shard would hold twice its bytes beside the
+# weight, its gradient and its momentum at the end of every epoch, the run's largest state.
+NORM_BLOCK_ROWS = 65536
+
 
 class EpochDiagnostics:
     """Accumulates the classifier's per-sample diagnostics over an epoch on the device (no host sync per step)."""
@@ -57,7 +61,7 @@ class EpochDiagnostics:
 @torch.no_grad()
 def row_norm_statistics(weight):
     """Mean, min and max of ||w_j|| over the rows of all ranks' shards. Collective."""
-    norms = weight.detach().double().norm(dim=1)
+    norms = torch.cat([block.double().norm(dim=1) for block in weight.detach().split(NORM_BLOCK_ROWS)])
     group = engine()
     count_and_sum = group.allreduce(torch.stack([torch.tensor(float(len(norms)), dtype=torch.float64),
                                                  norms.sum().cpu()]), op="sum", name="diagnostics.norm_sum")

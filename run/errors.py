@@ -2,4 +2,5 @@
 
 
 class UsageError(Exception):
-    """Bad flags, paths or data given by the user: the message says what and where."""
+    """Bad flags, paths or data given by the user, or a run directory that cannot take what the run writes (a full
+    disk): the message says what and where."""

@@ -8,6 +8,7 @@
       state.pt                            rank 0's data-parallel state, written last
   checkpoint-<epoch:04d>-step-<step:06d>/ a checkpoint of a stop `step` steps into epoch `epoch` + 1
   .checkpoint-....partial/                a checkpoint being written: hidden until renamed complete
+  .checkpoint-....deleting/               a checkpoint being deleted: hidden first, so never half a checkpoint
   backbone.pth                            the pretrained backbone (torchvision layout where it is one)
 """
 import re
@@ -38,6 +39,16 @@ def checkpoint_position(path):
 def partial_checkpoint(final):
     """The hidden name a checkpoint is written under before it is renamed to `final`."""
     return Path(final).parent / f".{Path(final).name}.partial"
+
+
+def deleted_checkpoint(path):
+    """The hidden name a checkpoint is renamed to before its files are removed."""
+    return Path(path).parent / f".{Path(path).name}.deleting"
+
+
+def hidden_checkpoints(out):
+    """What saves and deletions cut short left behind (partial and deleting directories): never read, only removed."""
+    return sorted([*Path(out).glob(".checkpoint-*.partial"), *Path(out).glob(".checkpoint-*.deleting")])
 
 
 def shard_file(checkpoint, rank):

@@ -106,3 +106,11 @@ class Throughput:
     @property
     def timed_steps(self):
         return max(self.steps - self.warmup_steps, 0)
+
+
+def human_bytes(count):
+    """A byte count for people: '812 B', '10.5 MiB', '9.54 GiB' (binary units, as `trainer.py plan`)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{int(count)} B"

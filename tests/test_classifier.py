@@ -10,6 +10,7 @@ from kernels import merge_shard_stats, reference
 from kernels.reference import relative_error
 from model.classifier import random_unit_rows
 from run.distributed import shard_rows
+from tests.allocations import NewStorages
 from tests.classifier_problems import CASES, SGD_STEP, make_problem, tiny_backbone
 from tests.conftest import WORKERS, run_horovod
 
@@ -248,3 +249,28 @@ def test_default_horovod_environment(monkeypatch, cuda, user_value, expected):
     chosen = default_horovod_environment()
     assert os.environ.get("HOROVOD_CYCLE_TIME") == expected
     assert chosen == ({"HOROVOD_CYCLE_TIME": expected} if user_value is None else {})
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+def test_shard_sgd_updates_bitwise_as_torch_sgd_without_a_copy_of_the_gradient(weight_decay):
+    """Three steps of ShardSGD and torch.optim.SGD from the same rows and gradients: the same rows bitwise; after
+    the first step (which creates the momentum buffer) ShardSGD allocates nothing the size of the shard, where
+    torch's SGD allocates the gradient plus weight decay."""
+    from model.classifier import ShardSGD
+    torch.manual_seed(0)
+    start, gradients = torch.randn(1000, 24), [torch.randn(1000, 24) for _ in range(3)]
+    results = {}
+    for optimizer_class in (torch.optim.SGD, ShardSGD):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = optimizer_class([weight], lr=0.3, momentum=0.9, weight_decay=weight_decay)
+        allocated = []
+        for step, gradient in enumerate(gradients):
+            weight.grad = gradient.clone()
+            with NewStorages() as new:
+                optimizer.step()
+            allocated.append(new.allocated.count(((1000, 24), 1000 * 24 * 4)))
+        results[optimizer_class] = weight.detach(), allocated, optimizer.param_groups[0]["weight_decay"]
+    assert torch.equal(results[torch.optim.SGD][0], results[ShardSGD][0])
+    assert results[ShardSGD][1] == [1, 0, 0]  # the momentum buffer, once
+    assert results[torch.optim.SGD][1] == ([2, 1, 1] if weight_decay else [1, 0, 0])
+    assert results[ShardSGD][2] == weight_decay  # the group keeps its setting for whoever reads it

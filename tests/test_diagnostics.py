@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.allocations import NewStorages
 from tests.conftest import WORKERS, run_horovod
 
 
@@ -59,6 +60,19 @@ def test_epoch_diagnostics_match_the_oracle(k, labelled, single_engine):
     norms = weight.double().norm(dim=1)
     assert result["row_norm_mean"] == pytest.approx(float(norms.mean()), rel=1e-12)
     assert (result["row_norm_min"], result["row_norm_max"]) == pytest.approx((float(norms.min()), float(norms.max())))
+
+
+def test_row_norms_are_computed_in_blocks_without_a_float64_copy_of_the_shard(single_engine, monkeypatch):
+    """The norms of a shard of 3.5 blocks: bitwise those of the whole float64 copy, which is never made."""
+    from run import diagnostics
+    monkeypatch.setattr(diagnostics, "NORM_BLOCK_ROWS", 8)
+    weight = torch.randn(28, 5)
+    with NewStorages() as new:
+        result = diagnostics.row_norm_statistics(weight)
+    norms = weight.double().norm(dim=1)
+    assert result == {"row_norm_mean": float(norms.sum() / 28), "row_norm_min": float(norms.min()),
+                      "row_norm_max": float(norms.max())}
+    assert max(nbytes for _, nbytes in new.allocated) < weight.numel() * 4  # not even a float32 copy
 
 
 @pytest.mark.parametrize("num_ranks, num_rows", [(None, 9), (2, 9), (3, 10), (3, 2)])

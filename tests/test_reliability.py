@@ -18,7 +18,7 @@ import torch
 from run.errors import UsageError
 from run.faults import TEST_FAULT_VARIABLE
 from tests.conftest import ROOT, WORKERS, horovod_job, run_horovod
-from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, trainer, training_records
+from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, rank_lines, trainer, training_records
 
 # 2 epochs of 15 steps, every step logged, a checkpoint after each epoch.
 RUN = [*SMALL, "--epochs", "2", "--save-every", "1", "--log-every", "1", "--knn-every", "0"]
@@ -31,12 +31,6 @@ def reference_run(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     trainer("--data", tiny_dataset, "--out", out, *RUN)
     return out
-
-
-def rank_lines(stderr, rank):
-    """What rank `rank` wrote to its stderr, as horovodrun relays it ("[R]<stderr>:line")."""
-    prefix = f"[{rank}]<stderr>:"
-    return [line[len(prefix):] for line in stderr.splitlines() if line.startswith(prefix)]
 
 
 def assert_every_rank_stopped_with(stderr, error):

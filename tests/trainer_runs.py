@@ -32,6 +32,12 @@ def trainer(*args, num_ranks=2, **options):
     return run_horovod(num_ranks, ROOT / "trainer.py", *args, **options)
 
 
+def rank_lines(stderr, rank):
+    """What rank `rank` wrote to its stderr, as horovodrun relays it ("[R]<stderr>:line")."""
+    prefix = f"[{rank}]<stderr>:"
+    return [line[len(prefix):] for line in stderr.splitlines() if line.startswith(prefix)]
+
+
 def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

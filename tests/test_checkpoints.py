@@ -1,0 +1,334 @@
+"""Checkpoints that fit the disk (--keep-checkpoints) and a full disk that is one line and loses nothing
+(run/checkpoint.py): the estimate of what a save writes, the pruning rule, the refusal before a write and the
+failed write, in process (one rank) and in P = 2 trainer jobs, on a simulated and on a real small file system."""
+import argparse
+import hashlib
+import re
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from run import checkpoint as checkpoints
+from run.errors import UsageError
+from run.faults import TEST_FAULT_VARIABLE
+from run.layout import checkpoint_name, complete_checkpoints, hidden_checkpoints, partial_checkpoint
+from run.run_log import human_bytes
+from tests.conftest import WORKERS, run_horovod
+from tests.trainer_runs import SMALL, rank_lines, read_metrics, trainer
+
+ENCODER = dict(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16, data=None)
+
+
+def digest(checkpoint):
+    """{file: sha256} of a checkpoint directory: equal before and after means untouched."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(checkpoint.iterdir())}
+
+
+def names(out):
+    return [path.name for path in complete_checkpoints(out)]
+
+
+def needed_bytes(message):
+    """The bytes of "it needs 1.5 MiB" in an error line (human_bytes' units)."""
+    value, unit = re.search(r"it needs ([\d.]+) (B|KiB|MiB|GiB) ", message).groups()
+    return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """(config, run) of one rank after one training step, so that both optimizers hold momentum; the
+    single-process engine is this module's process group (as tests/conftest.py's single_engine, for a module)."""
+    from model.classifier import ShardedInstanceClassifier
+    from model.encoder import build_encoder
+    from model.step import train_step
+    from run import distributed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distributed, "_started", distributed.SingleProcess())
+        torch.manual_seed(0)
+        config = argparse.Namespace(**ENCODER, keep_checkpoints=2, num_instances=37)
+        backbone, head = build_encoder(config, torch.device("cpu"))
+        classifier = ShardedInstanceClassifier(37, 16, smooth_k=2, smooth_alpha=0.1)
+        encoder_optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+        classifier_optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9)
+        images = torch.randn(5, 3, 32, 32)
+        train_step(backbone, head, classifier, (encoder_optimizer, classifier_optimizer), [images, images],
+                   torch.arange(5))
+        yield config, (backbone, head, encoder_optimizer, classifier, classifier_optimizer)
+
+
+class SmallFileSystem:
+    """A tmpfs of a given size mounted at `path` (CI runs as root); `resize` remounts it with another size."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def mount(self, size, *options):
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([*options, f"size={size}"]), "tmpfs",
+                                 str(self.path)], capture_output=True, text=True)
+        return result
+
+    def resize(self, size):
+        result = self.mount(size, "remount")
+        assert result.returncode == 0, result.stderr
+
+    def free(self):
+        return shutil.disk_usage(self.path).free
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    file_system = SmallFileSystem(tmp_path / "small")
+    file_system.path.mkdir()
+    result = file_system.mount("64m")
+    if result.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root with CAP_SYS_ADMIN, which this process lacks "
+                    f"({result.stderr.strip()}); CI runs as root and runs this test")
+    yield file_system
+    subprocess.run(["umount", "-l", str(file_system.path)], check=True)
+
+
+# -------------------------------------------------------------------------------- the estimate
+@pytest.mark.parametrize("make", [
+    lambda run: {"weight": torch.randn(1001, 13), "momentum": torch.randn(1001, 13), "start": 0},  # a shard
+    lambda run: {"view": torch.randn(1000, 10)[:3]},  # torch.save writes the view's whole storage
+    lambda run: {"a": (shared := torch.randn(257, 3)), "b": shared[1:]},  # a storage shared: written once
+    lambda run: {"backbone": run[0].state_dict(), "head": run[1].state_dict(), "rng": torch.get_rng_state(),
+                 "encoder_optimizer": run[2].state_dict(), "step_losses": [0.5] * 3000},  # a state.pt
+    lambda run: {},
+], ids=["shard", "view", "shared-storage", "state", "empty"])
+def test_the_estimate_bounds_what_torch_save_writes_and_is_close(make, tiny_run, tmp_path):
+    obj = make(tiny_run[1])
+    torch.save(obj, tmp_path / "file.pt")
+    written, estimate = (tmp_path / "file.pt").stat().st_size, checkpoints.estimated_file_bytes(obj)
+    storages = len({tensor.untyped_storage().data_ptr() for tensor in tensors_of(obj)})
+    assert written <= estimate <= written + checkpoints.FILE_OVERHEAD_BYTES \
+        + checkpoints.STORAGE_OVERHEAD_BYTES * storages, (written, estimate)
+
+
+def tensors_of(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [tensor for value in values for tensor in tensors_of(value)]
+
+
+def test_plan_sizes_the_checkpoint_a_save_writes(tiny_run, tmp_path):
+    """model.plan's checkpoint rows (2 C D 4 per shard file, + 2 |theta| 4 for state.pt) against the files; the
+    BatchNorm buffers and the files' records are what the formula leaves aside."""
+    from model.plan import plan
+    config, run = tiny_run
+    written = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    rows = {name: hybrid for name, hybrid, _ in plan(instances=37, gpus=1, batch_size=10, feat_dim=16, k=2,
+                                                      image_size=32, **{k: v for k, v in ENCODER.items()
+                                                                        if k not in ("feat_dim", "data")})}
+    in_all = rows["checkpoint in all (every rank's file + state.pt)"]
+    shard = rows["checkpoint: classifier file of one rank"]
+    assert in_all <= checkpoints.checkpoint_bytes(written) <= 1.1 * in_all
+    assert shard == 2 * 37 * 16 * 4 <= (written / "shard-0.pt").stat().st_size
+
+
+def test_a_resume_copies_its_rows_once(tiny_run, tmp_path):
+    """load_rows reads rows [5, 30) from the memory-mapped shard into one copy each of the weight and the
+    momentum: at a resume the rank holds its parameter, the rows read and their momentum, no fourth copy."""
+    from run.checkpoint import load_rows, load_state
+    from tests.allocations import NewStorages
+    config, run = tiny_run
+    written = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    with NewStorages() as new:
+        weight, momentum, _ = load_rows(written, 5, 30, 37, load_state(written))
+    classifier, optimizer = run[3], run[4]
+    assert torch.equal(weight, classifier.weight.detach()[5:30])
+    assert torch.equal(momentum, optimizer.state[classifier.weight]["momentum_buffer"][5:30])
+    assert [entry for entry in new.allocated if entry[1] >= 25 * 16 * 4] == [((25, 16), 25 * 16 * 4)] * 2
+
+
+# -------------------------------------------------------------------------------- --keep-checkpoints
+def make_checkpoints(out, positions):
+    for epoch, step in positions:
+        (out / checkpoint_name(epoch, step)).mkdir(parents=True)
+        (out / checkpoint_name(epoch, step) / "state.pt").write_bytes(b"state")
+
+
+@pytest.mark.parametrize("keep, existing, written, left", [
+    (2, [(1, 0), (2, 0), (3, 0)], (3, 0), ["checkpoint-0002", "checkpoint-0003"]),
+    (1, [(1, 0), (2, 0), (3, 0)], (3, 0), ["checkpoint-0003"]),
+    (3, [(1, 0), (2, 0)], (2, 0), ["checkpoint-0001", "checkpoint-0002"]),
+    (0, [(1, 0), (2, 0), (3, 0)], (3, 0), ["checkpoint-0001", "checkpoint-0002", "checkpoint-0003"]),
+    # a stop inside epoch 3 is newer than the checkpoint of epoch 2, and older than epoch 3's
+    (1, [(1, 0), (2, 0), (2, 7)], (2, 7), ["checkpoint-0002-step-000007"]),
+    (2, [(1, 0), (2, 0), (2, 7)], (2, 7), ["checkpoint-0002", "checkpoint-0002-step-000007"]),
+    (2, [(2, 0), (2, 7), (3, 0)], (3, 0), ["checkpoint-0002-step-000007", "checkpoint-0003"]),
+    # --resume named checkpoint-0002 of a run that had gone on to 5: 5 is not this run's to delete, 3 stays
+    (1, [(1, 0), (2, 0), (3, 0), (5, 0)], (3, 0), ["checkpoint-0003", "checkpoint-0005"]),
+])
+def test_the_newest_checkpoints_stay_and_never_the_one_just_written_goes(keep, existing, written, left, tmp_path):
+    make_checkpoints(tmp_path, existing)
+    (tmp_path / "checkpoint-0000").mkdir()  # no state.pt: not a checkpoint, not counted, not touched
+    deleted = checkpoints.prune_checkpoints(tmp_path, keep, tmp_path / checkpoint_name(*written))
+    assert names(tmp_path) == left
+    assert sorted(path.name for path in deleted) == sorted(set(checkpoint_name(*p) for p in existing) - set(left))
+    assert (tmp_path / "checkpoint-0000").is_dir() and not hidden_checkpoints(tmp_path)
+
+
+def test_keep_checkpoints_is_documented_with_its_default_and_judged():
+    import trainer as trainer_module
+    help_text = " ".join(trainer_module.parser.format_help().split())
+    assert "--keep-checkpoints KEEP_CHECKPOINTS complete checkpoints kept in --out" in help_text
+    assert "0 keeps every one. --out holds N + 1 while the next one is written (default: 2)" in help_text
+    with pytest.raises(UsageError, match=r"--keep-checkpoints must be >= 0 \(0 keeps every one\), got -1"):
+        trainer_module.resolve_config(trainer_module.parser.parse_args(["--keep-checkpoints", "-1"]))
+
+
+# -------------------------------------------------------------------------------- a full disk, one rank
+def test_a_checkpoint_that_does_not_fit_is_refused_before_any_write(tiny_run, tmp_path, monkeypatch):
+    config, run = tiny_run
+    first = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    before = digest(first)
+    writes = []
+    monkeypatch.setattr(checkpoints.torch, "save", lambda *args, **kwargs: writes.append(args[1]))
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=0, free=4096))
+    with pytest.raises(UsageError) as refused:
+        checkpoints.save_checkpoint(tmp_path, 2, config, *run)
+    message = str(refused.value)
+    size = checkpoints.checkpoint_bytes(first)  # checkpoint 2 is as large as checkpoint 1
+    assert message.startswith("cannot write checkpoint-0002: it needs ") and size <= needed_bytes(message) < 1.1 * size
+    assert f"and 4.0 KiB were free on the file system of {tmp_path}; nothing of it was written, checkpoint-0001 " \
+        f"is intact: free some space (or lower --keep-checkpoints) and --resume auto continues from it" in message
+    assert "\n" not in message and writes == []
+    assert names(tmp_path) == ["checkpoint-0001"] and digest(first) == before and not hidden_checkpoints(tmp_path)
+
+
+def test_a_write_that_fails_leaves_nothing_of_the_checkpoint(tiny_run, tmp_path, monkeypatch):
+    config, run = tiny_run
+    real_save = torch.save
+
+    def state_cut_short(obj, path, *args, **kwargs):
+        if path.name == "state.pt":  # after the shards: some files of the checkpoint are on disk
+            path.write_bytes(b"PK")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10496 vs 10390\n"
+                               "frame #0: c10::Error::Error")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", state_cut_short)
+    with pytest.raises(UsageError) as failed:
+        checkpoints.save_checkpoint(tmp_path, 1, config, *run, step_losses=[1.0, 2.0])
+    assert str(failed.value).startswith("cannot write checkpoint-0001-step-000002: rank 0 failed writing state.pt "
+                                        "(RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos "
+                                        "10496 vs 10390); it needs ")
+    assert str(failed.value).endswith(f"when it started; nothing of it was kept, there is no earlier checkpoint: "
+                                      f"--resume auto would start afresh")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_killed_save_or_deletion_left_goes_at_the_next_save(tiny_run, tmp_path):
+    config, run = tiny_run
+    for leftover in (partial_checkpoint(tmp_path / "checkpoint-0003"), tmp_path / ".checkpoint-0001.deleting"):
+        leftover.mkdir()
+        (leftover / "shard-0.pt").write_bytes(b"x" * 1000)
+    checkpoints.save_checkpoint(tmp_path, 2, config, *run)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-0002"]
+
+
+def test_a_real_full_file_system_is_one_line_and_the_previous_checkpoint_stays(tiny_run, small_file_system,
+                                                                                 monkeypatch):
+    """On a real tmpfs: the refusal reports the file system's real free space; with the estimate made wrong on
+    purpose the write itself fails with the real writer's error, and the partial checkpoint goes."""
+    config, run = tiny_run
+    out = small_file_system.path
+    first = checkpoints.save_checkpoint(out, 1, config, *run)
+    size = checkpoints.checkpoint_bytes(first)
+    small_file_system.resize(f"{(size + size // 2) // 1024}k")  # room for 1.5 checkpoints
+    before = digest(first)
+    with pytest.raises(UsageError, match=f"cannot write checkpoint-0002: it needs .* and "
+                                         f"{human_bytes(small_file_system.free())} were free") as refused:
+        checkpoints.save_checkpoint(out, 2, config, *run)
+    assert "checkpoint-0001 is intact" in str(refused.value)
+    monkeypatch.setattr(checkpoints, "estimated_file_bytes", lambda obj: 0)  # the check passes, the disk fills
+    with pytest.raises(UsageError, match=r"cannot write checkpoint-0002: rank 0 failed writing (shard-0|state)\.pt "
+                                         r"\((RuntimeError|OSError): .*\); it needs 0 B and .* were free on the file "
+                                         r"system of .* when it started; nothing of it was kept, checkpoint-0001 is "
+                                         r"intact") as failed:
+        checkpoints.save_checkpoint(out, 2, config, *run)
+    assert "\n" not in str(failed.value)
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint-0001"] and digest(first) == before
+    with pytest.raises(UsageError, match=f"cannot write {out / 'backbone.pth'}: (RuntimeError|OSError): .*; it "
+                                         f"needs 0 B and .* were free on its file system when it started"):
+        checkpoints.write_file({"weight": torch.zeros(2**20)}, out / "backbone.pth")  # 4 MiB: more than is left
+    assert not (out / "backbone.pth").exists()
+
+
+# -------------------------------------------------------------------------------- P = 2 trainer runs
+# 4 steps per epoch at P = 2 on the tiny data (120 images / (2 ranks x 16)), a checkpoint after each epoch.
+RUN = [*SMALL, "--batch-size", "16", "--save-every", "1", "--knn-every", "0"]
+
+
+def training_epochs(out):
+    return [m["epoch"] for m in read_metrics(out) if "epoch_loss" in m]
+
+
+@pytest.mark.horovod
+def test_keep_checkpoints_at_p2_counts_a_stop_inside_an_epoch_as_the_newest(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "3", "--keep-checkpoints", "2",
+                     check=False, env={TEST_FAULT_VARIABLE: "1:3:2:SIGTERM"})
+    assert result.returncode != 0 and "stopped by SIGTERM after epoch 3 step 2" in result.stderr
+    assert names(out) == ["checkpoint-0002", "checkpoint-0002-step-000002"]
+    assert "wrote checkpoint-0002-step-000002: " in result.stdout
+    assert "; deleted checkpoint-0001 (--keep-checkpoints 2)" in result.stdout
+    trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "3", "--keep-checkpoints", "2")
+    assert names(out) == ["checkpoint-0002-step-000002", "checkpoint-0003"] and not hidden_checkpoints(out)
+    assert training_epochs(out) == [1, 2, 3]
+
+
+@pytest.mark.horovod
+def test_a_failed_write_on_one_rank_is_one_line_on_every_rank_and_the_resume_finishes(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = run_horovod(2, WORKERS / "trainer_full_disk.py", "1", "checkpoint-0002", "--data", tiny_dataset,
+                         "--out", out, *RUN, "--epochs", "2", check=False)
+    assert result.returncode != 0
+    first = out / "checkpoint-0001"
+    for rank in (0, 1):
+        lines = rank_lines(result.stderr, rank)
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: cannot write checkpoint-0002: rank 1 failed writing shard-1.pt "
+                                   "(RuntimeError: basic_ios::clear: iostream error); it needs "), lines
+        assert lines[0].endswith(f"when it started; nothing of it was kept, checkpoint-0001 is intact: free some "
+                                 f"space (or lower --keep-checkpoints) and --resume auto continues from it"), lines
+    assert names(out) == ["checkpoint-0001"] and not hidden_checkpoints(out)
+    before = digest(first)
+    result = trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2")
+    assert f"resumed from {first}" in result.stdout
+    assert names(out) == ["checkpoint-0001", "checkpoint-0002"] and digest(first) == before
+    assert training_epochs(out) == [1, 2]
+
+
+@pytest.mark.horovod
+def test_a_full_file_system_at_p2_is_one_line_on_every_rank_and_the_resume_finishes(tiny_dataset,
+                                                                                    small_file_system):
+    """--out on a tmpfs with room for 1.5 checkpoints: the second is refused on every rank with the real free
+    space; once the file system is grown, --resume auto finishes the run with every epoch once in metrics.jsonl.
+    (The sizes come from a first run, cut back to its first checkpoint.)"""
+    out = small_file_system.path / "run"
+    trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2")
+    shutil.rmtree(out / "checkpoint-0002")
+    first = out / "checkpoint-0001"
+    size, used = checkpoints.checkpoint_bytes(first), shutil.disk_usage(small_file_system.path).used
+    small_file_system.resize(f"{(used + size // 2) // 1024 + 1}k")
+    before = digest(first)
+    result = trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2", check=False)
+    assert result.returncode != 0
+    free = human_bytes(small_file_system.free())  # nothing was written since the check
+    for rank in (0, 1):
+        lines = rank_lines(result.stderr, rank)
+        assert len(lines) == 1 and size <= needed_bytes(lines[0]) < 1.1 * size, result.stderr
+        assert re.fullmatch(f"error: cannot write checkpoint-0002: it needs [^ ]+ [KMG]iB and {re.escape(free)} were "
+                            f"free on the file system of {re.escape(str(out))}; nothing of it was written, "
+                            f"checkpoint-0001 is intact: free some space \\(or lower --keep-checkpoints\\) and "
+                            f"--resume auto continues from it", lines[0]), lines
+    assert names(out) == ["checkpoint-0001"] and digest(first) == before and not hidden_checkpoints(out)
+    small_file_system.resize("64m")
+    trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2")
+    assert names(out) == ["checkpoint-0001", "checkpoint-0002"] and training_epochs(out) == [1, 2]
