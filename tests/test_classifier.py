@@ -242,8 +242,9 @@ def test_default_horovod_environment(monkeypatch, cuda, user_value, expected):
     """HOROVOD_CYCLE_TIME = 0.1 ms for GPU ranks, 5 ms for CPU ranks, unless the user chose one."""
     from run.horovod_engine import default_horovod_environment
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    if user_value is None:
-        monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    if user_value is None:  # set first, so that monkeypatch restores the variable's absence afterwards
+        monkeypatch.setenv("HOROVOD_CYCLE_TIME", "unset by the test")
+        monkeypatch.delenv("HOROVOD_CYCLE_TIME")
     else:
         monkeypatch.setenv("HOROVOD_CYCLE_TIME", user_value)
     chosen = default_horovod_environment()
