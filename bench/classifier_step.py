@@ -162,8 +162,10 @@ def launch(worker, instances):
                  "torch": [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
                            str(args.np)],
                  "single": [sys.executable]}
+    # Not --np under torchrun: it would take it for its own --nproc-per-node (argparse abbreviations).
+    ranks = [] if args.engine == "torch" else ["--np", str(args.np)]
     command = [*launchers[args.engine], __file__, args.mode, "--worker", worker, "--engine", args.engine,
-               "--np", str(args.np), "--instances", str(instances), "--batch-size", str(args.batch_size),
+               *ranks, "--instances", str(instances), "--batch-size", str(args.batch_size),
                "--dim", str(args.dim), "--k", str(args.k), "--steps", str(args.steps), "--backend", args.backend,
                "--result", str(result)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // args.np))}

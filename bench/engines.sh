@@ -17,7 +17,7 @@ BIN=$(dirname "$PY")
 before=${1:-}
 export OMP_NUM_THREADS=1
 
-echo "machine: $(uname -n), $(nproc) cores, $(uname -m); $(date '+%Y-%m-%d %H:%M %Z'); commit $(git rev-parse --short HEAD)"
+echo "machine: $(uname -n), $(nproc --all) cores, $(uname -m); $(date '+%Y-%m-%d %H:%M %Z'); commit $(git rev-parse --short HEAD)"
 echo
 echo "### Classifier step, P = 1"
 "$PY" bench/classifier_step.py overhead --np 1 --engine single
