@@ -17,6 +17,7 @@ A failing rank: its exit closes its connections, and a peer's collective then ra
 the process group's timeout (COLLECTIVE_TIMEOUT); torchrun also stops the other workers when one exits
 non-zero. Signals: README.md, "Stopping".
 """
+import atexit
 import datetime
 import os
 
@@ -50,6 +51,10 @@ class TorchEngine(Engine):
         # Host integers (split sizes, first dimensions) travel on a CPU group: gloo alongside NCCL.
         self.host_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if backend == "nccl" else None
         self.settings = {"backend": backend, "timeout": f"{COLLECTIVE_TIMEOUT.total_seconds():.0f}s"}
+        # A process that ends with its group alive can abort in the interpreter's teardown (gloo's threads still
+        # hold tensors then: "terminate called without an active exception", exit -6), and torchrun then
+        # fails the job that had finished. So the group is left at exit, while the interpreter is whole.
+        atexit.register(self.shutdown)
 
     # ---- host integers
     def _gather_sizes(self, size):
