@@ -19,25 +19,30 @@ export OMP_NUM_THREADS=1
 
 echo "machine: $(uname -n), $(nproc --all) cores, $(uname -m); $(date '+%Y-%m-%d %H:%M %Z'); commit $(git rev-parse --short HEAD)"
 echo
-echo "### Classifier step, P = 1"
-"$PY" bench/classifier_step.py overhead --np 1 --engine single
-"$PY" bench/classifier_step.py overhead --np 1 --engine horovod
-echo
-echo "### Training step, P = 1"
-"$PY" bench/train_step.py cpu --engine single
-"$PY" bench/train_step.py cpu --engine horovod
-echo
-echo "### Classifier step, P = 2"
-"$PY" bench/classifier_step.py overhead --np 2 --engine horovod
-"$PY" bench/classifier_step.py overhead --np 2 --engine torch
-echo
-echo "### Training step, P = 2"
-"$BIN/horovodrun" --gloo -np 2 -H localhost:2 "$PY" bench/train_step.py cpu
-"$BIN/torchrun" --standalone --nproc_per_node 2 bench/train_step.py cpu
-echo
+# A bench script under an engine at P ranks: alone at P = 1, under the engine's launcher otherwise.
+launch() {
+    local engine=$1 ranks=$2
+    shift 2
+    if [[ $ranks == 1 ]]; then
+        "$PY" "$@" --engine "$engine"
+    elif [[ $engine == horovod ]]; then
+        "$BIN/horovodrun" --gloo -np "$ranks" -H "localhost:$ranks" "$PY" "$@"
+    else
+        "$BIN/torchrun" --standalone --nproc_per_node "$ranks" "$@"
+    fi
+}
+
+for ranks in 1 2; do
+    if [[ $ranks == 1 ]]; then engines="single horovod"; else engines="horovod torch"; fi
+    echo "### Classifier step, P = $ranks"
+    for engine in $engines; do "$PY" bench/classifier_step.py overhead --np "$ranks" --engine "$engine"; done
+    echo
+    echo "### Training step, P = $ranks"
+    for engine in $engines; do launch "$engine" "$ranks" bench/train_step.py cpu; done
+    echo
+done
 echo "### The step's collectives, P = 2"
-"$BIN/horovodrun" --gloo -np 2 -H localhost:2 "$PY" bench/collectives.py
-"$BIN/torchrun" --standalone --nproc_per_node 2 bench/collectives.py
+for engine in horovod torch; do launch "$engine" 2 bench/collectives.py; done
 if [[ -n $before ]]; then
     echo
     echo "### Before the seam ($(git -C "$before" rev-parse --short HEAD)), P = 2, Horovod"
