@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The engines side by side, in one run, on this machine's CPU (gloo): what `--engine` costs.
 #
-#   bash bench/engines.sh [BEFORE_TREE]      # ~10 minutes on 2 cores; prints markdown for bench/RESULTS.md
+#   bash bench/engines.sh [BEFORE_TREE [REPEATS]]   # ~10 minutes on 2 cores, +2 per repeat; prints markdown for
+#                                                   # bench/RESULTS.md
 #
 # 1. the classifier step (bench/classifier_step.py overhead: forward + backward, N = 10,000) and the training
 #    step (bench/train_step.py cpu: linear-1000 vs the instance classifier) at P = 1, single vs horovod;
 # 2. the same at P = 2, horovod vs torch, and what each collective of the step costs (bench/collectives.py);
-# 3. with BEFORE_TREE (a checkout of the code before the process-group seam), the same P = 2 Horovod runs
-#    of that tree, to show that the seam did not slow the Horovod path.
+# 3. with BEFORE_TREE (a checkout of the code before the process-group seam), the P = 2 Horovod runs of that
+#    tree and of this one, alternating, REPEATS times (default 3), at one HOROVOD_CYCLE_TIME: whether the seam
+#    slowed the Horovod path, with the run-to-run spread beside it.
 # Nothing else should run meanwhile: every number is a wall-clock median.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,32 +17,45 @@ PY=${PYTHON:-.venv/bin/python}
 PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # absolute but not resolved: the venv's python
 BIN=$(dirname "$PY")
 before=${1:-}
+repeats=${2:-3}
 export OMP_NUM_THREADS=1
 
 echo "machine: $(uname -n), $(nproc --all) cores, $(uname -m); $(date '+%Y-%m-%d %H:%M %Z'); commit $(git rev-parse --short HEAD)"
 echo
-echo "### Classifier step, P = 1"
-"$PY" bench/classifier_step.py overhead --np 1 --engine single
-"$PY" bench/classifier_step.py overhead --np 1 --engine horovod
-echo
-echo "### Training step, P = 1"
-"$PY" bench/train_step.py cpu --engine single
-"$PY" bench/train_step.py cpu --engine horovod
-echo
-echo "### Classifier step, P = 2"
-"$PY" bench/classifier_step.py overhead --np 2 --engine horovod
-"$PY" bench/classifier_step.py overhead --np 2 --engine torch
-echo
-echo "### Training step, P = 2"
-"$BIN/horovodrun" --gloo -np 2 -H localhost:2 "$PY" bench/train_step.py cpu
-"$BIN/torchrun" --standalone --nproc_per_node 2 bench/train_step.py cpu
-echo
-echo "### The step's collectives, P = 2"
-"$BIN/horovodrun" --gloo -np 2 -H localhost:2 "$PY" bench/collectives.py
-"$BIN/torchrun" --standalone --nproc_per_node 2 bench/collectives.py
-if [[ -n $before ]]; then
+# A bench script under an engine at P ranks: alone at P = 1, under the engine's launcher otherwise.
+launch() {
+    local engine=$1 ranks=$2
+    shift 2
+    if [[ $ranks == 1 ]]; then
+        "$PY" "$@" --engine "$engine"
+    elif [[ $engine == horovod ]]; then
+        "$BIN/horovodrun" --gloo -np "$ranks" -H "localhost:$ranks" "$PY" "$@"
+    else
+        "$BIN/torchrun" --standalone --nproc_per_node "$ranks" "$@"
+    fi
+}
+
+for ranks in 1 2; do
+    if [[ $ranks == 1 ]]; then engines="single horovod"; else engines="horovod torch"; fi
+    echo "### Classifier step, P = $ranks"
+    for engine in $engines; do "$PY" bench/classifier_step.py overhead --np "$ranks" --engine "$engine"; done
     echo
-    echo "### Before the seam ($(git -C "$before" rev-parse --short HEAD)), P = 2, Horovod"
-    (cd "$before" && "$PY" bench/classifier_step.py overhead --np 2)
-    (cd "$before" && "$BIN/horovodrun" --gloo -np 2 -H localhost:2 "$PY" bench/train_step.py cpu)
+    echo "### Training step, P = $ranks"
+    for engine in $engines; do launch "$engine" "$ranks" bench/train_step.py cpu; done
+    echo
+done
+echo "### The step's collectives, P = 2"
+for engine in horovod torch; do launch "$engine" 2 bench/collectives.py; done
+if [[ -n $before ]]; then
+    # Both trees at the same cycle (the old train_step.py left it at Horovod's own default), alternating, so that
+    # a drift of the machine falls on both.
+    export HOROVOD_CYCLE_TIME=${HOROVOD_CYCLE_TIME:-5}
+    for run in $(seq "$repeats"); do
+        echo
+        echo "### Run $run of $repeats, P = 2, Horovod, HOROVOD_CYCLE_TIME=$HOROVOD_CYCLE_TIME: before the seam ($(git -C "$before" rev-parse --short HEAD)), then after"
+        (cd "$before" && "$PY" bench/classifier_step.py overhead --np 2)
+        (cd "$before" && launch horovod 2 bench/train_step.py cpu)
+        "$PY" bench/classifier_step.py overhead --np 2 --engine horovod
+        launch horovod 2 bench/train_step.py cpu
+    done
 fi

@@ -81,17 +81,8 @@ class InstanceIndex:
         file_list = directory / f"files-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
         if not file_list.exists():
             write_text_atomically(file_list, text)
-        description = {
-            "format": INDEX_FORMAT,
-            "layout": self.layout,
-            "root": str(self.root),
-            "file_list": file_list.name,
-            "class_names": self.class_names,
-            "num_instances": self.num_instances,
-            "num_excluded": self.num_excluded,
-        }
-        write_text_atomically(directory / "index.json", json.dumps(description, indent=1) + "\n")
-        self.path, self.file_list = directory / "index.json", file_list
+        self.path = write_description(self, directory, file_list=file_list.name, class_names=self.class_names)
+        self.file_list = file_list
         return self.path
 
     @classmethod
@@ -106,6 +97,16 @@ class InstanceIndex:
         if not root.is_dir():
             raise FileNotFoundError(f"dataset folder {root} of the index {path} does not exist")
         return cls(root, files, description["class_names"], description["num_excluded"], path, file_list)
+
+
+def write_description(index, directory, **fields):
+    """Write `directory/index.json` atomically (what saved_description reads back): the format, the index's
+    layout, root and counts, and the `fields` of its layout between them; return its path."""
+    description = {"format": INDEX_FORMAT, "layout": index.layout, "root": str(index.root), **fields,
+                   "num_instances": index.num_instances, "num_excluded": index.num_excluded}
+    path = Path(directory) / "index.json"
+    write_text_atomically(path, json.dumps(description, indent=1) + "\n")
+    return path
 
 
 def saved_description(path, layout=None):

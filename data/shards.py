@@ -50,7 +50,7 @@ import numpy as np
 
 from data.cache import private_temporary, write_text_atomically
 from data.formats import IMAGE_EXTENSIONS, image_problem
-from data.index import INDEX_FORMAT, describe_excluded, report_excluded, saved_description
+from data.index import describe_excluded, report_excluded, saved_description, write_description
 
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz", ".tar.zst")
@@ -126,19 +126,11 @@ class ShardIndex:
             write_text_atomically(samples_file, samples)
         if not dali_index.exists():
             self.write_dali_index(dali_index)
-        description = {
-            "format": INDEX_FORMAT,
-            "layout": self.layout,
-            "root": str(self.root),
-            "shards": [{"name": name, "bytes": size, "samples": count}
-                       for name, size, count in zip(self.shards, self.shard_bytes, self.counts)],
-            "samples": samples_file.name,
-            "dali_index": dali_index.name,
-            "num_instances": self.num_instances,
-            "num_excluded": self.num_excluded,
-        }
-        write_text_atomically(directory / "index.json", json.dumps(description, indent=1) + "\n")
-        self.path, self.dali_index = directory / "index.json", dali_index
+        shards = [{"name": name, "bytes": size, "samples": count}
+                  for name, size, count in zip(self.shards, self.shard_bytes, self.counts)]
+        self.path = write_description(self, directory, shards=shards, samples=samples_file.name,
+                                      dali_index=dali_index.name)
+        self.dali_index = dali_index
         return self.path
 
     def write_dali_index(self, folder):
