@@ -461,3 +461,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # after a run too: the interpreter's teardown is slow, and under torchrun it can abort a rank

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from run.distributed import ENGINES, start  # noqa: E402
+from run.faults import exit_now  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--batch-size", type=int, default=64, help="samples PER RANK (default: 64)")
@@ -69,3 +70,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # as the trainer ends: no interpreter teardown, which can abort a torchrun worker

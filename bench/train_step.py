@@ -40,6 +40,7 @@ from model.classifier import ShardedInstanceClassifier, ShardSGD, distributed_ba
 from model.encoder import build_encoder  # noqa: E402
 from model.step import train_step  # noqa: E402
 from run.distributed import ENGINES, engine, start  # noqa: E402
+from run.faults import exit_now  # noqa: E402
 
 SHAPES = {  # per mode: encoder config, images per rank, views, and the instance-classifier sizes N
     "cpu": dict(arch="resnet18", width=8, small_stem=True, hidden_dim=64, feat_dim=32, image_size=32,
@@ -191,3 +192,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # as the trainer ends: no interpreter teardown, which can abort a torchrun worker

@@ -51,9 +51,10 @@ class TorchEngine(Engine):
         # Host integers (split sizes, first dimensions) travel on a CPU group: gloo alongside NCCL.
         self.host_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if backend == "nccl" else None
         self.settings = {"backend": backend, "timeout": f"{COLLECTIVE_TIMEOUT.total_seconds():.0f}s"}
-        # A process that ends with its group alive can abort in the interpreter's teardown (gloo's threads still
-        # hold tensors then: "terminate called without an active exception", exit -6), and torchrun then
-        # fails the job that had finished. So the group is left at exit, while the interpreter is whole.
+        # torch asks for the group to be destroyed before a normal exit, while the interpreter is whole: done
+        # here for every script that starts the engine. The interpreter's teardown after it can still abort a
+        # finished gloo worker now and then ("terminate called without an active exception", exit -6, and
+        # torchrun then fails the job), so the trainer ends without that teardown (run.faults.exit_now).
         atexit.register(self.shutdown)
 
     # ---- host integers

@@ -130,10 +130,6 @@ def test_a_classifier_step_is_three_collectives_under_every_engine(tmp_path):
     assert [rank["loss"] for rank in runs["torch"]] == [rank["loss"] for rank in runs["horovod"]]
     # The engine reads its host integers inside the collective: no host sync beyond the chunked path's own.
     assert [rank["syncs"] for rank in runs["torch"]] == [rank["syncs"] for rank in runs["horovod"]]
-    # A worker that ends without a word of shutdown has left its group by the interpreter's teardown (where a
-    # live gloo group can abort the finished process, and torchrun then fails the job).
-    for rank in range(2):
-        assert json.loads((tmp_path / "torch" / f"rank{rank}.exit").read_text()) == {"group_alive": False}
 
 
 # -------------------------------------------------------------------------------- the guarantees of a run

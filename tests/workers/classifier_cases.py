@@ -10,6 +10,7 @@ import torch
 
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
 from run.distributed import start
+from run.faults import exit_now
 from tests.classifier_problems import CASES, batch_slice, make_problem, tiny_backbone, SGD_STEP
 
 world = start(announce=False)
@@ -63,3 +64,4 @@ results["sgd"] = {"backbone": {k: v.detach().clone() for k, v in backbone.state_
                   "start": classifier.start, "weight": classifier.weight.detach().clone()}
 
 torch.save(results, f"{out_dir}/rank{rank}.pt")
+exit_now(0)  # as the trainer ends: no interpreter teardown, which can abort a gloo worker now and then

@@ -2,10 +2,8 @@
 them (run.distributed.StepCounter) and, under the torch engine, as torch.distributed sees them: the calls of its
 collective functions during the step, in order.
 
-Usage: classifier_collectives.py OUT_DIR   (under horovodrun, torchrun, or alone); writes OUT_DIR/rankR.json,
-and at exit OUT_DIR/rankR.exit: whether torch.distributed's group was still alive then.
+Usage: classifier_collectives.py OUT_DIR   (under horovodrun, torchrun, or alone); writes OUT_DIR/rankR.json.
 """
-import atexit
 import functools
 import json
 import sys
@@ -15,19 +13,11 @@ import torch.distributed as dist
 
 from model.classifier import ShardedInstanceClassifier
 from run.distributed import StepCounter, start
+from run.faults import exit_now
 
 TORCH_COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather_single", "all_to_all_single", "broadcast",
                      "all_gather_object", "broadcast_object_list")
 
-
-
-def record_group_at_exit():
-    """Registered before start(), so it runs after every exit handler start() registers (atexit is LIFO)."""
-    with open(f"{sys.argv[1]}/rank{dist.get_rank() if dist.is_initialized() else world.rank}.exit", "w") as stream:
-        json.dump({"group_alive": dist.is_initialized()}, stream)
-
-
-atexit.register(record_group_at_exit)
 world = start(announce=False)
 calls = []
 
@@ -56,3 +46,4 @@ with StepCounter() as counted:
 with open(f"{sys.argv[1]}/rank{world.rank}.json", "w") as stream:
     json.dump({"engine": world.name, "collectives": counted.collectives, "syncs": counted.syncs,
                "torch_calls": calls, "loss": loss.item()}, stream)
+exit_now(0)  # as the trainer ends: no interpreter teardown, which can abort a gloo worker now and then
