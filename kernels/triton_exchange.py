@@ -40,18 +40,18 @@ NO_ID = tl.constexpr(2**62)  # sorts after every class id: the id of an empty sl
 
 @triton.jit
 def _pack_features_kernel(features_ptr, ids_ptr, block_ptr, block_ids_ptr, batch, dim, copies,
-                          stride_features, stride_ids, stride_block, stride_block_ids, norm_eps,
+                          stride_features, stride_features_dim, stride_ids, stride_block, stride_block_ids, norm_eps,
                           BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, COLUMNS: tl.constexpr):
     """block[c, i, :D] = f_i / max(|f_i|, eps), block[c, i, D:COLUMNS] = 0 (alignment padding) and the id
     of sample i in block_ids[c, i], for every copy c.  Grid (cdiv(b, BLOCK_B),).
 
-    features_ptr [b, D] any float dtype; ids_ptr [b] int64; block_ptr [copies * b, W] in the accumulation
+    features_ptr [b, D] any float dtype, any strides; ids_ptr [b] int64; block_ptr [copies * b, W] in the accumulation
     dtype (row stride stride_block), block_ids_ptr its int64 view (row stride stride_block_ids).
     """
     batch_idx = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     batch_ok = batch_idx < batch
     dims = tl.arange(0, BLOCK_D)
-    f = tl.load(features_ptr + batch_idx[:, None] * stride_features + dims[None, :],
+    f = tl.load(features_ptr + batch_idx[:, None] * stride_features + dims[None, :] * stride_features_dim,
                 mask=batch_ok[:, None] & (dims < dim)[None, :], other=0.0).to(block_ptr.dtype.element_ty)
     e = f / tl.maximum(tl.sqrt(tl.sum(f * f, axis=1)), norm_eps)[:, None]
     ids = tl.load(ids_ptr + batch_idx * stride_ids, mask=batch_ok)
@@ -64,11 +64,13 @@ def _pack_features_kernel(features_ptr, ids_ptr, block_ptr, block_ids_ptr, batch
 
 @triton.jit
 def _features_backward_kernel(grad_ptr, features_ptr, out_ptr, batch, dim, copies, stride_grad_copy, stride_grad,
-                              stride_features, stride_out, norm_eps, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                              stride_grad_dim, stride_features, stride_features_dim, stride_out, norm_eps,
+                              BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """out_i = (g_i - e_i <g_i, e_i>) / |f_i| with g_i = sum_c grad[c, i] (in copy order) and e_i = f_i / |f_i|;
     g_i / eps where |f_i| <= eps (as reference.normalize_backward).  Grid (cdiv(b, BLOCK_B),).
 
-    grad_ptr [copies, b, D] fp32 or float64 (the accumulation dtype); features_ptr [b, D]; out_ptr [b, D]
+    grad_ptr [copies, b, D] fp32 or float64 (the accumulation dtype) and features_ptr [b, D], any strides (a
+    stride equal to 1 is specialised by the JIT, so contiguous inputs lose nothing); out_ptr [b, D] contiguous
     in the features' dtype.
     """
     batch_idx = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -76,10 +78,10 @@ def _features_backward_kernel(grad_ptr, features_ptr, out_ptr, batch, dim, copie
     mask = (batch_idx < batch)[:, None] & (dims < dim)[None, :]
     g = tl.zeros([BLOCK_B, BLOCK_D], grad_ptr.dtype.element_ty)
     for copy in range(copies):
-        g += tl.load(grad_ptr + copy * stride_grad_copy + batch_idx[:, None] * stride_grad + dims[None, :],
-                     mask=mask, other=0.0)
-    f = tl.load(features_ptr + batch_idx[:, None] * stride_features + dims[None, :], mask=mask,
-                other=0.0).to(grad_ptr.dtype.element_ty)
+        g += tl.load(grad_ptr + copy * stride_grad_copy + batch_idx[:, None] * stride_grad
+                     + dims[None, :] * stride_grad_dim, mask=mask, other=0.0)
+    f = tl.load(features_ptr + batch_idx[:, None] * stride_features + dims[None, :] * stride_features_dim,
+                mask=mask, other=0.0).to(grad_ptr.dtype.element_ty)
     norm = tl.sqrt(tl.sum(f * f, axis=1))
     e = f / tl.maximum(norm, norm_eps)[:, None]
     radial = tl.sum(g * e, axis=1)
@@ -260,7 +262,7 @@ def pack_features(features, ids, copies):
     block_ids = feature_ids(block)
     columns = width - (1 if dtype == torch.float64 else 2)  # the features and the padding
     _pack_features_kernel[(triton.cdiv(batch, GLUE_BATCH_BLOCK),)](
-        features, ids, block, block_ids, batch, dim, copies, features.stride(0), ids.stride(0), block.stride(1),
+        features, ids, block, block_ids, batch, dim, copies, *features.stride(), ids.stride(0), block.stride(1),
         block_ids.stride(1), NORM_EPS, BLOCK_B=GLUE_BATCH_BLOCK, BLOCK_D=triton.next_power_of_2(columns),
         COLUMNS=columns)
     return block
@@ -272,6 +274,6 @@ def features_backward(grad_features_n, features):
     grad_features_n = grad_features_n.to(accumulation_dtype(features.dtype))
     out = torch.empty(batch, dim, dtype=features.dtype, device=features.device)
     _features_backward_kernel[(triton.cdiv(batch, GLUE_BATCH_BLOCK),)](
-        grad_features_n, features, out, batch, dim, copies, grad_features_n.stride(0), grad_features_n.stride(1),
-        features.stride(0), out.stride(0), NORM_EPS, BLOCK_B=GLUE_BATCH_BLOCK, BLOCK_D=triton.next_power_of_2(dim))
+        grad_features_n, features, out, batch, dim, copies, *grad_features_n.stride(), *features.stride(),
+        out.stride(0), NORM_EPS, BLOCK_B=GLUE_BATCH_BLOCK, BLOCK_D=triton.next_power_of_2(dim))
     return out

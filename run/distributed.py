@@ -35,6 +35,7 @@ d(global mean loss)/d(theta), so the backbone's data-parallel reduction is a SUM
 """
 import contextlib
 import os
+import socket
 
 import torch
 
@@ -226,7 +227,10 @@ def start(requested="auto", announce=True):
     end_job_on_failure(started)
     started.threads = share_cpu_threads(started.local_size)
     started.device = setup_device(started.local_rank)
-    devices = started.allgather_object(describe_device(started.device), name="start.devices")
+    devices = started.allgather_object((describe_device(started.device), gpu_identity(started.device)),
+                                       name="start.devices")
+    refuse_shared_gpus([identity for _, identity in devices])  # every rank has the list: every rank refuses
+    devices = [description for description, _ in devices]
     started.description = (
         f"engine {started.name}: {started.size} rank{'s' if started.size > 1 else ''}; "
         + "; ".join(f"rank {rank} {device}" for rank, device in enumerate(devices))
@@ -268,7 +272,7 @@ def gpu_ordinal(local_rank, visible_devices):
     Every GPU of a node visible to every rank (`horovodrun -np 8 -H host:8`): ordinal = local rank. One GPU
     visible per process (SLURM `--gpus-per-task=1`, CUDA_VISIBLE_DEVICES set per rank): ordinal 0, where the
     local rank itself is an invalid ordinal for every rank but the first. More local ranks than visible
-    devices: ranks share them round robin (correct, but each gets a fraction of a GPU).
+    devices would put two ranks on one GPU, which NCCL refuses: start() stops such a launch (refuse_shared_gpus).
     """
     if visible_devices < 1:
         raise ValueError(f"no CUDA device visible to local rank {local_rank}")
@@ -283,6 +287,32 @@ def describe_device(device):
         return str(device)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
     return f"{device} {torch.cuda.get_device_name(device)} (CUDA_VISIBLE_DEVICES={visible})"
+
+
+def gpu_identity(device):
+    """(host, GPU UUID) of a rank's CUDA device, None for the CPU: ranks with one identity share a GPU, whatever
+    ordinals and CUDA_VISIBLE_DEVICES they see it through."""
+    if device.type != "cuda":
+        return None
+    return socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid)
+
+
+def refuse_shared_gpus(identities):
+    """A UsageError naming the fix when two ranks would run on one GPU (NCCL refuses that at its first
+    collective, "Duplicate GPU detected"); identities: every rank's gpu_identity, in rank order."""
+    first_rank = {}
+    for rank, identity in enumerate(identities):
+        if identity is None:
+            continue
+        if identity in first_rank:
+            host = identity[0]
+            gpus = len({other for other in identities if other is not None and other[0] == host})
+            raise UsageError(
+                f"ranks {first_rank[identity]} and {rank} would share one GPU of {host} ({identity[1]}): NCCL runs "
+                f"one rank per GPU; launch at most {gpus} rank{'s' if gpus > 1 else ''} on {host} (torchrun "
+                f"--nproc_per_node {gpus}, horovodrun -np {gpus} -H {host}:{gpus}), or give each rank a GPU of "
+                f"its own (CUDA_VISIBLE_DEVICES)")
+        first_rank[identity] = rank
 
 
 def shard_rows(num_instances, num_shards, rank):

@@ -8,8 +8,10 @@ them by their order, the same on every rank); what the seam promises holds as un
   in its own negotiation). So each first exchanges the sizes, a few integers, on a CPU (gloo) group: on the
   host, so that reading them never waits for the GPU. Callers that know what they will receive say so
   (`same_shape=True`, `received=`) and skip that exchange; the classifier does for its statistics and its dE.
-- grouped_allreduce and the data-parallel gradient reduction flatten their tensors into one buffer per dtype:
-  one collective each, summed in the same order on every rank. The gradients are reduced at step(), after
+- every collective takes a tensor on the CPU or on the rank's device and returns it where it came from: under
+  NCCL, which refuses CPU tensors, host tensors go to the gloo group beside it (`_group`);
+- grouped_allreduce and the data-parallel gradient reduction flatten their tensors into one buffer per dtype
+  and device: one collective each, summed in the same order on every rank. The gradients are reduced at step(), after
   the backward, not overlapped with it as Horovod's hooks do.
 - "average" is the sum divided by the size, as Horovod computes it (gloo has no average).
 
@@ -24,7 +26,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from run.distributed import Engine
+from run.distributed import Engine, gpu_ordinal
 
 # How long a collective may wait for a peer before it fails: long enough for the slowest legitimate wait of a
 # run (rank 0 building the index of a large folder, or writing a checkpoint, while the others wait at a
@@ -37,25 +39,35 @@ PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def device_backend():
+    """The backend of the default group: NCCL where CUDA is, gloo elsewhere."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self):
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = device_backend()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if backend == "nccl":  # NCCL needs this rank's GPU current before the group forms
-            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(gpu_ordinal(self.local_rank, torch.cuda.device_count()))
         dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        # Host integers (split sizes, first dimensions) travel on a CPU group: gloo alongside NCCL.
-        self.host_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if backend == "nccl" else None
+        # NCCL takes only tensors on the rank's GPU: host tensors (split sizes, counts, flags, barriers, objects)
+        # travel on a gloo group beside it. Under gloo the default group takes both.
+        self.host_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if backend != "gloo" else None
         self.settings = {"backend": backend, "timeout": f"{COLLECTIVE_TIMEOUT.total_seconds():.0f}s"}
         # torch asks for the group to be destroyed before a normal exit, while the interpreter is whole: done
         # here for every script that starts the engine. The interpreter's teardown after it can still abort a
         # finished gloo worker now and then ("terminate called without an active exception", exit -6, and
         # torchrun then fails the job), so the trainer ends without that teardown (run.faults.exit_now).
         atexit.register(self.shutdown)
+
+    def _group(self, tensor):
+        """The group that takes `tensor`: the host group for a CPU tensor, the default group otherwise."""
+        return self.host_group if tensor.device.type == "cpu" else None
 
     # ---- host integers
     def _gather_sizes(self, size):
@@ -73,13 +85,14 @@ class TorchEngine(Engine):
     # ---- collectives
     def _allreduce(self, tensor, op, name):
         result = tensor.clone()
-        dist.all_reduce(result, op=OPS.get(op, dist.ReduceOp.SUM))
+        dist.all_reduce(result, op=OPS.get(op, dist.ReduceOp.SUM), group=self._group(result))
         return result / self.size if op == "average" else result
 
     def _grouped_allreduce(self, tensors, op, name):
         results = [None] * len(tensors)
-        for dtype in dict.fromkeys(tensor.dtype for tensor in tensors):  # one flat buffer per dtype, in order
-            members = [position for position, tensor in enumerate(tensors) if tensor.dtype == dtype]
+        # One flat buffer per dtype and device, in order: host tensors and the GPU's go to different groups.
+        for kind in dict.fromkeys((tensor.dtype, tensor.device) for tensor in tensors):
+            members = [position for position, tensor in enumerate(tensors) if (tensor.dtype, tensor.device) == kind]
             flat = self._allreduce(torch.cat([tensors[position].reshape(-1) for position in members]), op, name)
             for position, piece in zip(members, flat.split([tensors[position].numel() for position in members])):
                 results[position] = piece.view_as(tensors[position])
@@ -89,13 +102,13 @@ class TorchEngine(Engine):
         tensor = tensor.contiguous()
         if same_shape:
             gathered = tensor.new_empty((self.size * tensor.shape[0], *tensor.shape[1:]))
-            all_gather_single(gathered, tensor)
+            all_gather_single(gathered, tensor, group=self._group(tensor))
             return gathered
         sizes = self._gather_sizes(tensor.shape[0]).tolist()
         padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
         padded[:tensor.shape[0]] = tensor
         gathered = tensor.new_empty((self.size * max(sizes), *tensor.shape[1:]))
-        all_gather_single(gathered, padded)
+        all_gather_single(gathered, padded, group=self._group(padded))
         return torch.cat([block[:size] for block, size in zip(gathered.split(max(sizes)), sizes)])
 
     def _alltoall(self, tensor, splits, name, received):
@@ -103,12 +116,12 @@ class TorchEngine(Engine):
         received = self._exchange_splits(splits) if received is None else torch.as_tensor(received)
         output = tensor.new_empty((int(received.sum()), *tensor.shape[1:]))
         dist.all_to_all_single(output, tensor.contiguous(), output_split_sizes=received.tolist(),
-                               input_split_sizes=splits)
+                               input_split_sizes=splits, group=self._group(output))
         return output, received.to(torch.int32)
 
     def _broadcast_parameters(self, named_tensors, root):
         for _, tensor in named_tensors:
-            dist.broadcast(tensor.data, src=root)
+            dist.broadcast(tensor.data, src=root, group=self._group(tensor))
 
     def _broadcast_object(self, obj, root, name):
         box = [obj]

@@ -3,7 +3,8 @@ visible devices, checked on CPU by stubbing the CUDA queries."""
 import pytest
 import torch
 
-from run.distributed import describe_device, gpu_ordinal, setup_device
+from run.distributed import describe_device, gpu_ordinal, refuse_shared_gpus, setup_device
+from run.errors import UsageError
 
 
 @pytest.mark.parametrize("local_rank, visible, ordinal", [
@@ -41,3 +42,13 @@ def test_setup_device_takes_the_only_visible_gpu_on_local_rank_1(one_visible_gpu
 def test_without_cuda_the_device_is_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert setup_device(local_rank=1) == torch.device("cpu") and describe_device(torch.device("cpu")) == "cpu"
+
+
+def test_two_ranks_on_one_gpu_are_refused_naming_the_launch_that_fits():
+    node, other = ("node-a", "GPU-1"), ("node-b", "GPU-1")  # one UUID on two hosts cannot happen; a host per rank
+    refuse_shared_gpus([None, None])  # CPU ranks
+    refuse_shared_gpus([node, other, ("node-a", "GPU-2")])  # one GPU per rank
+    with pytest.raises(UsageError, match=r"ranks 0 and 2 would share one GPU of node-a \(GPU-1\): NCCL runs one "
+                                         r"rank per GPU; launch at most 2 ranks on node-a \(torchrun "
+                                         r"--nproc_per_node 2, horovodrun -np 2 -H node-a:2\)"):
+        refuse_shared_gpus([node, ("node-a", "GPU-2"), node])

@@ -109,6 +109,24 @@ def test_feature_packing_and_its_backward(dim, dtype):
         assert relative_error(got, leaf.grad) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "every_other_column", "every_other_row"])
+def test_feature_packing_and_its_backward_read_any_strides(layout):
+    """The standalone API takes views as they come: a transposed, column-sliced or row-sliced input gives what
+    its contiguous copy gives, bitwise, in the pack and in the backward (the gradient strided too)."""
+    generator = torch.Generator().manual_seed(8)
+    base = torch.randn(40, 26, generator=generator)
+    grad_base = torch.randn(3, 40, 26, generator=generator)
+    view = {"transposed": lambda x: x.transpose(-1, -2)[..., :13, :], "every_other_column": lambda x: x[..., ::2],
+            "every_other_row": lambda x: x[..., ::2, :13]}[layout]
+    features, grad = view(base), view(grad_base)
+    assert not features.is_contiguous() and not grad.is_contiguous()
+    ids = torch.arange(len(features)) * 7
+    assert torch.equal(triton_exchange.pack_features(features, ids, 2),
+                       triton_exchange.pack_features(features.contiguous(), ids, 2))
+    assert torch.equal(triton_exchange.features_backward(grad, features),
+                       triton_exchange.features_backward(grad.contiguous(), features.contiguous()))
+
+
 def test_triton_rounds_operands_to_the_compute_dtype_like_torch():
     """fp32 inputs with compute_dtype=bf16: the kernels round in registers (under the interpreter, then
     multiply in fp32), the chunked path rounds the tensors; both must see the same operands, which a

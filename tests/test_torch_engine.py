@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -130,6 +131,31 @@ def test_a_classifier_step_is_three_collectives_under_every_engine(tmp_path):
     assert [rank["loss"] for rank in runs["torch"]] == [rank["loss"] for rank in runs["horovod"]]
     # The engine reads its host integers inside the collective: no host sync beyond the chunked path's own.
     assert [rank["syncs"] for rank in runs["torch"]] == [rank["syncs"] for rank in runs["horovod"]]
+
+
+def test_every_collective_of_a_run_and_its_evaluation_keeps_host_tensors_off_nccl(tiny_dataset, tmp_path):
+    """Under NCCL the default group refuses CPU tensors: the barriers, the per-step stop check, the epoch
+    diagnostics, the kNN monitor and the linear evaluation's counts must reach the host group (the stand-in:
+    tests/workers/nccl_contract.py)."""
+    out = tmp_path / "run"
+    run_horovod(2, WORKERS / "nccl_contract.py", "--data", tiny_dataset, "--out", out, *SMALL, "--epochs", "1",
+                "--warmup-epochs", "0", "--knn-every", "1", launcher="torchrun")
+    assert [m["epoch"] for m in read_metrics(out) if "knn20_top1" in m] == [1]
+    result = run_horovod(2, WORKERS / "nccl_contract.py", "linear", "--ckpt", out, "--epochs", "1",
+                         launcher="torchrun")
+    assert "backend=nccl" in result.stdout and "linear" in result.stdout.lower()
+
+
+def test_two_workers_on_one_gpu_stop_with_one_line_each_before_any_work(tiny_dataset, tmp_path):
+    result = run_horovod(2, WORKERS / "shared_gpu.py", "--data", tiny_dataset, "--out", tmp_path / "never", *SMALL,
+                         check=False, launcher="torchrun")
+    host = socket.gethostname()
+    for rank in (0, 1):
+        assert worker_lines(result.stderr, rank) == [
+            f"error: ranks 0 and 1 would share one GPU of {host} (GPU-0f0e-test): NCCL runs one rank per GPU; "
+            f"launch at most 1 rank on {host} (torchrun --nproc_per_node 1, horovodrun -np 1 -H {host}:1), "
+            f"or give each rank a GPU of its own (CUDA_VISIBLE_DEVICES)"], result.stderr
+    assert result.returncode != 0 and not (tmp_path / "never").exists()
 
 
 # -------------------------------------------------------------------------------- the guarantees of a run
