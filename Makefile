@@ -2,7 +2,10 @@
 PYTHON_SYSTEM ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-NP ?= 2
+# Ranks of `make demo` and `make ablations`: one per GPU where torch sees GPUs (NCCL runs one rank per GPU; the
+# trainer refuses two on one), 2 on a CPU machine. Read when a recipe runs, after setup made the venv.
+GPUS ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count())" 2>/dev/null)
+NP ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 
 .PHONY: setup test demo ablations bench clean
 

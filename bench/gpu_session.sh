@@ -20,13 +20,17 @@
 #   kernels           135 s  90-130 s  bench/gpu_check.sh: correctness against the float64 oracle (~25 Triton
 #                                      specialisations from a cold cache), then timings at the trainer's dtypes
 #                                      (torch.compile last: its two builds are the part most likely cut)
+#   torchrun_trainer   35 s   15-30 s  torchrun --nproc_per_node 1 (NCCL, no build): the synthetic trainer,
+#                                      100,000 rows, 10 steps: host tensors on gloo beside NCCL
+#   collectives        20 s    5-15 s  bench/collectives.py under that torchrun: each collective of the step
+#                                      on GPU tensors through NCCL, the stop check on the host
 # --with-horovod adds, last (they check the build; the speed was measured above):
 #   horovod_setup     180 s 165-185 s  bench/gpu_setup.sh: Horovod 0.28.1 + NCCL built from .whl/ (the build
 #                                      alone ~2 min on 16 cores, ../shared/horovod-cuda-build.md), the 209 MB
 #                                      wheel installed, a one-process NCCL allreduce and allgather
 #   horovod_trainer    30 s   20-30 s  horovodrun --gloo -np 1: the synthetic trainer, 100,000 rows, 10 steps
 #
-# The session's budget is 360 s (560 s with --with-horovod; --budget overrides): each step is cut at its own
+# The session's budget is 420 s (620 s with --with-horovod; --budget overrides): each step is cut at its own
 # budget or at the session's end, whichever comes first, so when earlier steps overrun it is the last ones, the
 # Horovod steps, that are cut. A cut step counts as failed and keeps what it printed.
 #
@@ -69,7 +73,7 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-budget=${budget:-$((with_horovod ? 560 : 360))}
+budget=${budget:-$((with_horovod ? 620 : 420))}
 scale=$((dry_run ? DRY_RUN_BUDGET_SCALE : 1))
 budget=$((budget * scale))
 commit=${commit:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git: pass --commit SHA)")}
@@ -158,6 +162,11 @@ if [[ $dry_run == 1 ]]; then
 else
     run_step kernels 135 bash bench/gpu_check.sh "${wheels[@]}"
 fi
+torchrun=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1)  # no PATH to torchrun needed
+run_step torchrun_trainer 35 "${torchrun[@]}" trainer.py --data synthetic --engine torch --out "$RUN_DIR/torchrun" \
+    --resume none --instances 100000 --epochs 1 --steps-per-epoch 10 --log-every 5 "${tiny[@]}"
+keep_metrics torchrun torchrun-trainer
+run_step collectives 20 "${torchrun[@]}" bench/collectives.py $(dry --repeats 5 --warmup 1)
 if [[ $with_horovod == 1 ]]; then
     if [[ $dry_run == 1 ]]; then
         run_step horovod_setup 180 bash .ci/build-horovod.sh --dry-run "$PYTHON"

@@ -286,3 +286,12 @@ def test_commands_on_the_builtin_data_or_synthetic_input_run_at_tiny_sizes(comma
     elif command.subcommand is None:  # a pretraining run: its checkpoint and metrics are there
         out = workdir / command.flag("--out", DEFAULT_OUT)
         assert (out / "metrics.jsonl").is_file() and any(out.glob("checkpoint-*")), sorted(out.iterdir())
+
+
+@pytest.mark.parametrize("gpus, ranks", [("0", 2), ("1", 1), ("8", 8)])
+def test_make_demo_takes_one_rank_per_gpu_and_two_on_a_cpu(gpus, ranks):
+    """GPUS stands for what torch.cuda.device_count() says on a GPU machine (the Makefile asks it when unset)."""
+    result = subprocess.run(["make", "-n", "demo", f"GPUS={gpus}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    launches = [line for line in result.stdout.splitlines() if "horovodrun" in line]
+    assert len(launches) == 2 and all(f"-np {ranks} -H localhost:{ranks} " in line for line in launches), result.stdout

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT
 
 SESSION = ROOT / "bench" / "gpu_session.sh"
-DEFAULT_STEPS = ["smoke", "classifier_step", "train_step", "trainer", "kernels"]
+DEFAULT_STEPS = ["smoke", "classifier_step", "train_step", "trainer", "kernels", "torchrun_trainer", "collectives"]
 MAX_FILES = 8  # what the device tool brings back from $OUT
 
 
@@ -47,17 +47,19 @@ def test_the_whole_session_runs_dry_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     print(f"dry run: {seconds:.0f} s wall, load average {os.getloadavg()[0]:.1f}")  # seen with pytest -s
     files = sorted(path.name for path in out.iterdir())
-    assert files == ["session.log", "summary.md", "trainer-metrics.jsonl"] and len(files) <= MAX_FILES
+    assert files == ["session.log", "summary.md", "torchrun-trainer-metrics.jsonl", "trainer-metrics.jsonl"]
+    assert len(files) <= MAX_FILES
     summary = (out / "summary.md").read_text()
     assert summary.splitlines()[2].startswith("commit abc1234; ") and "commit abc1234" in result.stdout
     steps = step_lines(summary)
     assert list(steps) == [*DEFAULT_STEPS, "session"]
     assert all(status.startswith("passed in ") for name, status in steps.items() if name != "session")
-    assert steps["session"].startswith("5 passed, 0 failed")
+    assert steps["session"].startswith("7 passed, 0 failed")
     # Each step's table reached the summary, as the step ended (the log holds everything).
     for header in ("| check | Triton vs torch twin |", "| kernels launched | 10 of 10 |", "| C | ms/step |",
                    "| head | rows per rank |", "| instance-400 |", "| B | C | D | K |", "float32 -> bfloat16",
-                   "K = 0:", "| ours (Triton) |", "| torch.compile, materialised |"):
+                   "K = 0:", "| ours (Triton) |", "| torch.compile, materialised |", "engine torch: 1 rank",
+                   "| allreduce faults.stop_signal |"):
         assert header in summary, header
     assert re.search(r"^epoch 1: loss [\d.]+, [\d.]+ images/s over its 2 steps after the first 5", summary,
                      re.MULTILINE)
@@ -74,7 +76,7 @@ def test_the_horovod_steps_run_dry_with_the_build_plan(tmp_path):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     steps = step_lines((out / "summary.md").read_text())
     assert list(steps) == ["horovod_setup", "horovod_trainer", "session"]
-    assert "budget 2240 s (the GPU's x 4)" in result.stdout
+    assert "budget 2480 s (the GPU's x 4)" in result.stdout
     assert "cache entry:" in (out / "summary.md").read_text() and "[0]<stdout>:engine horovod: 1 rank" in result.stdout
     assert sorted(path.name for path in out.iterdir()) == ["horovod-trainer-metrics.jsonl", "session.log", "summary.md"]
 
