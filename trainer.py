@@ -75,7 +75,7 @@ group.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random
                    "a mirrored digit is another glyph)")
 group.add_argument("--blur", action=argparse.BooleanOptionalAction, default=True, help="random Gaussian blur "
                    "(p = 0.5, sigma 0.1-2 pixels) of the pretraining views; SimCLR leaves it out at 32 px, but on the "
-                   "built-in digits it helps (README) (default: on)")
+                   "built-in digits it helps (bench/RESULTS.md) (default: on)")
 group.add_argument("--views", type=int, default=2, choices=[1, 2], help="augmented views per image, each "
                    "classified as the image's instance (default: 2)")
 group.add_argument("--dali-device", default="auto", choices=["auto", "cpu", "gpu"],
@@ -140,8 +140,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 SYNTHETIC_ONLY = ("instances", "steps_per_epoch")  # the flags of --data synthetic, ignored with image files
 
 # Flags left unset take the built-in demo's values without --data, the ImageNet-scale ones with it.
-# The built-in ones were chosen from measured runs on the digits (README, bench/RESULTS.md); the dataset ones are
-# the paper's (tau, K, alpha) and MoCo's (lr, batch, augmentation).
+# The built-in ones were chosen from measured runs on the digits (bench/RESULTS.md, "Built-in defaults"); the
+# dataset ones are the paper's (tau, K, alpha) and MoCo's (lr, batch, augmentation).
 BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=12,
                         batch_size=32, warmup_epochs=1, classifier_lr_mult=10.0, lr=0.24, min_scale=0.5,
                         crop_ratio=1.0, flip=False, temperature=0.1, smooth_k=10, smooth_alpha=0.1)

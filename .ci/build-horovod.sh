@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
 # Build Horovod 0.28.1 against the installed torch and install it into PYTHON.
 #
-# PyPI has only the 0.28.1 sdist, which sets C++14; torch's headers need 17 (20 from torch 2.14). We
-# check the sdist's sha256, patch the two CMake files to the standard torch requires, build with gloo,
-# plus NCCL when torch has CUDA, and strip the libraries' debug info before caching the wheel.
-# What else this machine needs (the C++ standard, the CUDA toolkit, CMake 4, a newer GCC, NCCL from its
-# pip wheel, no network) is decided by .ci/horovod_build_plan.py, which says why in the log and fails
-# in one line before any work. The built wheel is cached under ~/.cache, keyed by torch version and
-# build flags (the plan's docstring says what the key holds), because the build takes ~10 minutes on
-# 2 cores and a second setup should take seconds. pip's output goes to a log beside the cache entry,
-# which a failure names.
+# PyPI has only the 0.28.1 sdist, which sets C++14: we check its sha256, patch the two CMake files to the
+# standard torch's headers require, build with gloo (plus NCCL when torch has CUDA), strip the libraries' debug
+# info and cache the wheel under ~/.cache/instance-classifier, so that a second setup takes seconds. What else
+# this machine needs is decided by .ci/horovod_build_plan.py; .ci/README.md says what each fix is for and what
+# the cache key holds. pip's output goes to a log beside the cache entry, which a failure names.
 #
 # Usage: .ci/build-horovod.sh [--dry-run] PYTHON [SDIST_DIR]
 #   SDIST_DIR (or $HOROVOD_SDIST_DIR): build without network from the sdist and the cffi/pycparser wheels

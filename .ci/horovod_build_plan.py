@@ -1,45 +1,9 @@
 """How to build Horovod 0.28.1 on this machine: the fixes it needs, printed as shell lines for build-horovod.sh.
 
-PyPI's only 0.28.1 release is a 2023 sdist. Against today's toolchains it needs, depending on the machine
-(met on a CUDA 13 / CMake 4 / recent-GCC / no-network H100 and on a CPU machine whose nvcc is a wrapper script
-outside its CUDA 13 toolkit, see ../shared/horovod-cuda-build.md):
-
-  always                C++14 -> the standard torch's headers require, in two CMake files (build-horovod.sh): the
-                        lowest one their own guard accepts (`#if __cplusplus < 201703L #error` at the top of
-                        ATen/ATen.h: 17 up to torch 2.13, 20 from 2.14), else the CXX_STANDARD torch's CMake config
-                        gives its users. Not the -std torch builds its own extensions with (c++20 from 2.13 on): a
-                        torch whose headers accept 17 builds with exactly the flags, and so the wheel, it always had.
-                        And the built libraries' debug info stripped (`strip --strip-debug`): setup.py hard-codes
-                        RelWithDebInfo, whose debug info is most of the wheel and changes no instruction.
-  CMake >= 4            CMAKE_POLICY_VERSION_MINIMUM=3.5: CMake 4 refuses gloo's cmake_minimum_required(2.8.12).
-  a libstdc++ without   CXXFLAGS="-include string -include cstdint -include stdexcept": group_table.h uses
-  transitive includes   std::string and int32_t without including them. Detected by compiling that header's
-                        includes with the compiler CMake will use, so a machine whose compiler accepts them
-                        (GCC 12 here) builds with exactly the flags it always had.
-  torch with CUDA       HOROVOD_GPU_OPERATIONS=NCCL; HOROVOD_CUDA_HOME, CUDA_HOME and CUDACXX = the CUDA toolkit
-                        (`find_cuda_home`: a folder with bin/nvcc, include/cuda_runtime.h and libcudart, found where
-                        the nvcc on PATH really lives, even behind a wrapper script; torch.utils.cpp_extension, which
-                        Horovod's CMake asks for torch's CUDA folders, reads CUDA_HOME); HOROVOD_BUILD_CUDA_CC_LIST =
-                        the visible GPUs' compute capabilities, else 90 (without it nvcc builds every architecture it
-                        knows); CMAKE_CUDA_STANDARD 11 -> 17: the .cu files include no torch header, so they need not
-                        follow torch's standard, and every CMake since 3.18 passes 17 to every nvcc since 11.0 (CMake
-                        3.25 refuses CUDA 20 with nvcc 13).
-  NCCL from pip         the nvidia-nccl wheel ships include/nccl.h and lib/libnccl.so.2 only, and Horovod's finder
-                        looks for libnccl.so: a folder of links with that name becomes HOROVOD_NCCL_HOME
-                        (HOROVOD_NCCL_LINK=SHARED: the wheel has no static library). Preferred over a system NCCL:
-                        at run time horovod.torch imports torch first, whose libnccl.so.2 (the wheel's) is the one
-                        loaded, so the headers then match the library that runs.
-  no network            the sdist comes from a local folder (its sha256 checked here, before any work) and so does
-                        cffi, which setup.py lists in setup_requires (setuptools would fetch it).
-
-The cache key of the built wheel (build-horovod.sh) hashes torch's version (which fixes its C++ standard), Python's,
-the HOROVOD_* variables (gloo or NCCL, toolkit, compute capabilities, NCCL folder) and, for an NCCL build, nvcc's
-release (`cache_key_extra`: the wheel holds the kernels it compiled and needs that toolkit's libcudart.so.N); for a
-CPU build it is the key every earlier build had. Stripping stays out of it: it removes no instruction.
-
 The environment is read once into `Facts` (`probe`); `plan` turns facts into lines and is pure, so
-tests/test_build_horovod.py checks it on made-up machines without building. A machine that cannot build says
-why in one line (`PlanError`) before any work. Run it with the Python that will hold Horovod:
+tests/test_build_horovod.py checks it on made-up machines without building. Each fix, the machines that need
+it and what the cache key holds: .ci/README.md. A machine that cannot build says why in one line
+(`PlanError`) before any work. Run it with the Python that will hold Horovod:
 
     python .ci/horovod_build_plan.py [--sdist-dir DIR] [--facts JSON]   the plan, as shell lines
     python .ci/horovod_build_plan.py --verify DIR                       DIR holds what an offline build needs
@@ -77,7 +41,7 @@ int32_t group_id(const std::string& name) { if (name.empty()) throw std::runtime
 """
 MISSING_INCLUDES = "-include string -include cstdint -include stdexcept"
 OFFLINE_WHEELS = ("cffi", "pycparser")  # cffi needs pycparser
-CUDA_STANDARD = 17  # see the docstring: what every CMake and nvcc that can build for a CUDA torch accept
+CUDA_STANDARD = 17  # what every CMake and nvcc that can build for a CUDA torch accept (.ci/README.md)
 CMAKE_CUDA17_VERSION = (3, 18)  # the first CMake that passes a CUDA 17 flag to nvcc
 # Where toolkits install when neither a variable nor the nvcc on PATH names one (the installers' /usr/local/cuda
 # link, its versioned folders, Arch's /opt/cuda); versioned folders newest first.

@@ -12,7 +12,7 @@ configuration's pools must not count in the next), one rank's `pretrain_loader(v
 - peak GPU memory above the process's CUDA baseline (cudaMemGetInfo, so DALI's pools count as well as torch's),
   peak host RSS above the baseline (DALI's pinned pools are resident, so they count), and the decoder's pools
   that the rule of data/decoder.py reserves (threads x device padding / 2 x threads x host padding).
-On a GPU, also (the unknowns of issue 13):
+On a GPU, also (what no CPU run can tell):
 - CPU vs GPU pixels of the evaluation view (same files, same order), in 0..255 levels, and of the decoded
   images themselves with the mixed decoder's jpeg_fancy_upsampling on (as the loaders use it) and off;
 - how instance ids come back when a GPU pipeline leaves them as a CPU output (pinned memory would make torch 2.13

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine (one H100/H200: CUDA torch + Triton, no Horovod, no DALI, no network) measures
-# for this project, in one command that fits one call of the device tool and leaves device time for a second.
+# Everything a GPU machine (one GPU, CUDA torch + Triton, no Horovod, no DALI, no network) measures for this
+# project, in one command with a budget per step, short enough to leave time for a second try.
 #
 #   bench/gpu_session.sh [--with-horovod] [--commit SHA] [--steps NAME,...] [--budget SECONDS] [--dry-run]
 #
 # The default session runs at P = 1 with the single engine (run/distributed.py), so nothing is built before the
 # first number. Steps in order; budget = where `timeout` cuts the step, estimate = what it should take on the GPU
-# (a guess from the code and from the H100 runs of ../shared/horovod-cuda-build.md, until a session measures it):
+# (a guess from the code, until a session measures it):
 #
 #   step             budget  estimate  what
 #   smoke              30 s   10-20 s  bench/triton_smoke.py: every Triton kernel of a training step (loss, glue,
@@ -26,8 +26,8 @@
 #                                      on GPU tensors through NCCL, the stop check on the host
 # --with-horovod adds, last (they check the build; the speed was measured above):
 #   horovod_setup     180 s 165-185 s  bench/gpu_setup.sh: Horovod 0.28.1 + NCCL built from .whl/ (the build
-#                                      alone ~2 min on 16 cores, ../shared/horovod-cuda-build.md), the 209 MB
-#                                      wheel installed, a one-process NCCL allreduce and allgather
+#                                      alone ~2 min on 16 cores), the wheel installed, a one-process NCCL
+#                                      allreduce and allgather
 #   horovod_trainer    30 s   20-30 s  horovodrun --gloo -np 1: the synthetic trainer, 100,000 rows, 10 steps
 #
 # The session's budget is 420 s (620 s with --with-horovod; --budget overrides): each step is cut at its own
@@ -39,8 +39,8 @@
 # trainer runs' metrics.jsonl (trainer-metrics.jsonl, horovod-trainer-metrics.jsonl). Exit 0 when every step
 # that ran passed. The copied tree has no .git: pass the commit.
 #
-#   run(command="bench/gpu_session.sh --commit SHA", carry=[".whl"], timeout_s=420)   # the device tool
-#   OUT=DIR PYTHON=.venv/bin/python bench/gpu_session.sh --dry-run   # here: every step on the CPU, tiny sizes
+#   bench/gpu_session.sh --commit SHA                                # on the GPU machine, .whl/ copied beside it
+#   OUT=DIR PYTHON=.venv/bin/python bench/gpu_session.sh --dry-run   # anywhere: every step on the CPU, tiny sizes
 #
 # --dry-run runs the same steps and control flow on the CPU at tiny sizes, the Triton kernels under the
 # interpreter (TRITON_INTERPRET=1), one torch thread, every budget x DRY_RUN_BUDGET_SCALE; --with-horovod's

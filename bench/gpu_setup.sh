@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One command that readies a lent GPU machine (CUDA torch preinstalled, no network) for this project: builds
+# One command that readies a GPU machine (CUDA torch preinstalled, no network) for this project: builds
 # Horovod 0.28.1 with NCCL from what bench/fetch_gpu_wheels.sh put in .whl/ (carried along), installs it into
 # the machine's Python, then checks it: hvd.nccl_built(), and a one-process hvd.init() with an allreduce and
 # an allgather of a CUDA tensor.
 #
 #   bench/gpu_setup.sh [WHEELS_DIR]            on the GPU machine (WHEELS_DIR default: .whl); the build takes
-#                                              about 2 minutes on 16 cores (127 s in ../shared/horovod-cuda-build.md)
+#                                              about 2 minutes on 16 cores
 #   bench/gpu_setup.sh --dry-run [WHEELS_DIR]  anywhere: check the folder, print the build plan for this machine
 #
 # PYTHON selects the interpreter (default: python3, the one holding CUDA torch there); Horovod, cffi and

@@ -190,7 +190,7 @@ DRY_RUN_CASES = [(5, 37, 16, 1, 0.2, 0.07, FP32, FP32), (9, 70, 48, 5, 0.2, 0.15
 # w.r.t. a rounded row is the kernel's dW of the raw row) at the kernel's own top-K ids. On the inputs
 # instead, the operands' rounding would move every p_ij by up to 2 delta
 # relative (13u at tau 0.15, 29u at tau 0.07) and hide a 1% error. What is left is the kernels'
-# arithmetic: fp32 accumulation (1e-5 relative; issue 9's H100 run: <= 3.2e-7) and, in bf16, dE_n and dW
+# arithmetic: fp32 accumulation (1e-5 relative) and, in bf16, dE_n and dW
 # rounded to bf16 on output (<= u per element, ~0.4u rms when rounded to nearest; the Triton 3.9
 # interpreter truncates its bf16 stores instead: < 2u, ~0.8u rms, biased towards zero) and, on the GPU,
 # the softmax part of G and the target products of dW rounded to bf16 before the products (<= u per
@@ -472,7 +472,7 @@ def gpu_benchmark(args, device):
 
 
 def report_targets(timings, floor, k):
-    """Issue 9's targets: x GEMM floor <= 2.5 at K > 0 and <= 2.0 at K = 0; at K = 0 also faster than Apple's
+    """The targets: x GEMM floor <= 2.5 at K > 0 and <= 2.0 at K = 0; at K = 0 also faster than Apple's
     cut-cross-entropy; >= 1.5x torch.compile; extra memory <= 5% of eager's (launches: tests/test_kernels_exchange.py)."""
     if "ours (Triton)" not in timings:
         print("Targets: not judged, ours failed")

@@ -1,5 +1,5 @@
-"""Input data: an image folder or WebDataset tar shards -> stable instance ids -> DALI pipelines sharded per
-Horovod rank.
+"""Input data: an image folder or WebDataset tar shards -> stable instance ids -> DALI pipelines sharded over
+the ranks.
 
 `data.loaders` builds a run's loaders from its config (DALI imported on first use; `--data synthetic` takes
 `data.synthetic`'s random images instead). The path of every image folder, the built-in one included, and of

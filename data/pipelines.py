@@ -1,54 +1,28 @@
-"""DALI input pipelines over an instance index, sharded per Horovod rank; the label they yield is the instance id.
+"""DALI input pipelines over an instance index, sharded over the ranks; the label they yield is the instance id.
 
-Reading. The index of an image folder (data/index.py) is read by `fn.readers.file` over its file list with
-shard_id = rank, num_shards = world size and pad_last_batch=True, consumed by
-`DALIGenericIterator(reader_name=..., last_batch_policy=PARTIAL)`: padding gives every shard the same number of
-batches and the iterator strips the padded repeats, so across all ranks every instance comes exactly once per
-epoch, in a last batch smaller than batch_size where the shard does not divide (checked at P=2 over several
-epochs by tests/test_data_pipelines.py). Training loaders reshuffle the whole dataset each epoch
-(shuffle_after_epoch) with a seed that all ranks share, because they must agree on the permutation they cut
-into disjoint shards; `random_shuffle` would only mix a 1024-image window of the class-sorted list, and each
-rank would keep seeing a fixed subset of classes. Evaluation loaders read their shard in id order, or shuffled
-the same way when given a shuffle_seed (BatchNorm statistics need batches that mix the classes). The index of tar shards (data/shards.py) is read by `fn.readers.webdataset` with the
-same sharding, padding and shared shuffle seed, which shuffles the order of the shards and a buffer of samples
-instead of the whole dataset; its ids are read back from each image's source info (data/shard_reader.py;
-tests/test_data_shards.py checks every sample once per epoch at P=2 and 3).
+Reading. A folder's index (data/index.py) is read by `fn.readers.file`, a shard index (data/shards.py) by
+`fn.readers.webdataset` (data/shard_reader.py, which reads each id back from the image's source info), both with
+shard_id = rank, num_shards = world size and pad_last_batch=True under `DALIGenericIterator(last_batch_policy=
+PARTIAL)`: padding gives every rank the same number of batches and the iterator strips the padded repeats, so
+every instance comes exactly once per epoch over all ranks. Training loaders reshuffle the whole dataset each
+epoch with a seed all ranks share, since they cut the same permutation into disjoint shards (`random_shuffle`
+would only mix a 1024-image window of the class-sorted list); the shard reader shuffles the shards and a buffer
+of samples instead. Evaluation loaders read their shard in id order, or shuffled when given a shuffle_seed
+(BatchNorm statistics need batches that mix the classes).
 
-Devices. "gpu" decodes with nvJPEG (`device="mixed"`) on the current CUDA device (call
-`run.distributed.start()` first: it makes the local rank modulo the visible GPUs current) and augments
-on the GPU; "cpu" decodes and augments on the CPU with `device_id=None`, which DALI runs without a driver.
-"auto" is "gpu" when torch sees CUDA. The decoder's arguments, among them the GPU decoder's memory pools sized
-from the data, come from data/decoder.py.
+Devices and seeds. "gpu" decodes with nvJPEG on the current CUDA device (`run.distributed.start()` makes it
+current) and augments there; "cpu" runs without a driver; "auto" is "gpu" when torch sees CUDA; the decoder's
+arguments come from data/decoder.py. The shuffle seed is `seed` on every rank, the augmentation seed derives from
+(seed, rank). A new loader starts from its first epoch's order: to resume at epoch e, pass a seed that depends on e.
 
-Seeds. The shuffle seed is `seed` itself, equal on all ranks; the augmentation seed is derived from
-(seed, rank), so ranks draw different augmentations and a rerun with the same seed draws the same ones.
-A new loader starts again from its first epoch's order: to resume at epoch e without replaying the shuffles
-of epochs 0, 1, ..., pass a seed that depends on e.
+Lifetime. A loader is iterable once per epoch and holds its pipeline until `close()`, the end of a `with` block or
+its last reference; close it before building the next one, so that no two pipelines live at once. A dropped
+loader also calls glibc's malloc_trim: DALI's threads allocate from per-thread arenas that glibc would otherwise
+keep resident, and the trainer builds a loader per epoch.
 
-A loader is iterable once per epoch: `for views, ids in loader` runs one epoch and the next `for` the next one.
-
-Lifetime. A loader holds its pipeline (DALI's threads, the decoder's buffers, prefetched batches) until
-`loader.close()`, the end of a `with loader:` block, or its last reference going away. Close it before the next
-loader is built and before an evaluation pass, so that no two pipelines are alive at once: `loader = new(...)`
-builds the new one while the old one still lives.
-
-Bad images. Empty and unreadable files, and images that are not of a format DALI decodes or are cut short, are
-left out at index time (data/formats.py). Damage those checks cannot see reaches DALI's decoder (measured on the
-CPU decoder, DALI 2.4; the GPU decoder was not available to test):
-- a JPEG whose entropy-coded data is cut or garbled but which still ends in an end-of-image marker decodes,
-  with a "Corrupt JPEG data" warning on stderr and grey or garbled rows: training goes on with that image;
-- a file DALI cannot decode at all stops its pipeline: the loader raises UndecodableImage (a ValueError that
-  trainer.py reports in one line: "DALI cannot decode <file> in <root> ..."), naming the file when DALI does
-  (a sample of shards as "<shard>/<key> (instance i)"), and never hangs. In a Horovod job that rank exits
-  with the error and horovodrun then stops the other ranks (tests/test_data_pipelines.py checks this at P=2).
-
-Memory. The trainer builds a new loader for every epoch (so that an epoch is a pure function of its seed), so a
-dropped loader must give back what it took. DALI does free its buffers with the pipeline, but its worker threads
-malloc'ed them from glibc's per-thread arenas, and glibc keeps freed arena memory resident: RSS grew ~18 MB per
-pretraining loader, 322 -> 606 MiB over 16 loaders of the built-in set, with arenas of 140-270 MB holding under
-2 MB in use (malloc_stats). So a dropped loader frees its pipeline at once and calls glibc's malloc_trim, which
-returns the free pages inside the arenas: 316 -> 313 MiB over the same 16 loaders. It cannot return the free top
-of a thread arena, so with ImageNet-sized images RSS still wanders by tens of MB, but without a trend.
+Bad images that the index's checks cannot see reach DALI's decoder: a JPEG with garbled entropy-coded data still
+decodes (a "Corrupt JPEG data" warning, garbled rows); a file DALI cannot decode at all raises UndecodableImage,
+one line naming the file, and never hangs: that rank exits and its launcher stops the others.
 """
 import contextlib
 import ctypes

@@ -1,8 +1,7 @@
 """Count what a piece of code launches, without a GPU: a proxy for its launch overhead on CUDA.
 
-On a GPU a step of the classifier costs far more in launches, collectives and host synchronisations
-than in arithmetic at small batches (0.4 ms of GPU work in a 7.9 ms step on an H100, see
-bench/RESULTS.md). This counts them on any machine, so tests can hold them to a budget:
+On a GPU a step of the classifier at small batches can cost more in launches, collectives and host
+synchronisations than in arithmetic. This counts them on any machine, so tests can hold them to a budget:
 
   launches     every aten op that runs a kernel (views, allocations and metadata are free) and every
                Triton kernel launch (the torch calls of Triton's CPU interpreter are not counted);

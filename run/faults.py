@@ -124,9 +124,9 @@ def exit_preempted(stop, checkpoint, master):
 
 def exit_now(status):
     """End this rank after a stop or an error: the engine's shutdown, so that the collectives of ranks still
-    running fail now, then exit without the interpreter's teardown. That teardown took 8-9 s after a trainer run on the
-    shared 2-core test machine, long enough for horovodrun to SIGTERM the ranks still in it once the first
-    one had exited, adding a "Terminated" line to their output."""
+    running fail now, then exit without the interpreter's teardown. That teardown can take seconds, long enough for
+    horovodrun to SIGTERM the ranks still in it once the first one has exited, adding a "Terminated" line to
+    their output."""
     shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

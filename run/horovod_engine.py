@@ -19,8 +19,8 @@ from run.distributed import Engine
 # per cycle, which this step does not need (they are large enough to run at full bandwidth on their own).
 # CPU ranks (gloo) are the other way round: a step takes a second or so, and every cycle is a round trip
 # between the ranks' background threads that takes CPU time from the compute threads, which fill every core
-# (run/threads.py). A cycle adds at most 5 ms to each collective the host waits for. bench/RESULTS.md has the
-# measurements behind both values.
+# (run/threads.py). A cycle adds at most 5 ms to each collective the host waits for. bench/RESULTS.md ("CPU
+# speed of the demo") has the measurement behind the CPU value.
 GPU_CYCLE_TIME_MS = "0.1"
 CPU_CYCLE_TIME_MS = "5"
 OPS = {"sum": hvd.Sum, "average": hvd.Average, "min": hvd.Min, "max": hvd.Max}

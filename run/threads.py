@@ -1,8 +1,7 @@
 """CPU threads per rank: the cores of this host shared by its ranks.
 
 torch sizes its intra-op pool to every core the process may use, so `horovodrun -np 2` on a 2-core host runs
-two ranks of two threads each that preempt each other in every convolution (a third of the images/s of one
-thread per rank on the built-in demo, bench/RESULTS.md). Unless the user chose with
+two ranks of two threads each that preempt each other in every convolution. Unless the user chose with
 OMP_NUM_THREADS, each rank takes cores // local ranks threads (at least 1).
 """
 import os

@@ -18,7 +18,7 @@ WORKERS = ROOT / "tests" / "workers"
 
 # Markers (pytest.ini): `horovod` on every test that starts a Horovod job and `torchrun` on every test that
 # starts a torchrun job (enforced: horovod_job fails a test without it), `slow` on those (added here) and on the
-# tests that take seconds on the 2-core VM anyway. `pytest -m "not slow" tests` is the fast subset,
+# tests that take seconds on 2 CPU cores anyway. `pytest -m "not slow" tests` is the fast subset,
 # `-m "not horovod and not torchrun"` skips the multi-process jobs; CI runs all.
 _running = None  # the test being set up or run: module-scoped fixtures start their jobs inside its setup
 

@@ -26,14 +26,14 @@ spec.loader.exec_module(build_plan)
 CPU_FLAGS = {"HOROVOD_WITH_PYTORCH": "1", "HOROVOD_WITHOUT_TENSORFLOW": "1", "HOROVOD_WITHOUT_MXNET": "1",
              "HOROVOD_WITH_GLOO": "1", "HOROVOD_WITHOUT_MPI": "1", "HOROVOD_CPU_OPERATIONS": "gloo"}
 ENV = {"HOME": "/home/u", "PATH": "/usr/bin"}
-# The development machine: CPU torch, yet nvcc 13 installed.
+# A CPU machine: CPU torch, yet nvcc 13 installed.
 DEV_MACHINE = build_plan.Facts(
     python_version="3.11.7", torch_version="2.13.0+cpu", torch_cuda=None, gpu_capabilities=[], torch_cxx_standard=17,
     cuda_home="/usr/local/cuda", cuda_search="TOP of /usr/local/bin/nvcc -v --dryrun", nvcc_version="13.0",
     cmake_version="3.25.1", cxx="/usr/bin/c++", cxx_needs_includes=False, nccl_wheel=None, nccl_system=False,
     installed=[], strip="/usr/bin/strip")
-NCCL_WHEEL = "/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl"
-# The lent H100 of ../shared/horovod-cuda-build.md, building from a carried .whl folder.
+NCCL_WHEEL = "/venv/lib/python3.12/site-packages/nvidia/nccl"
+# A GPU machine without network (CUDA 13, CMake 4, a recent GCC, NCCL from its pip wheel), building from a .whl folder.
 H100_MACHINE = dataclasses.replace(
     DEV_MACHINE, python_version="3.12.3", torch_version="2.11.0+cu130", torch_cuda="13.0", gpu_capabilities=["90"],
     cmake_version="4.1.2", cxx_needs_includes=True, nccl_wheel=NCCL_WHEEL, sdist_dir="/w/.whl",
@@ -166,7 +166,7 @@ def fake_toolkit(home, nvcc=NVCC_ANSWERING):
 
 
 def wrapper_on_path(folder, toolkit):
-    """This development machine's layout: FOLDER/bin/nvcc is a script outside the toolkit that runs its nvcc."""
+    """A wrapper's layout: FOLDER/bin/nvcc is a script outside the toolkit that runs its nvcc."""
     executable(folder / "bin" / "nvcc", f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
     return {"PATH": str(folder / "bin")}
 

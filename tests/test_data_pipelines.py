@@ -151,8 +151,8 @@ def test_a_fresh_process_draws_the_same_epoch_for_the_same_seed_and_rank(layout,
 
 MEMORY_WARMUP_LOADERS = 3
 MEMORY_LOADERS = MEMORY_WARMUP_LOADERS + 12
-# Without malloc_trim (data/pipelines.py, Memory) the growth measured below was 26-37 MiB in four runs (2-3 MiB a
-# loader on these tiny images, ~18 on ImageNet-sized ones); with it, -4..+2 MiB.
+# Without malloc_trim (data/pipelines.py) the resident memory grows by 2-3 MiB a loader on these tiny images,
+# tens of MiB over the loaders below; with it, it stays within a few MiB.
 MEMORY_GROWTH_MIB = 15
 
 

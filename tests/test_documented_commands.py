@@ -35,7 +35,7 @@ from tests.trainer_runs import copy_tiny_dataset
 LAUNCHERS = ("horovodrun", "torchrun")
 INTERPRETERS = ("python", "python3")
 DEFAULT_OUT = "runs/pretrain"  # trainer.py's --out default
-MAX_RANKS = 2  # the development VM has 2 cores
+MAX_RANKS = 2  # enough for every collective, and what 2 cores run
 # Substituted sizes, by subcommand (None: pretraining). The built-in data warms up for 1 epoch (trainer.py's
 # BUILTIN_DEFAULTS), so its runs take 2; the warm-up itself is left as printed.
 TINY_NETWORK = {"--image-size": "32", "--arch": "resnet18", "--width": "8", "--small-stem": None,

@@ -1,4 +1,4 @@
-"""The built-in and dataset defaults of the flags that issue 10 set (--flip, --blur), resolved by trainer.resolve_config
+"""The built-in and dataset defaults of --flip and --blur, resolved by trainer.resolve_config
 and passed on by data.loaders to the DALI loaders (whose flip itself tests/test_data_pipelines.py checks)."""
 import types
 

@@ -1,4 +1,4 @@
-"""bench/gpu_session.sh, the one command of a lent GPU machine, checked where there is none: its dry run (every
+"""bench/gpu_session.sh, the one command of a GPU machine, checked where there is none: its dry run (every
 step on the CPU at tiny sizes, the Triton kernels under the interpreter: the same control flow, summary and
 files as on a GPU), and its bookkeeping with planted steps (a failing step does not stop the session, a step cut
 at its budget counts as failed and keeps what it printed, the session's budget cuts the last steps first).
@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 SESSION = ROOT / "bench" / "gpu_session.sh"
 DEFAULT_STEPS = ["smoke", "classifier_step", "train_step", "trainer", "kernels", "torchrun_trainer", "collectives"]
-MAX_FILES = 8  # what the device tool brings back from $OUT
+MAX_FILES = 8  # the session leaves a few files to read (a summary, one log, the runs' metrics), not a tree
 
 
 def session(out, *args, python=None, timeout=900):

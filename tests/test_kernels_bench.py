@@ -4,7 +4,7 @@ passes, planted bugs (a wrong pick at a clear gap, invalid ids, a wrong gradient
 
 `bench/gpu_check.sh --dry-run` (the GPU check on the CPU) runs in the GPU session's dry run
 (tests/test_gpu_session.py); the sm_90 compile check (`bench/kernel.py compile`) takes minutes and is run by
-hand; see bench/RESULTS.md, Kernels.
+hand (bench/RESULTS.md has its latest table).
 """
 import subprocess
 import sys

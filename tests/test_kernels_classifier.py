@@ -23,7 +23,7 @@ BACKENDS = ["chunked", "triton"]
 # Horovod's default is 1024.
 CACHE_CAPACITY = 6
 EVICTION_WARNING = "A response has been evicted from cache"
-# Launches of one classifier forward + backward on the Triton path (issue 8: at most 15): pack, norms,
+# Launches of one classifier forward + backward on the Triton path (the budget is 15): pack, norms,
 # forward, merge of the splits, merge of the shards, mean; autograd's seed, 1 / B, norms, dW, dE, the
 # target part of dE, the sum of the dE partials, the normalisation backward.
 CLASSIFIER_STEP_LAUNCHES = 14

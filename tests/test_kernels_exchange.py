@@ -149,7 +149,7 @@ def test_triton_rounds_operands_to_the_compute_dtype_like_torch():
 
 
 # The whole single-device loss (normalisation, stats, merge, backward) on the Triton path: 14 launches
-# (issue 8's budget: 15), no host sync. The torch twin is far above (it is the CPU path).
+# (the budget is 15), no host sync. The torch twin is far above (it is the CPU path).
 TRITON_LOSS_LAUNCHES = 14
 
 

@@ -1,5 +1,5 @@
 """How a run at P = 2 (horovodrun, gloo) survives what happens to real runs: resumes that ranks must agree on,
-stale run directories, impossible settings, signals, a failing rank, CPU threads (issue 11).
+stale run directories, impossible settings, signals, a failing rank, CPU threads.
 
 Stops at a chosen step use the test-only fault hook of run/faults.py (INSTANCE_CLASSIFIER_TEST_FAULT)."""
 import contextlib
@@ -73,7 +73,7 @@ def checkpoint_files(checkpoint):
     return sorted(p.name for p in checkpoint.iterdir())
 
 
-# -------------------------------------------------------------------------------- 11.1 ranks agree on resume
+# -------------------------------------------------------------------------------- ranks agree on resume
 @pytest.mark.horovod
 def test_every_rank_resumes_what_rank_0_chose_or_every_rank_stops(reference_run, tiny_dataset, tmp_path):
     """Rank 1 sees an older --out (no shared file system, NFS lag): it must not resume epoch 1 while rank 0
@@ -88,7 +88,7 @@ def test_every_rank_resumes_what_rank_0_chose_or_every_rank_stops(reference_run,
     assert not (tmp_path / "rank-0" / "run" / "checkpoint-0003").exists()
 
 
-# -------------------------------------------------------------------------------- 11.2 stale state
+# -------------------------------------------------------------------------------- stale state
 @pytest.mark.horovod
 def test_a_run_directory_of_another_dataset_is_refused(reference_run, tiny_dataset, tmp_path):
     other, out = tmp_path / "other", tmp_path / "run"
@@ -101,7 +101,7 @@ def test_a_run_directory_of_another_dataset_is_refused(reference_run, tiny_datas
     assert not (out / "checkpoint-0003").exists()
 
 
-# -------------------------------------------------------------------------------- 11.3 settings judged first
+# -------------------------------------------------------------------------------- settings judged first
 @pytest.mark.horovod
 def test_impossible_settings_stop_every_rank_before_any_work(tiny_dataset, tmp_path):
     out = tmp_path / "run"
@@ -152,7 +152,7 @@ def test_gpu_only_settings_are_refused_without_cuda(flags, message, tmp_path, mo
         check_machine_and_paths(config)
 
 
-# -------------------------------------------------------------------------------- 11.4 + 11.6 preemption
+# -------------------------------------------------------------------------------- preemption
 @pytest.mark.horovod
 def test_a_signal_to_one_rank_stops_both_after_the_same_step_and_the_resume_is_bitwise_exact(
         reference_run, tiny_dataset, tmp_path):
@@ -207,7 +207,7 @@ def test_a_second_signal_exits_at_once_without_a_checkpoint(tiny_dataset, tmp_pa
     assert not list(out.glob("checkpoint-*"))
 
 
-# -------------------------------------------------------------------------------- 11.7 a failing rank
+# -------------------------------------------------------------------------------- a failing rank
 @pytest.mark.horovod
 def test_a_failing_rank_ends_the_job_at_once_with_its_error(tiny_dataset, tmp_path):
     out = tmp_path / "run"
@@ -221,7 +221,7 @@ def test_a_failing_rank_ends_the_job_at_once_with_its_error(tiny_dataset, tmp_pa
     assert "Process 1 exit with status code 1" in stdout
 
 
-# -------------------------------------------------------------------------------- 11.5 shard reads on resume
+# -------------------------------------------------------------------------------- shard reads on resume
 @pytest.mark.horovod
 def test_a_resume_reads_only_the_shards_that_overlap_the_rank(reference_run, tmp_path):
     run_horovod(2, WORKERS / "trainer_shard_reads.py", reference_run / "checkpoint-0002", tmp_path)
@@ -231,7 +231,7 @@ def test_a_resume_reads_only_the_shards_that_overlap_the_rank(reference_run, tmp
         assert reads["weight_rows"] == reads["rows"][1] - reads["rows"][0] == 60
 
 
-# -------------------------------------------------------------------------------- 11.8 CPU threads per rank
+# -------------------------------------------------------------------------------- CPU threads per rank
 @pytest.mark.horovod
 def test_each_rank_takes_its_share_of_the_cores_unless_omp_num_threads_is_set(tmp_path):
     run_horovod(2, WORKERS / "trainer_threads.py", tmp_path, env={"OMP_NUM_THREADS": None})

@@ -67,7 +67,7 @@ def test_resume_continues_bitwise_and_metrics_read_as_one_run(run_two_epochs, ti
 @pytest.mark.horovod
 def test_the_same_run_twice_on_one_machine_is_bitwise_equal(run_two_epochs, tiny_dataset, tmp_path):
     """What a seed fixes: on one machine a run is a function of its flags and seed (across machines it is not:
-    other CPUs round differently; README, "What a seed fixes")."""
+    other CPUs round differently; bench/RESULTS.md, "What a seed fixes")."""
     out, _ = run_two_epochs
     again = tmp_path / "again"
     trainer("--data", tiny_dataset, "--out", again, "--epochs", "2", "--save-every", "1", "--knn-every", "1",
