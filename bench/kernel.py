@@ -3,7 +3,8 @@
     python bench/kernel.py cpu                 # chunked torch path vs the materialised loss, B=512 C=640,000 D=128
     python bench/kernel.py gpu                 # on CUDA: correctness vs the float64 oracle (judge), then timings
     TRITON_INTERPRET=1 python bench/kernel.py gpu --dry-run   # the same script on CPU with tiny shapes
-    python bench/kernel.py compile             # compile every Triton kernel for sm_90 without a GPU
+    python bench/kernel.py compile             # every Triton kernel compiled for sm_90 and sm_80 at the trainer's
+                                               # launches, no GPU needed (bench/kernel_compile.py)
 
 The gpu mode's timings run at the trainer's operand dtypes on a GPU (fp32 features and fp32 rows, rounded to bf16
 for the products inside the kernels) on input sets taken in turn, so that the rows are read from memory as in
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from bench import kernel_compile  # noqa: E402
 from kernels import reference, seed_rows_, sharded_topk_xent, topk_smoothed_xent  # noqa: E402
 from kernels.reference import relative_error, smoothed_losses  # noqa: E402
 
@@ -53,7 +55,6 @@ parser.add_argument("--variant", choices=["chunked", "materialised"], default=No
                     help="cpu: run one variant in this process and print JSON (used by the cpu mode itself)")
 parser.add_argument("--dry-run", action="store_true",
                     help="gpu: run on CPU with tiny shapes under TRITON_INTERPRET=1, to check the script itself")
-parser.add_argument("--arch", type=int, default=90, help="compile: CUDA compute capability (default: 90 = H100)")
 
 
 def materialised_loss(features, weight, labels, *, temperature, k, alpha, compute_dtype=None):
@@ -511,89 +512,6 @@ def gpu_check(args):
         sys.exit("correctness check FAILED (see the first table)")
 
 
-# ---------------------------------------------------------------------------------------------
-# compile: the interpreter checks the math, not that the kernels compile for a GPU. This compiles
-# them for sm_<arch> at the benchmark shape (no GPU needed) and reports registers, spills, shared memory.
-
-def capture_launches(dtype, k):
-    """Run the launchers on CPU tensors with every kernel's launch replaced by a recorder."""
-    from kernels import triton_exchange, triton_seed, triton_topk_xent
-    kernels = [triton_topk_xent._row_norms_kernel, triton_topk_xent._shard_forward_kernel, triton_topk_xent._target_rows_kernel, triton_topk_xent._shard_backward_weight_kernel,
-               triton_topk_xent._shard_backward_features_kernel, triton_seed._seed_rows_kernel,
-               triton_exchange._merge_splits_kernel]
-    launches = []
-    for kernel in kernels:
-        kernel.run = lambda *args, grid, warmup, kernel=kernel, **kwargs: launches.append((kernel, args, kwargs))
-    features, weight, labels = make_inputs(4096, 160_000, 128, dtype, torch.device("cpu"))
-    features, weight = reference.normalize_rows(features.detach().float()).to(dtype), weight.detach()
-    options = dict(temperature=0.15, block_batch=None, block_classes=None, num_splits=8)
-    triton_topk_xent.shard_forward_stats(features, weight, labels, 0, k=k, **options)
-    topk_indices = torch.randint(0, 160_000, (4096, k))
-    triton_topk_xent.shard_backward(features, weight, labels, 0, torch.zeros(4096), topk_indices, torch.ones(4096),
-                                    alpha=0.2, **options)
-    triton_seed.seed_rows_(weight.clone(), features, labels, 0)
-    return launches
-
-
-def signature_of(kernel, args, kwargs):
-    """Triton type strings of a recorded launch: tensors by dtype, ints i32/i64, floats fp32."""
-    pointer = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float64: "*fp64", torch.int32: "*i32",
-               torch.int64: "*i64"}
-    signature, constexprs = {}, {}
-    values = dict(zip([p.name for p in kernel.params], args), **kwargs)
-    for param in kernel.params:
-        value = values[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = pointer[value.dtype]
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        else:
-            signature[param.name] = "fp32"
-    return signature, constexprs
-
-
-def resource_usage(cubin, name):
-    """REG / STACK / LOCAL of one kernel from cuobjdump (STACK > 0: registers spilled to local memory)."""
-    import tempfile
-    import triton
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True).stdout
-    line = next((line for line in text.splitlines() if "REG:" in line), "")
-    return {key: int(value) for key, value in (item.split(":")[:2] for item in line.split() if ":" in item
-                                               and item.split(":")[1].isdigit())}
-
-
-def compile_check(args):
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("compile mode needs the real Triton compiler: unset TRITON_INTERPRET")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    print(f"Triton {triton.__version__} compile for sm_{args.arch} at B = 4096, C = 160,000, D = 128 (no GPU needed):")
-    print("| kernel | dtype | K | warps | registers | spill stack (bytes) | shared memory (bytes) | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
-    seen = set()
-    for dtype, k in [(torch.bfloat16, 5), (torch.bfloat16, 32), (torch.float32, 5)]:
-        for kernel, launch_args, kwargs in capture_launches(dtype, k):
-            num_warps = kwargs.pop("num_warps", 4)
-            signature, constexprs = signature_of(kernel, launch_args, kwargs)
-            key = (kernel.__name__, tuple(signature.items()), tuple(sorted(map(str, constexprs.items()))))
-            if key in seen:
-                continue
-            seen.add(key)
-            begin = time.perf_counter()
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", args.arch, 32),
-                                      options=dict(num_warps=num_warps))
-            usage = resource_usage(compiled.asm["cubin"], kernel.__name__)
-            print(f"| {kernel.__name__} | {str(dtype)[6:]} | {k} | {num_warps} | {usage.get('REG', '?')} | "
-                  f"{usage.get('STACK', '?')} | {compiled.metadata.shared} | {time.perf_counter() - begin:.1f} |")
-
-
 # batch, classes, dim, repeats of each mode when not given
 DEFAULTS = {"cpu": (512, 640_000, 128, 1), "gpu": (4096, 160_000, 128, 20), "dry-run": (16, 200, 16, 1)}
 
@@ -607,4 +525,4 @@ if __name__ == "__main__":
     elif args.mode == "gpu":
         gpu_check(args)
     else:
-        compile_check(args)
+        kernel_compile.main()

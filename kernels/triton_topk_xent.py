@@ -440,6 +440,11 @@ def _row_norms(weight, round_dtype):
 TILE_CAPS = {"forward": (128, 64), "features": (128, 64), "weight": (64, 128)}
 
 
+def _multiprocessors(device):
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one after another)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _launch_config(kind, features_n, weight, compute_dtype, block_batch, block_classes, num_splits):
     """Tile sizes, class splits, warps and operand dtypes of one kernel ('forward', 'features' or 'weight').
     block_batch / block_classes / num_splits override the heuristics (tests use small tiles)."""
@@ -458,13 +463,15 @@ def _launch_config(kind, features_n, weight, compute_dtype, block_batch, block_c
     batch_blocks, class_tiles = triton.cdiv(batch, block_b), triton.cdiv(shard_classes, block_c)
     if num_splits is None:
         # Batch blocks alone (B / BLOCK_B = 32 at B = 4096) would leave most SMs idle: split the classes so
-        # that there are ~4 programs per SM. The interpreter runs programs one after another.
-        processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        num_splits = triton.cdiv(4 * processors, batch_blocks)
+        # that there are ~4 programs per SM.
+        num_splits = triton.cdiv(4 * _multiprocessors(device), batch_blocks)
     classes_per_split = triton.cdiv(class_tiles, min(max(num_splits, 1), class_tiles)) * block_c
+    # 8 warps for the full bf16 tiles, and for the backward kernels' fp32 tiles: fp32 products run without
+    # tensor cores, with operands and accumulator in registers, which spill at 4 warps.
+    many_warps = block_b * block_c >= 128 * 64 or (kind != "forward" and not bf16_products)
     return dict(block_b=block_b, block_c=block_c, block_d=block_d, batch_blocks=batch_blocks, class_tiles=class_tiles,
                 num_splits=triton.cdiv(shard_classes, classes_per_split), classes_per_split=classes_per_split,
-                num_warps=8 if block_b * block_c >= 128 * 64 else 4, round_dtype=round_dtype,
+                num_warps=8 if many_warps else 4, round_dtype=round_dtype,
                 dot_dtype=tl.bfloat16 if bf16_products else tl.float32)
 
 

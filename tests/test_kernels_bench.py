@@ -3,8 +3,7 @@ criterion (bench/kernel.py judge) on CPU under TRITON_INTERPRET=1: a legitimate 
 passes, planted bugs (a wrong pick at a clear gap, invalid ids, a wrong gradient or loss) fail.
 
 `bench/gpu_check.sh --dry-run` (the GPU check on the CPU) runs in the GPU session's dry run
-(tests/test_gpu_session.py); the sm_90 compile check (`bench/kernel.py compile`) takes minutes and is run by
-hand (bench/RESULTS.md has its latest table).
+(tests/test_gpu_session.py); the compile check (`bench/kernel.py compile`) in tests/test_kernels_compile.py.
 """
 import subprocess
 import sys
