@@ -410,7 +410,7 @@ def export(argv):
     except ValueError as error:  # not a torchvision architecture (small stem, other width)
         raise UsageError(str(error)) from error
     Path(args.to).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(exported, args.to)
+    write_file(exported, args.to)
     print(f"wrote {len(exported)} tensors (torchvision layout, fc zero) to {args.to}")
 
 

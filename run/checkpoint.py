@@ -16,6 +16,9 @@ taken inside an epoch resumes on the same P only: the rest of the epoch is the r
 P's data shards, and each rank gets its own BatchNorm buffers back. (Several hosts need `--out` on a shared
 file system, as every rank writes into the same directory.)
 
+Every file is written from a host copy of what it holds (`on_host`), so that the files of a GPU run load with a
+plain torch.load on a machine without one.
+
 Room on the disk. Before a byte is written, every rank estimates the size of its files (`estimated_file_bytes`:
 the tensors' storages, the pickled rest and the zip records around them) and reads the free space of --out's
 file system (`shutil.disk_usage`); one collective shares both, and a checkpoint that does not fit stops every
@@ -33,6 +36,7 @@ a checkpoint taken inside an epoch is newer than the epoch's checkpoint before i
 --resume named an older one) are not touched. A checkpoint is renamed to a hidden name before its files go, so
 a deletion cut short never leaves half of one. The disk holds keep + 1 checkpoints while the next one is written.
 """
+import copy
 import pickle
 import shutil
 import time
@@ -100,15 +104,15 @@ def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, c
     final = out_dir / checkpoint_name(epoch, len(step_losses))
     partial = partial_checkpoint(final)
     momentum = classifier_optimizer.state.get(classifier.weight, {}).get("momentum_buffer")
-    shard = {"start": classifier.start, "stop": classifier.stop, "num_instances": classifier.num_instances,
-             "weight": classifier.weight.detach().cpu(), "momentum": None if momentum is None else momentum.cpu(),
-             "batchnorm": {name: buffer.cpu() for name, buffer in batchnorm_buffers(backbone, head).items()}}
+    shard = on_host({"start": classifier.start, "stop": classifier.stop, "num_instances": classifier.num_instances,
+                     "weight": classifier.weight, "momentum": momentum,
+                     "batchnorm": batchnorm_buffers(backbone, head)})
     state, previous = None, None
     if rank == 0:
-        state = {"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
-                 "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
-                 "config": vars(config), "num_shards": engine().size, "step_losses": list(step_losses),
-                 "diagnostics": diagnostics, "metrics_lines": metrics_lines}
+        state = on_host({"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
+                         "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
+                         "config": vars(config), "num_shards": engine().size, "step_losses": list(step_losses),
+                         "diagnostics": diagnostics, "metrics_lines": metrics_lines})
         found = complete_checkpoints(out_dir)
         previous = found[-1].name if found else None
         for leftover in hidden_checkpoints(out_dir):  # their space counts as free below
@@ -164,21 +168,44 @@ def _abandon(partial, message):
     raise UsageError(message)
 
 
+def on_host(obj):
+    """obj (dicts, lists and tuples of tensors and plain values) with every tensor detached and in host memory,
+    so that a file written from it loads with a plain torch.load on a machine without the device the run used.
+    A tensor already on the CPU shares its storage (no copy); a dict keeps its type and attributes (a state_dict's
+    _metadata)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        copied = copy.copy(obj)
+        copied.update((key, on_host(value)) for key, value in obj.items())
+        return copied
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_host(value) for value in obj)
+    return obj
+
+
 def _write(obj, path):
-    """torch.save(obj, path); None, or the one-line reason it failed (the file cut short is removed)."""
+    """torch.save(obj, path) of an object on_host made; None, or the one-line reason it failed (the file cut short
+    is removed)."""
     try:
         torch.save(obj, path)
         return None
     except WRITE_ERRORS as error:
         Path(path).unlink(missing_ok=True)
-        lines = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+        return first_line(error)
+
+
+def first_line(error):
+    """An exception as one line: its type and the first line of its message (the rest of a C++ error is frames)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def write_file(obj, path):
-    """One process's torch.save of a file outside checkpoints (the exported backbone): a one-line UsageError,
-    naming what it needs and what is free, when it does not fit or the write fails."""
-    path = Path(path)
+    """One process's torch.save of a file outside checkpoints (the exported backbone), its tensors copied to the
+    host first (on_host): a one-line UsageError, naming what it needs and what is free, when it does not fit or
+    the write fails."""
+    path, obj = Path(path), on_host(obj)
     needed, free = estimated_file_bytes(obj), shutil.disk_usage(path.parent).free
     room = f"it needs {human_bytes(needed)} and {human_bytes(free)} were free on its file system"
     if needed > free:

@@ -1,8 +1,11 @@
 """Checkpoints that fit the disk (--keep-checkpoints) and a full disk that is one line and loses nothing
 (run/checkpoint.py): the estimate of what a save writes, the pruning rule, the refusal before a write and the
-failed write, in process (one rank) and in P = 2 trainer jobs, on a simulated and on a real small file system."""
+failed write, in process (one rank) and in P = 2 trainer jobs, on a simulated and on a real small file system.
+The files of a run on a GPU (a stand-in device here) load with a plain torch.load on a machine without one."""
 import argparse
+import copy
 import hashlib
+import pickle
 import re
 import shutil
 import subprocess
@@ -10,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 from run import checkpoint as checkpoints
 from run.errors import UsageError
@@ -17,7 +21,7 @@ from run.faults import TEST_FAULT_VARIABLE
 from run.layout import checkpoint_name, complete_checkpoints, hidden_checkpoints, partial_checkpoint
 from run.run_log import human_bytes
 from tests.conftest import WORKERS, run_horovod
-from tests.trainer_runs import SMALL, rank_lines, read_metrics, trainer
+from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, rank_lines, read_metrics, trainer
 
 ENCODER = dict(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16, data=None)
 
@@ -332,3 +336,91 @@ def test_a_full_file_system_at_p2_is_one_line_on_every_rank_and_the_resume_finis
     small_file_system.resize("64m")
     trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2")
     assert names(out) == ["checkpoint-0001", "checkpoint-0002"] and training_epochs(out) == [1, 2]
+
+
+# -------------------------------------------------------------------------------- the files of a run on a GPU
+class DeviceTensor(torch.Tensor):
+    """A stand-in for a CUDA tensor on a machine without CUDA: it says it lives on cuda:0 (`device`, `is_cuda`),
+    every op runs on the host tensor it wraps and returns a DeviceTensor, and a copy to the CPU (`.cpu()`,
+    `.to("cpu")`) is a plain host tensor, as for a CUDA tensor. torch.save writes it as what it is, not as host
+    data, and a plain torch.load refuses the file, as it refuses one holding CUDA storages where there is no CUDA
+    (test_the_stand_in_fails_a_plain_load_as_a_cuda_tensor_does)."""
+
+    @staticmethod
+    def __new__(cls, host):
+        wrapper = torch.Tensor._make_wrapper_subclass(cls, host.shape, strides=host.stride(), dtype=host.dtype,
+                                                      device=torch.device("cuda", 0), requires_grad=host.requires_grad)
+        wrapper.host = host
+        return wrapper
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*tree_map(host_of, args), **tree_map(host_of, kwargs))
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+            return result  # the copy to the host
+        return tree_map(lambda value: DeviceTensor(value) if isinstance(value, torch.Tensor) else value, result)
+
+
+def host_of(value):
+    return value.host if isinstance(value, DeviceTensor) else value
+
+
+def on_stand_in_device(run):
+    """A copy of the run's objects with every parameter, buffer and optimizer state on the stand-in device, as
+    module.to("cuda") and the optimizer steps after it leave them."""
+    run = copy.deepcopy(run)
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # a tensor subclass is swapped in, not assigned
+    try:
+        for module in (run[0], run[1], run[3]):
+            module._apply(DeviceTensor)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    for optimizer in (run[2], run[4]):
+        for state in optimizer.state.values():
+            state.update({key: DeviceTensor(value) for key, value in state.items() if isinstance(value, torch.Tensor)})
+    return run
+
+
+def plain_load(path):
+    """torch.load(path) as a user on a machine without a GPU calls it: no map_location (weights_only, torch's
+    default); asserts that every tensor in it is a plain host tensor."""
+    loaded = torch.load(path)
+    assert all(type(tensor) is torch.Tensor and tensor.device.type == "cpu" for tensor in tensors_of(loaded)), path
+    return loaded
+
+
+def test_the_stand_in_fails_a_plain_load_as_a_cuda_tensor_does(tmp_path):
+    host = torch.arange(6.0).reshape(2, 3)
+    on_device = DeviceTensor(host)
+    assert on_device.is_cuda and torch.equal(on_device.cpu(), host) and type(on_device.cpu()) is torch.Tensor
+    torch.save({"weight": on_device}, tmp_path / "as-is.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "as-is.pt")
+
+
+def test_a_checkpoint_of_a_run_on_the_device_loads_on_a_machine_without_one(tiny_run, tmp_path):
+    """Every file save_checkpoint writes from objects on the device holds host tensors only, the same as from the
+    objects on the host."""
+    config, run = tiny_run
+    on_device = checkpoints.save_checkpoint(tmp_path / "device", 1, config, *on_stand_in_device(run))
+    for name in ("state.pt", "shard-0.pt"):
+        plain_load(on_device / name)
+    assert_checkpoints_bitwise_equal(checkpoints.save_checkpoint(tmp_path / "host", 1, config, *run), on_device)
+
+
+@pytest.mark.parametrize("small_stem, width", [(False, 64), (True, 8)], ids=["torchvision", "own-layout"])
+def test_the_backbone_of_a_run_on_the_device_loads_on_a_machine_without_one(small_stem, width, tmp_path):
+    """backbone.pth as pretraining writes it: the torchvision export with its zero fc, or (small stem, other
+    width) the state_dict in this project's layout; both from the device."""
+    from model.export import export_backbone
+    from model.resnet import build_backbone
+    backbone = build_backbone("resnet18", small_stem=small_stem, width=width)
+    on_device = on_stand_in_device((backbone, torch.nn.Identity(), torch.optim.SGD(backbone.parameters()),
+                                    torch.nn.Identity(), torch.optim.SGD(backbone.parameters())))[0].state_dict()
+    exported = on_device if small_stem else export_backbone(on_device)
+    checkpoints.write_file(exported, tmp_path / "backbone.pth")
+    loaded = plain_load(tmp_path / "backbone.pth")
+    assert list(loaded) == list(exported)
+    assert all(torch.equal(loaded[key], tensor) for key, tensor in backbone.state_dict().items())
