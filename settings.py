@@ -1,6 +1,7 @@
 """A pretraining run's settings judged before any data is touched: the first impossible value or combination
 is one UsageError naming the flags. `check_settings` needs nothing but the flags (`plan` uses it too);
-`check_machine_and_paths` also looks at this machine (CUDA) and at the paths given. It sits beside trainer.py,
+`check_machine_and_paths` also looks at this machine (CUDA) and at the paths given; `check_saved_flags` gives
+settings read back from a checkpoint the types and choices that parsing gives the flags. It sits beside trainer.py,
 above data/, model/ and run/, because it judges the flags of all of them.
 """
 import os
@@ -66,3 +67,31 @@ def check_machine_and_paths(config):
 def require(condition, message):
     if not condition:
         raise UsageError(message)
+
+
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def check_saved_flags(parser, saved, defaults):
+    """Settings read back (a checkpoint's config), which no command line parsed: each flag's value of the type its
+    flag parses to (a bool for a switch, None where the flag defaults to None) and among its choices, and each
+    setting that no flag sets but `defaults` does of its default's type. A UsageError names the first that is not;
+    check_settings judges their ranges then."""
+    kinds = {name: type(value) for name, value in defaults.items()}
+    options = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest in saved:
+            kinds[action.dest] = bool if action.nargs == 0 else action.type or str
+            options[action.dest] = action
+    for name, kind in kinds.items():
+        if name not in saved:
+            continue
+        value, action = saved[name], options.get(name)
+        label = name if action is None else flag(name)
+        accepted = (int, float) if kind is float else (kind,)
+        if action is not None and action.default is None:
+            accepted += (type(None),)
+        if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+            raise UsageError(f"{label} {value!r:.60}: not {KIND_NAMES.get(kind, kind.__name__)}")
+        if action is not None and action.choices is not None and value is not None and value not in action.choices:
+            raise UsageError(f"{label} {value!r:.60}: not one of {', '.join(map(str, action.choices))}")

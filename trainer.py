@@ -46,15 +46,15 @@ from model.initialisation import raw_feature_init
 from model.plan import plan
 from model.step import train_step
 from run import layout
-from run.checkpoint import (checkpoint_to_resume, load_state, resolve_checkpoint, restore_checkpoint, save_and_prune,
-                            write_file)
+from run.checkpoint import (APPLY_ERRORS, checkpoint_to_resume, load_state, one_line, resolve_checkpoint,
+                            restore_checkpoint, save_and_prune, write_file)
 from run.diagnostics import EpochDiagnostics
 from run.distributed import ENGINES, average_batchnorm_statistics, barrier, start
 from run.errors import UsageError
 from run.faults import Preempted, default_signals, end_of_step, exit_now, exit_preempted, stop_on_signals
 from run.run_log import WARMUP_STEPS, RunLog, Throughput
 from run.schedule import set_learning_rate, warmup_cosine
-from settings import check_machine_and_paths, check_settings
+from settings import check_machine_and_paths, check_saved_flags, check_settings
 
 # -------------------------------------------------------------------------------- flags: pretraining
 # The flags of a run, shared by pretraining and `plan` (which sizes the same run).
@@ -337,21 +337,37 @@ def evaluation_parser(name, description):
     return sub
 
 
-def load_trained_backbone(ckpt, device):
-    """(backbone with the checkpoint's weights, the run's config)."""
-    state = load_state(resolve_checkpoint(ckpt))
-    config = argparse.Namespace(**state["config"])
-    backbone, _ = build_encoder(config, device)
-    backbone.load_state_dict(state["backbone"])
+def saved_config(saved, source):
+    """The config a checkpoint holds, judged as the command line's flags are: the type and choices of every flag
+    (settings.check_saved_flags), then resolve_config; a flag the checkpoint predates takes its default. A
+    UsageError naming `source` otherwise."""
+    try:
+        check_saved_flags(parser, saved, BUILTIN_DEFAULTS)
+        return resolve_config(argparse.Namespace(**{**vars(parser.parse_args([])), **saved}))
+    except UsageError as error:
+        raise UsageError(f"{source} holds a config that the flags refuse: {error}") from None
+
+
+def load_trained_backbone(checkpoint):
+    """(backbone on the CPU with the checkpoint's weights, the run's config); a UsageError naming the file when the
+    checkpoint is not one of this trainer's."""
+    state, source = load_state(checkpoint), checkpoint / layout.STATE
+    config = saved_config(state["config"], source)
+    backbone, _ = build_encoder(config, torch.device("cpu"))
+    try:
+        backbone.load_state_dict(state["backbone"])
+    except APPLY_ERRORS as error:
+        raise UsageError(f"{source}: its backbone does not fit its config ({one_line(error)})") from None
     return backbone, config
 
 
 def evaluation_setup(args):
     """The process group, the trained backbone, its config and the run's train/val indexes."""
-    checkpoint = resolve_checkpoint(args.ckpt)  # its one-line error before the process group starts
+    checkpoint = resolve_checkpoint(args.ckpt)
+    # Read and judged before the process group starts: a bad checkpoint is one line on every rank, before any work.
+    backbone, config = load_trained_backbone(checkpoint)
     world = start(args.engine)
-    backbone, config = load_trained_backbone(checkpoint, world.device)
-    return (world, checkpoint, backbone, config, *saved_run_indexes(checkpoint.parent))
+    return (world, checkpoint, backbone.to(world.device), config, *saved_run_indexes(checkpoint.parent))
 
 
 def knn_command(argv):
@@ -404,13 +420,13 @@ def export(argv):
     sub = evaluation_parser("export", "Write the pretrained backbone as a torchvision ResNet state_dict.")
     sub.add_argument("--to", required=True, help="output .pth file")
     args = sub.parse_args(argv)
-    backbone, _ = load_trained_backbone(args.ckpt, torch.device("cpu"))
+    backbone, _ = load_trained_backbone(resolve_checkpoint(args.ckpt))
     try:
         exported = export_backbone(backbone.state_dict())
     except ValueError as error:  # not a torchvision architecture (small stem, other width)
         raise UsageError(str(error)) from error
     Path(args.to).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(exported, args.to)
+    write_file(exported, args.to)
     print(f"wrote {len(exported)} tensors (torchvision layout, fc zero) to {args.to}")
 
 

@@ -10,7 +10,6 @@ and impossible to mistake for a trained classifier.
 Only width 64 with the standard 7x7 stem has torchvision's shapes; other backbones are refused with a one-line
 ValueError rather than written as a file that would fail to load later.
 """
-import torch
 
 # Torchvision's layouts (block type, blocks per stage), restated here from its definition instead of imported from
 # model/resnet.py: the target format must not be derived from the model it validates.
@@ -96,7 +95,7 @@ def export_backbone(backbone_state_dict, num_classes=1000):
             raise ValueError(f"{key} has shape {list(tensor.shape)}, torchvision resnet{depth} has {expected}")
 
     exported = {key: backbone_state_dict[key] for key in expected_shapes if not key.startswith("fc.")}
-    dtype = backbone_state_dict["conv1.weight"].dtype
-    exported["fc.weight"] = torch.zeros(expected_shapes["fc.weight"], dtype=dtype)  # [num_classes, feature_dim]
-    exported["fc.bias"] = torch.zeros(expected_shapes["fc.bias"], dtype=dtype)  # [num_classes]
+    stem = backbone_state_dict["conv1.weight"]  # fc takes its dtype and device: one device in the whole dict
+    exported["fc.weight"] = stem.new_zeros(expected_shapes["fc.weight"])  # [num_classes, feature_dim]
+    exported["fc.bias"] = stem.new_zeros(expected_shapes["fc.bias"])  # [num_classes]
     return exported

@@ -16,6 +16,11 @@ taken inside an epoch resumes on the same P only: the rest of the epoch is the r
 P's data shards, and each rank gets its own BatchNorm buffers back. (Several hosts need `--out` on a shared
 file system, as every rank writes into the same directory.)
 
+Every file is written from a host copy of what it holds (`on_host`), so that the files of a GPU run load with a
+plain torch.load on a machine without one. Every file is read back with weights_only=True (`read_file`): tensors
+and plain values only, so nothing a file carries runs when it is read, and what is read is checked against the
+format written here (`STATE_FORMAT`, `SHARD_FORMAT`); a file that is not one of these is a one-line error naming it.
+
 Room on the disk. Before a byte is written, every rank estimates the size of its files (`estimated_file_bytes`:
 the tensors' storages, the pickled rest and the zip records around them) and reads the free space of --out's
 file system (`shutil.disk_usage`); one collective shares both, and a checkpoint that does not fit stops every
@@ -33,9 +38,11 @@ a checkpoint taken inside an epoch is newer than the epoch's checkpoint before i
 --resume named an older one) are not touched. A checkpoint is renamed to a hidden name before its files go, so
 a deletion cut short never leaves half of one. The disk holds keep + 1 checkpoints while the next one is written.
 """
+import copy
 import pickle
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -47,8 +54,10 @@ from run.layout import (STATE, checkpoint_name, checkpoint_position, complete_ch
                         hidden_checkpoints, partial_checkpoint, shard_file)
 from run.run_log import human_bytes
 
-# What reading a checkpoint file can raise when the file is missing, cut short or not a checkpoint.
-READ_ERRORS = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError)
+# What applying a checkpoint that read well can raise: tensors of other shapes than the run's (load_state_dict,
+# copy_, torch.cat, set_rng_state: RuntimeError), an optimizer state of other parameter groups (ValueError,
+# KeyError, TypeError), a BatchNorm buffer the shard lacks (KeyError).
+APPLY_ERRORS = (RuntimeError, ValueError, KeyError, TypeError)
 # What torch.save raises when the disk fills: OSError from open, RuntimeError from its zip writer
 # ("basic_ios::clear: iostream error", "unexpected pos").
 WRITE_ERRORS = (OSError, RuntimeError)
@@ -100,15 +109,15 @@ def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, c
     final = out_dir / checkpoint_name(epoch, len(step_losses))
     partial = partial_checkpoint(final)
     momentum = classifier_optimizer.state.get(classifier.weight, {}).get("momentum_buffer")
-    shard = {"start": classifier.start, "stop": classifier.stop, "num_instances": classifier.num_instances,
-             "weight": classifier.weight.detach().cpu(), "momentum": None if momentum is None else momentum.cpu(),
-             "batchnorm": {name: buffer.cpu() for name, buffer in batchnorm_buffers(backbone, head).items()}}
+    shard = on_host({"start": classifier.start, "stop": classifier.stop, "num_instances": classifier.num_instances,
+                     "weight": classifier.weight, "momentum": momentum,
+                     "batchnorm": batchnorm_buffers(backbone, head)})
     state, previous = None, None
     if rank == 0:
-        state = {"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
-                 "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
-                 "config": vars(config), "num_shards": engine().size, "step_losses": list(step_losses),
-                 "diagnostics": diagnostics, "metrics_lines": metrics_lines}
+        state = on_host({"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
+                         "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
+                         "config": vars(config), "num_shards": engine().size, "step_losses": list(step_losses),
+                         "diagnostics": diagnostics, "metrics_lines": metrics_lines})
         found = complete_checkpoints(out_dir)
         previous = found[-1].name if found else None
         for leftover in hidden_checkpoints(out_dir):  # their space counts as free below
@@ -164,21 +173,49 @@ def _abandon(partial, message):
     raise UsageError(message)
 
 
+def on_host(obj):
+    """obj (dicts, lists and tuples of tensors and plain values) with every tensor detached and in host memory,
+    so that a file written from it loads with a plain torch.load on a machine without the device the run used.
+    A tensor already on the CPU shares its storage (no copy); a dict keeps its type and attributes (a state_dict's
+    _metadata)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        copied = copy.copy(obj)
+        copied.update((key, on_host(value)) for key, value in obj.items())
+        return copied
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_host(value) for value in obj)
+    return obj
+
+
 def _write(obj, path):
-    """torch.save(obj, path); None, or the one-line reason it failed (the file cut short is removed)."""
+    """torch.save(obj, path) of an object on_host made; None, or the one-line reason it failed (the file cut short
+    is removed)."""
     try:
         torch.save(obj, path)
         return None
     except WRITE_ERRORS as error:
         Path(path).unlink(missing_ok=True)
-        lines = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+        return first_line(error)
+
+
+def first_line(error):
+    """An exception as one line: its type and the first line of its message (the rest of a C++ error is frames)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def one_line(error):
+    """An exception's whole message on one line (load_state_dict lists every key that does not fit on its own)."""
+    return " ".join(str(error).split())[:300]
 
 
 def write_file(obj, path):
-    """One process's torch.save of a file outside checkpoints (the exported backbone): a one-line UsageError,
-    naming what it needs and what is free, when it does not fit or the write fails."""
-    path = Path(path)
+    """One process's torch.save of a file outside checkpoints (the exported backbone), its tensors copied to the
+    host first (on_host): a one-line UsageError, naming what it needs and what is free, when it does not fit or
+    the write fails."""
+    path, obj = Path(path), on_host(obj)
     needed, free = estimated_file_bytes(obj), shutil.disk_usage(path.parent).free
     room = f"it needs {human_bytes(needed)} and {human_bytes(free)} were free on its file system"
     if needed > free:
@@ -252,35 +289,116 @@ def prune_checkpoints(out_dir, keep, written):
 def restore_checkpoint(checkpoint, backbone, head, encoder_optimizer, classifier, classifier_optimizer):
     """Collective: everything save_checkpoint wrote, loaded into the run's objects (this rank's rows of the
     classifier and of its momentum, from the shards that hold them) and the RNG; returns the state (epoch,
-    num_shards, step_losses, ...). A rank that cannot read what it needs stops every rank with one line."""
-    state, rows, error, size = None, None, None, engine().size
+    num_shards, step_losses, ...). A rank that cannot read or apply what it needs stops every rank with one line
+    (a rank that applied part of it stops too)."""
+    state, error, size = None, None, engine().size
     try:
         state = load_state(checkpoint)
-        if state["step_losses"] and state["num_shards"] != size:
+        inside_epoch = bool(state["step_losses"])
+        if inside_epoch and state["num_shards"] != size:
             raise UsageError(f"{checkpoint} was written inside an epoch by {state['num_shards']} ranks: resume it "
                              f"with {state['num_shards']} ranks, or resume an epoch's checkpoint with --resume")
-        own_shard = engine().rank if state["num_shards"] == size else None
-        rows = load_rows(checkpoint, classifier.start, classifier.stop, classifier.num_instances, state, own_shard)
-    except (UsageError, *READ_ERRORS) as failure:
+        weight, momentum, own_batchnorm = load_rows(checkpoint, classifier.start, classifier.stop,
+                                                    classifier.num_instances, state,
+                                                    engine().rank if inside_epoch else None)
+        backbone.load_state_dict(state["backbone"])
+        head.load_state_dict(state["head"])
+        encoder_optimizer.load_state_dict(state["encoder_optimizer"])
+        classifier.weight.data.copy_(weight)
+        if momentum is not None:
+            classifier_optimizer.state[classifier.weight]["momentum_buffer"] = momentum.to(classifier.weight.device)
+        if inside_epoch:  # this rank's own running statistics, not rank 0's
+            with torch.no_grad():
+                for name, buffer in batchnorm_buffers(backbone, head).items():
+                    buffer.copy_(own_batchnorm[name])
+        torch.set_rng_state(state["rng"])
+    except UsageError as failure:
         error = f"cannot resume from {checkpoint}: {failure}"
+    except APPLY_ERRORS as failure:
+        error = f"cannot resume from {checkpoint}: it does not fit this run ({one_line(failure)})"
     raise_on_every_rank(error)
-    backbone.load_state_dict(state["backbone"])
-    head.load_state_dict(state["head"])
-    encoder_optimizer.load_state_dict(state["encoder_optimizer"])
-    weight, momentum, own_batchnorm = rows
-    classifier.weight.data.copy_(weight)
-    if momentum is not None:
-        classifier_optimizer.state[classifier.weight]["momentum_buffer"] = momentum.to(classifier.weight.device)
-    if state["step_losses"]:  # inside an epoch: this rank's own running statistics, not rank 0's
-        with torch.no_grad():
-            for name, buffer in batchnorm_buffers(backbone, head).items():
-                buffer.copy_(own_batchnorm[name])
-    torch.set_rng_state(state["rng"])
     return state
 
 
+# What a checkpoint's files hold (save_checkpoint), judged when they are read back: key -> the types its value may
+# take (ints not negative). A state.pt written before the diagnostics were kept has none; a shard's "batchnorm" is
+# read from a rank's own shard only, inside an epoch.
+STATE_FORMAT = {"backbone": dict, "head": dict, "epoch": int, "encoder_optimizer": dict, "rng": torch.Tensor,
+                "config": dict, "num_shards": int, "step_losses": list, "metrics_lines": int}
+SHARD_FORMAT = {"start": int, "stop": int, "num_instances": int, "weight": torch.Tensor,
+                "momentum": (torch.Tensor, type(None))}
+# The config of a checkpoint written before it was saved as a dict is this class, which a weights-only load
+# refuses. The conversion also adds what that format lacks: no steps inside an epoch (it saved after epochs only),
+# and no lines of metrics.jsonl that the checkpoint vouches for (a resume keeps only its evaluation records).
+OLD_CONFIG = "argparse.Namespace"
+CONVERT_OLD_STATE = ("python -c \"import sys, torch; s = torch.load(sys.argv[1], weights_only=False); "
+                     "s['config'] = vars(s['config']); s.setdefault('step_losses', []); "
+                     "s.setdefault('metrics_lines', 0); torch.save(s, sys.argv[1])\"")
+
+
+def read_file(path, mmap=False):
+    """What torch.save wrote to `path`, read with weights_only=True: tensors (on the CPU) and plain values only,
+    and nothing in the file runs (unpickling an object with a __reduce__ calls what it names; here the unpickler
+    refuses it). A UsageError naming the file otherwise: what it holds besides, the conversion of a checkpoint of
+    the older format, or why it is no torch.save file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError as error:  # missing or unreadable: its message names the file
+        raise UsageError(str(error)) from None
+    except Exception as error:  # a file torch.save did not write: its zip reader and unpickler raise many types
+        if not zipfile.is_zipfile(path):
+            raise UsageError(f"{path} is not a file torch.save wrote: not a zip archive") from None
+        if not isinstance(error, pickle.UnpicklingError):
+            raise UsageError(f"{path} is not a file torch.save wrote ({first_line(error)})") from None
+    callables = pickled_globals(path)
+    if callables == [OLD_CONFIG]:
+        raise UsageError(f"{path} is of the older checkpoint format (its config an {OLD_CONFIG}), which is not read: "
+                         f"if you trust the file, convert it once with {CONVERT_OLD_STATE} {path}")
+    held = ", ".join(callables) if callables else "what a weights-only load refuses"
+    raise UsageError(f"{path} is refused: it holds {held} besides tensors and plain values; nothing in it was run")
+
+
+def pickled_globals(path):
+    """The callables and classes a torch.save file's pickle names beyond those a weights-only load allows, read
+    from its opcodes without unpickling; [] when that cannot be read."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip of torch.save's layout: read_file says so
+        return []
+
+
+def check_format(obj, expected, path):
+    """UsageError naming `path` unless obj is a dict holding every key of `expected` with a value of its types."""
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} is not a checkpoint file of this trainer: it holds a {type(obj).__name__}")
+    missing = [key for key in expected if key not in obj]
+    if missing:
+        raise UsageError(f"{path} is not a checkpoint file of this trainer: it lacks {', '.join(missing)}")
+    for key, types in expected.items():
+        value = obj[key]
+        if not isinstance(value, types) or (isinstance(value, int) and (isinstance(value, bool) or value < 0)):
+            kinds = " or ".join(kind.__name__ for kind in (types if isinstance(types, tuple) else (types,)))
+            raise UsageError(f"{path} is not a checkpoint file of this trainer: its {key} is {value!r:.60}, not "
+                             f"{'an int >= 0' if types is int else kinds}")
+
+
+def is_number_list(value):
+    return isinstance(value, list) and all(isinstance(number, (int, float)) for number in value)
+
+
 def load_state(checkpoint):
-    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=False)
+    """state.pt of a checkpoint (read_file), of the format save_checkpoint writes; a UsageError naming it otherwise."""
+    path = Path(checkpoint) / STATE
+    state = read_file(path)
+    check_format(state, STATE_FORMAT, path)
+    diagnostics = state.get("diagnostics")
+    if not is_number_list(state["step_losses"]) or not (diagnostics is None or is_number_list(diagnostics)):
+        raise UsageError(f"{path} is not a checkpoint file of this trainer: its step_losses and diagnostics are not "
+                         f"lists of numbers")
+    if not state["num_shards"] or not shard_file(checkpoint, state["num_shards"] - 1).is_file():
+        raise UsageError(f"{path} names {state['num_shards']} shard files, and {checkpoint} does not hold "
+                         f"shard-{state['num_shards'] - 1}.pt")
+    return state
 
 
 def load_rows(checkpoint, start, stop, num_instances, state, own_shard=None):
@@ -288,8 +406,8 @@ def load_rows(checkpoint, start, stop, num_instances, state, own_shard=None):
     (memory-mapped: only those rows are read), and the BatchNorm buffers of shard `own_shard` if given.
     Returns (weight, momentum or None, batchnorm or None)."""
     checkpoint, num_shards = Path(checkpoint), state["num_shards"]
-    if state["config"]["num_instances"] != num_instances:
-        raise UsageError(f"{checkpoint} has {state['config']['num_instances']} classifier rows, the index "
+    if state["config"].get("num_instances") != num_instances:
+        raise UsageError(f"{checkpoint} has {state['config'].get('num_instances')!r:.60} classifier rows, the index "
                          f"{num_instances}")
     weights, momenta, batchnorm = [], [], None
     for shard_id in range(num_shards):
@@ -298,10 +416,12 @@ def load_rows(checkpoint, start, stop, num_instances, state, own_shard=None):
         own = shard_id == own_shard
         if lo >= hi and not own:
             continue
-        shard = torch.load(shard_file(checkpoint, shard_id), map_location="cpu", weights_only=False, mmap=True)
+        path = shard_file(checkpoint, shard_id)
+        shard = read_file(path, mmap=True)
+        check_format(shard, {**SHARD_FORMAT, **({"batchnorm": dict} if own else {})}, path)
         if (shard["start"], shard["stop"]) != (shard_start, shard_stop):
-            raise UsageError(f"{checkpoint}/shard-{shard_id}.pt holds rows [{shard['start']}, {shard['stop']}), "
-                             f"not [{shard_start}, {shard_stop})")
+            raise UsageError(f"{path} holds rows [{shard['start']}, {shard['stop']}), not [{shard_start}, "
+                             f"{shard_stop})")
         if own:
             batchnorm = shard["batchnorm"]
         if lo < hi:  # views of the mapped file: the one copy is torch.cat's, into memory of this process

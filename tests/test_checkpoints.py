@@ -1,15 +1,23 @@
 """Checkpoints that fit the disk (--keep-checkpoints) and a full disk that is one line and loses nothing
 (run/checkpoint.py): the estimate of what a save writes, the pruning rule, the refusal before a write and the
-failed write, in process (one rank) and in P = 2 trainer jobs, on a simulated and on a real small file system."""
+failed write, in process (one rank) and in P = 2 trainer jobs, on a simulated and on a real small file system.
+The files of a run on a GPU (a stand-in device here) load with a plain torch.load on a machine without one; what
+every command reads back runs nothing it carries, and a file that is not such a checkpoint, an older format, or a
+config the flags would refuse is one line naming the file."""
 import argparse
+import copy
 import hashlib
+import pickle
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 from run import checkpoint as checkpoints
 from run.errors import UsageError
@@ -17,7 +25,7 @@ from run.faults import TEST_FAULT_VARIABLE
 from run.layout import checkpoint_name, complete_checkpoints, hidden_checkpoints, partial_checkpoint
 from run.run_log import human_bytes
 from tests.conftest import WORKERS, run_horovod
-from tests.trainer_runs import SMALL, rank_lines, read_metrics, trainer
+from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, rank_lines, read_metrics, trainer
 
 ENCODER = dict(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16, data=None)
 
@@ -332,3 +340,311 @@ def test_a_full_file_system_at_p2_is_one_line_on_every_rank_and_the_resume_finis
     small_file_system.resize("64m")
     trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2")
     assert names(out) == ["checkpoint-0001", "checkpoint-0002"] and training_epochs(out) == [1, 2]
+
+
+# -------------------------------------------------------------------------------- the files of a run on a GPU
+class DeviceTensor(torch.Tensor):
+    """A stand-in for a CUDA tensor on a machine without CUDA: it says it lives on cuda:0 (`device`, `is_cuda`),
+    every op runs on the host tensor it wraps and returns a DeviceTensor, and a copy to the CPU (`.cpu()`,
+    `.to("cpu")`) is a plain host tensor, as for a CUDA tensor. torch.save writes it as what it is, not as host
+    data, and a plain torch.load refuses the file, as it refuses one holding CUDA storages where there is no CUDA
+    (test_the_stand_in_fails_a_plain_load_as_a_cuda_tensor_does)."""
+
+    @staticmethod
+    def __new__(cls, host):
+        wrapper = torch.Tensor._make_wrapper_subclass(cls, host.shape, strides=host.stride(), dtype=host.dtype,
+                                                      device=torch.device("cuda", 0), requires_grad=host.requires_grad)
+        wrapper.host = host
+        return wrapper
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*tree_map(host_of, args), **tree_map(host_of, kwargs))
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+            return result  # the copy to the host
+        return tree_map(lambda value: DeviceTensor(value) if isinstance(value, torch.Tensor) else value, result)
+
+
+def host_of(value):
+    return value.host if isinstance(value, DeviceTensor) else value
+
+
+def on_stand_in_device(run):
+    """A copy of the run's objects with every parameter, buffer and optimizer state on the stand-in device, as
+    module.to("cuda") and the optimizer steps after it leave them."""
+    run = copy.deepcopy(run)
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # a tensor subclass is swapped in, not assigned
+    try:
+        for module in (run[0], run[1], run[3]):
+            module._apply(DeviceTensor)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    for optimizer in (run[2], run[4]):
+        for state in optimizer.state.values():
+            state.update({key: DeviceTensor(value) for key, value in state.items() if isinstance(value, torch.Tensor)})
+    return run
+
+
+def plain_load(path):
+    """torch.load(path) as a user on a machine without a GPU calls it: no map_location (weights_only, torch's
+    default); asserts that every tensor in it is a plain host tensor."""
+    loaded = torch.load(path)
+    assert all(type(tensor) is torch.Tensor and tensor.device.type == "cpu" for tensor in tensors_of(loaded)), path
+    return loaded
+
+
+def test_the_stand_in_fails_a_plain_load_as_a_cuda_tensor_does(tmp_path):
+    host = torch.arange(6.0).reshape(2, 3)
+    on_device = DeviceTensor(host)
+    assert on_device.is_cuda and torch.equal(on_device.cpu(), host) and type(on_device.cpu()) is torch.Tensor
+    torch.save({"weight": on_device}, tmp_path / "as-is.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "as-is.pt")
+
+
+def test_a_checkpoint_of_a_run_on_the_device_loads_on_a_machine_without_one(tiny_run, tmp_path):
+    """Every file save_checkpoint writes from objects on the device holds host tensors only, the same as from the
+    objects on the host."""
+    config, run = tiny_run
+    on_device = checkpoints.save_checkpoint(tmp_path / "device", 1, config, *on_stand_in_device(run))
+    for name in ("state.pt", "shard-0.pt"):
+        plain_load(on_device / name)
+    assert_checkpoints_bitwise_equal(checkpoints.save_checkpoint(tmp_path / "host", 1, config, *run), on_device)
+
+
+@pytest.mark.parametrize("small_stem, width", [(False, 64), (True, 8)], ids=["torchvision", "own-layout"])
+def test_the_backbone_of_a_run_on_the_device_loads_on_a_machine_without_one(small_stem, width, tmp_path):
+    """backbone.pth as pretraining writes it: the torchvision export with its zero fc, or (small stem, other
+    width) the state_dict in this project's layout; both from the device."""
+    from model.export import export_backbone
+    from model.resnet import build_backbone
+    backbone = build_backbone("resnet18", small_stem=small_stem, width=width)
+    on_device = on_stand_in_device((backbone, torch.nn.Identity(), torch.optim.SGD(backbone.parameters()),
+                                    torch.nn.Identity(), torch.optim.SGD(backbone.parameters())))[0].state_dict()
+    exported = on_device if small_stem else export_backbone(on_device)
+    checkpoints.write_file(exported, tmp_path / "backbone.pth")
+    loaded = plain_load(tmp_path / "backbone.pth")
+    assert list(loaded) == list(exported)
+    assert all(torch.equal(loaded[key], tensor) for key, tensor in backbone.state_dict().items())
+
+
+# -------------------------------------------------------------------------------- what a run reads back
+class CreatesMarker:
+    """A payload: unpickling it calls open(marker, "w"), which creates the file (pickle calls what __reduce__
+    names)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def rewritten(path, edit):
+    """Rewrite the torch.save file at `path` with what edit(its content) returns, as its author would: trusting it."""
+    torch.save(edit(torch.load(path, weights_only=False)), path)
+
+
+def edited(**changes):
+    return lambda loaded: {**loaded, **changes}
+
+
+def edited_config(**changes):
+    return lambda state: {**state, "config": {**state["config"], **changes}}
+
+
+def with_marker_in_config(marker):
+    return edited_config(data=CreatesMarker(marker))
+
+
+def without(*keys):
+    return lambda loaded: {key: value for key, value in loaded.items() if key not in keys}
+
+
+def plain_pickle(marker):
+    """Not torch.save's zip layout: a pickle with a payload, as torch.load also reads it."""
+    return lambda path: path.write_bytes(pickle.dumps({"backbone": CreatesMarker(marker)}, protocol=2))
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("state.pt", lambda marker: lambda path: rewritten(path, with_marker_in_config(marker)),
+     "{file} is refused: it holds io.open besides tensors and plain values; nothing in it was run"),
+    ("shard-0.pt", lambda marker: lambda path: rewritten(path, edited(note=CreatesMarker(marker))),
+     "{file} is refused: it holds io.open besides tensors and plain values; nothing in it was run"),
+    ("state.pt", plain_pickle, "{file} is not a file torch.save wrote: not a zip archive"),
+    ("state.pt", lambda marker: lambda path: path.write_bytes(b"not a checkpoint"),
+     "{file} is not a file torch.save wrote: not a zip archive"),
+    ("state.pt", lambda marker: lambda path: path.write_bytes(b""),
+     "{file} is not a file torch.save wrote: not a zip archive"),
+    ("state.pt", lambda marker: lambda path: zipfile.ZipFile(path, "w").writestr("data.txt", "a zip of another kind"),
+     "{file} is not a file torch.save wrote (RuntimeError: "),
+    ("state.pt", lambda marker: lambda path: rewritten(path, lambda state: list(state)),
+     "{file} is not a checkpoint file of this trainer: it holds a list"),
+    ("state.pt", lambda marker: lambda path: rewritten(path, without("step_losses", "rng")),
+     "{file} is not a checkpoint file of this trainer: it lacks rng, step_losses"),
+    ("state.pt", lambda marker: lambda path: rewritten(path, edited(epoch="1")),
+     "{file} is not a checkpoint file of this trainer: its epoch is '1', not an int >= 0"),
+    ("state.pt", lambda marker: lambda path: rewritten(path, edited(metrics_lines=-1)),
+     "{file} is not a checkpoint file of this trainer: its metrics_lines is -1, not an int >= 0"),
+    ("state.pt", lambda marker: lambda path: rewritten(path, edited(step_losses=["nan"])),
+     "{file} is not a checkpoint file of this trainer: its step_losses and diagnostics are not lists of numbers"),
+    ("state.pt", lambda marker: lambda path: rewritten(path, edited(num_shards=10**12)),
+     "{file} names 1000000000000 shard files, and {checkpoint} does not hold shard-999999999999.pt"),
+    ("shard-0.pt", lambda marker: lambda path: rewritten(path, edited(weight=[[0.0]])),
+     "{file} is not a checkpoint file of this trainer: its weight is [[0.0]], not Tensor"),
+    ("state.pt", lambda marker: lambda path: rewritten(path, edited(rng=torch.zeros(3, dtype=torch.uint8))),
+     "it does not fit this run ("),
+], ids=["payload", "shard-payload", "plain-pickle", "junk", "empty", "other-zip", "not-a-dict", "lacks-keys",
+        "epoch-type", "negative-lines", "losses-type", "shards-absent", "shard-weight-type", "rng-size"])
+def test_a_file_that_is_not_such_a_checkpoint_stops_a_resume_in_one_line_naming_it(name, write, message, tiny_run,
+                                                                                 tmp_path):
+    config, run = tiny_run
+    written = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    marker = tmp_path / "marker"
+    write(marker)(written / name)
+    with pytest.raises(UsageError) as refused:
+        checkpoints.restore_checkpoint(written, *copy.deepcopy(run))
+    assert str(refused.value).startswith(f"cannot resume from {written}: ") and "\n" not in str(refused.value)
+    assert message.format(file=written / name, checkpoint=written) in str(refused.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"width": 0}, "--width must be positive, got 0"),
+    ({"smooth_alpha": 1.5}, "--smooth-alpha must be in [0, 1), got 1.5"),
+    ({"width": "8"}, "--width '8': not an integer"),
+    ({"width": True}, "--width True: not an integer"),
+    ({"lr": "0.3"}, "--lr '0.3': not a number"),
+    ({"arch": "resnet1000"}, "--arch 'resnet1000': not one of resnet18, resnet50"),
+    ({"small_stem": 1}, "--small-stem 1: not true or false"),
+    ({"data": ["/elsewhere"]}, "--data ['/elsewhere']: not a string"),
+    ({"out": {"path": "/elsewhere"}}, "--out {'path': '/elsewhere'}: not a string"),
+    ({"crop_ratio": "1"}, "crop_ratio '1': not a number"),
+])
+def test_a_saved_config_is_judged_as_the_flags_are(changes, message):
+    """The checks of the command line (its ranges in the same words) and what its parser ensures (types, choices)."""
+    import trainer as trainer_module
+    saved = {**vars(trainer_module.resolve_config(trainer_module.parser.parse_args([]))), **changes}
+    with pytest.raises(UsageError) as refused:
+        trainer_module.saved_config(saved, "run/checkpoint-0001/state.pt")
+    assert str(refused.value) == f"run/checkpoint-0001/state.pt holds a config that the flags refuse: {message}"
+    if "must be" in message:  # the command line's own line
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in changes.items()]
+        with pytest.raises(UsageError, match=re.escape(message)):
+            trainer_module.resolve_config(trainer_module.parser.parse_args(flags))
+
+
+def test_a_saved_config_before_a_flag_existed_takes_the_flags_default():
+    import trainer as trainer_module
+    saved = vars(trainer_module.resolve_config(trainer_module.parser.parse_args(["--width", "8"])))
+    config = trainer_module.saved_config(without("blur", "keep_checkpoints")(saved), "state.pt")
+    assert (config.width, config.blur, config.keep_checkpoints) == (8, True, 2)
+
+
+# -------------------------------------------------------------------------------- every command that reads one
+# A 1-epoch run of one process, its checkpoint at the end.
+ONE_PROCESS_RUN = [*SMALL, "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--knn-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    trainer("--data", tiny_dataset, "--out", out, *ONE_PROCESS_RUN, num_ranks=None)
+    return out
+
+
+def copied_run(finished_run, tmp_path, edit=None, name="state.pt"):
+    """A copy of the finished run, its checkpoint's file `name` rewritten by `edit`."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    if edit is not None:
+        rewritten(run / "checkpoint-0001" / name, edit)
+    return run
+
+
+READERS = {  # every command that reads a checkpoint back: argv of `trainer.py`, given the run and the data
+    "knn": lambda run, data: ["knn", "--ckpt", run],
+    "linear": lambda run, data: ["linear", "--ckpt", run, "--epochs", "1"],
+    "export": lambda run, data: ["export", "--ckpt", run, "--to", run / "exported.pth"],
+    "resume": lambda run, data: ["--data", data, "--out", run, *ONE_PROCESS_RUN, "--epochs", "2"],
+}
+
+
+def assert_one_line_error(result, message):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("command", READERS)
+def test_a_checkpoint_carrying_a_payload_runs_nothing_under_every_command(command, finished_run, tiny_dataset,
+                                                                          tmp_path):
+    marker = tmp_path / "marker"
+    run = copied_run(finished_run, tmp_path, with_marker_in_config(marker))
+    result = trainer(*READERS[command](run, tiny_dataset), num_ranks=None, check=False)
+    assert_one_line_error(result, f"{run / 'checkpoint-0001' / 'state.pt'} is refused: it holds io.open besides "
+                                  f"tensors and plain values; nothing in it was run")
+    assert not marker.exists() and not (run / "exported.pth").exists() and not (run / "checkpoint-0002").exists()
+
+
+@pytest.mark.horovod
+def test_a_checkpoint_carrying_a_payload_is_refused_on_every_rank(finished_run, tmp_path):
+    from tests.test_reliability import assert_every_rank_stopped_with
+    marker = tmp_path / "marker"
+    run = copied_run(finished_run, tmp_path, with_marker_in_config(marker))
+    result = trainer("knn", "--ckpt", run, check=False)
+    assert result.returncode != 0
+    assert_every_rank_stopped_with(result.stderr, f"error: {run / 'checkpoint-0001' / 'state.pt'} is refused: ")
+    assert not marker.exists()
+
+
+@pytest.mark.horovod
+def test_a_hostile_saved_config_is_the_command_lines_one_line(finished_run, tmp_path):
+    run = copied_run(finished_run, tmp_path, edited_config(width=0))
+    assert_one_line_error(trainer("knn", "--ckpt", run, num_ranks=None, check=False),
+                          f"{run / 'checkpoint-0001' / 'state.pt'} holds a config that the flags refuse: --width must "
+                          f"be positive, got 0")
+
+
+def to_older_format(state):
+    """state.pt as it was before the config was saved as a dict: an argparse.Namespace, and none of the keys
+    added since."""
+    return {**without("step_losses", "metrics_lines", "diagnostics")(state),
+            "config": argparse.Namespace(**state["config"])}
+
+
+@pytest.mark.horovod
+def test_a_checkpoint_of_the_older_format_is_refused_naming_a_conversion_that_works(finished_run, tiny_dataset,
+                                                                                     tmp_path):
+    run = copied_run(finished_run, tmp_path, to_older_format)
+    rewritten(run / "checkpoint-0001" / "shard-0.pt", without("batchnorm"))
+    state = run / "checkpoint-0001" / "state.pt"
+    for command in ("knn", "resume"):
+        result = trainer(*READERS[command](run, tiny_dataset), num_ranks=None, check=False)
+        assert_one_line_error(result, f"{state} is of the older checkpoint format (its config an argparse.Namespace)"
+                                      f", which is not read: if you trust the file, convert it once with python -c ")
+    conversion = result.stderr.strip().split("convert it once with python ")[1]
+    assert conversion.endswith(f" {state}")
+    subprocess.run(f"{sys.executable} {conversion}", shell=True, check=True)
+    assert "kNN of" in trainer(*READERS["knn"](run, tiny_dataset), num_ranks=None).stdout
+    assert f"resumed from {state.parent}" in trainer(*READERS["resume"](run, tiny_dataset), num_ranks=None).stdout
+    assert names(run) == ["checkpoint-0001", "checkpoint-0002"]
+
+
+@pytest.mark.horovod
+def test_nothing_read_back_makes_a_run_write_outside_its_out(finished_run, tiny_dataset, tmp_path):
+    """The paths a checkpoint's config names (its --out, --resume, --data) point elsewhere: a resume from it into
+    another --out and a kNN of it write nothing there, and the resume leaves the checkpoint read untouched."""
+    elsewhere = tmp_path / "elsewhere"
+    run = copied_run(finished_run, tmp_path, edited_config(out=str(elsewhere), resume=str(elsewhere / "run"),
+                                                            data=str(elsewhere / "data")))
+    before = digest(run / "checkpoint-0001")
+    out = tmp_path / "resumed"
+    trainer("--data", tiny_dataset, "--out", out, *ONE_PROCESS_RUN, "--epochs", "2", "--resume",
+            run / "checkpoint-0001", num_ranks=None)
+    trainer("knn", "--ckpt", run, num_ranks=None)
+    assert not elsewhere.exists() and digest(run / "checkpoint-0001") == before and names(run) == ["checkpoint-0001"]
+    assert names(out) == ["checkpoint-0002"]
