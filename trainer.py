@@ -63,10 +63,10 @@ group = flags.add_argument_group("data")
 group.add_argument("--data", help="dataset root: a folder with train/ (and val/ for evaluation), an image folder "
                    "or a folder of WebDataset .tar shards (`pack`) itself, or 'synthetic': random images made on the "
                    "device, no DALI, to measure the training step without I/O (default: the built-in MNIST-5k)")
-group.add_argument("--twins", type=float, default=0.0, help="built-in data only: this fraction of the train images "
-                   "appears a second time as its own instance, lightly changed as a re-upload (a pixel or two of shift, "
-                   "another JPEG quality and brightness); val, the kNN bank and the linear evaluation keep the original "
-                   "images; the steps per epoch grow by the fraction (default: 0, no twins)")
+group.add_argument("--twins", type=float, default=0.0, metavar="FRACTION", help="built-in data only: this fraction "
+                   "of the train images appears a second time as its own instance, lightly changed as a re-upload (a "
+                   "pixel or two of shift, another JPEG quality and brightness); val, the kNN bank and the linear "
+                   "evaluation keep the original images; the steps per epoch grow by the fraction (default: 0, none)")
 group.add_argument("--instances", type=int, default=1_281_167, help="classifier rows N of --data synthetic and of "
                    "`plan` (default: 1281167, ImageNet's train split)")
 group.add_argument("--steps-per-epoch", type=int, help="--data synthetic only: cut every epoch to this many steps "
