@@ -26,9 +26,10 @@ twin run has 30% more steps per epoch). Its twin runs keep every checkpoint, and
 one (the twin's rank among the image's classes, within the MECHANISM_K hardest or not, its probability, the
 twins' cosines): results.md gets a third table of those numbers per kNN epoch, mean +- std over the seeds.
 
-Resumable: a variant whose linear evaluation is in its metrics.jsonl is skipped, one whose pretraining finished
-goes straight to the linear evaluation, an interrupted one continues from its newest checkpoint (one every
---knn-every epochs). Change --epochs only with another --out. At the end, from the metrics.jsonl files:
+Resumable: a variant whose linear evaluation is in its metrics.jsonl (and, for a twin run, whose every kNN epoch is
+measured) is skipped, one whose pretraining finished goes straight to the linear evaluation, an interrupted one
+continues from its newest checkpoint (one every --knn-every epochs). Change --epochs only with another --out. At the
+end, from the metrics.jsonl files:
   OUT/results.md   the table: kNN20 every --knn-every epochs, kNN200, linear top-1 and mean loss at the end, as
                    mean +- standard deviation over the seeds; then the paired differences of the CLAIMS whose two
                    variants ran (mean +- standard deviation over the seeds of (with - without), "shown" when the
