@@ -2,12 +2,12 @@
 PYTHON_SYSTEM ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Ranks of `make demo` and `make ablations`: one per GPU where torch sees GPUs (NCCL runs one rank per GPU; the
-# trainer refuses two on one), 2 on a CPU machine. Read when a recipe runs, after setup made the venv.
+# Ranks of `make demo`, `make ablations` and `make twins`: one per GPU where torch sees GPUs (NCCL runs one rank
+# per GPU; the trainer refuses two on one), 2 on a CPU machine. Read when a recipe runs, after setup made the venv.
 GPUS ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count())" 2>/dev/null)
 NP ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 
-.PHONY: setup test demo ablations bench clean
+.PHONY: setup test demo ablations twins bench clean
 
 # Idempotent: the stamp is rebuilt only when requirements.txt or the Horovod build scripts change.
 setup: $(VENV)/.setup-done
@@ -34,6 +34,11 @@ demo: setup
 # knn.png and loss.png (bench/ablations.py says what each variant is and what it costs).
 ablations: setup
 	$(PY) bench/ablations.py --np $(NP)
+
+# Top-K smoothing with near-duplicates: K 10 and K 0 with and without 30% twins, 3 seeds (bench/ablations.py --study
+# twins): resumable, writes runs/twins/results.md (with the twins' mechanism numbers), knn.png and loss.png.
+twins: setup
+	$(PY) bench/ablations.py --study twins --np $(NP)
 
 clean:
 	rm -rf $(VENV) runs

@@ -28,6 +28,9 @@ def check_settings(config):
     require(config.instances >= 2, f"--instances must be at least 2, got {config.instances}")
     require(config.steps_per_epoch is None or (is_synthetic(config) and config.steps_per_epoch > 0),
             "--steps-per-epoch takes a positive number of steps, with --data synthetic only")
+    require(0 <= config.twins <= 1, f"--twins is a fraction of the train images in [0, 1], got {config.twins}")
+    require(not config.twins or config.data is None, "--twins makes near-duplicates of the built-in data: it takes "
+            "no --data")
     require(config.knn_every >= 0, f"--knn-every must be >= 0, got {config.knn_every}")
     require(config.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 keeps every one), got "
             f"{config.keep_checkpoints}")

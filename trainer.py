@@ -63,6 +63,10 @@ group = flags.add_argument_group("data")
 group.add_argument("--data", help="dataset root: a folder with train/ (and val/ for evaluation), an image folder "
                    "or a folder of WebDataset .tar shards (`pack`) itself, or 'synthetic': random images made on the "
                    "device, no DALI, to measure the training step without I/O (default: the built-in MNIST-5k)")
+group.add_argument("--twins", type=float, default=0.0, metavar="FRACTION", help="built-in data only: this fraction "
+                   "of the train images appears a second time as its own instance, lightly changed as a re-upload (a "
+                   "pixel or two of shift, another JPEG quality and brightness); val, the kNN bank and the linear "
+                   "evaluation keep the original images; the steps per epoch grow by the fraction (default: 0, none)")
 group.add_argument("--instances", type=int, default=1_281_167, help="classifier rows N of --data synthetic and of "
                    "`plan` (default: 1281167, ImageNet's train split)")
 group.add_argument("--steps-per-epoch", type=int, help="--data synthetic only: cut every epoch to this many steps "
@@ -165,14 +169,10 @@ def pretrain(config):
     barrier("mkdir-out")
     log = RunLog(out, master)
 
-    # Data: instance ids come from the index persisted in the run directory (synthetic data has no files).
-    train_index = val_index = None
-    if is_synthetic(config):
-        config.num_instances = config.instances
-        log.print("synthetic data: kNN monitor and linear evaluation are skipped (no labels)")
-    else:
-        train_index, val_index = run_indexes(config.data, out, config.strict, log.print)
-        config.num_instances = train_index.num_instances
+    # Data: instance ids come from the indexes persisted in the run directory (synthetic data has none). The kNN
+    # bank is the train split; with --twins, the built-in train split without the twins (data/run_index.py).
+    train_index, val_index, bank_index = run_indexes(config.data, out, config.strict, log.print, config.twins)
+    config.num_instances = config.instances if train_index is None else train_index.num_instances
     config.world_size = world.size
     config.global_batch = config.batch_size * config.world_size
     config.base_lr = config.lr * config.global_batch / 256
@@ -232,7 +232,7 @@ def pretrain(config):
         del loader  # its prefetched batches and decoder go before the kNN pass and the next epoch's pipeline
         last = epoch + 1 == config.epochs
         if (config.knn_every and (epoch + 1) % config.knn_every == 0) or last:
-            knn = knn_monitor(backbone, train_index, val_index, config, device)
+            knn = knn_monitor(backbone, bank_index, val_index, config, device)
             if knn:
                 log.print(f"epoch {epoch + 1} kNN: " + ", ".join(f"{k} {v:.2f}%" for k, v in knn.items()))
                 log.record(epoch=epoch + 1, **knn)

@@ -3,6 +3,7 @@
     python bench/ablations.py                    # or: make ablations
     python bench/ablations.py --only defaults k0 # a subset (names as in VARIANTS)
     python bench/ablations.py --only defaults random-init k0 k5 --seeds 3 --epochs 12 --knn-every 5  # the claims
+    python bench/ablations.py --study twins      # or: make twins; top-K smoothing with near-duplicates, below
 
 Liu et al. (AAAI 2021) ablate the raw-feature init, the number K of hardest classes that share the smoothing
 mass, the mass alpha and the temperature tau. Each variant here is the built-in demo's defaults (`trainer.py`
@@ -16,9 +17,19 @@ What a seed fixes: on one machine a run is a pure function of its seed (rerun bi
 another CPU the same seed gives other numbers (other oneDNN kernels round differently and the runs drift apart), so
 across machines only the spread over seeds says how far a number can move.
 
-Resumable: a variant whose linear evaluation is in its metrics.jsonl is skipped, one whose pretraining finished
-goes straight to the linear evaluation, an interrupted one continues from its newest checkpoint (one every
---knn-every epochs). Change --epochs only with another --out. At the end, from the metrics.jsonl files:
+The twin study (--study twins: its own --out, epochs, kNN epochs and seeds, STUDIES): the paper smooths the K
+hardest classes because some are near-duplicates of the image, which the digits hardly have. It runs K 10 (the
+defaults) and K 0 on the built-in data without and with 30% twins (`trainer.py --twins 0.3`, data/builtin.py: 1200
+of the 4000 train images a second time, lightly changed, as their own instances; val, the kNN bank and the linear
+evaluation stay the 4000 originals, so the numbers compare), 3 seeds, the demo's 12 epochs for every variant (a
+twin run has 30% more steps per epoch). Its twin runs keep every checkpoint, and bench/twins.py measures each
+one (the twin's rank among the image's classes, within the MECHANISM_K hardest or not, its probability, the
+twins' cosines): results.md gets a third table of those numbers per kNN epoch, mean +- std over the seeds.
+
+Resumable: a variant whose linear evaluation is in its metrics.jsonl (and, for a twin run, whose every kNN epoch is
+measured) is skipped, one whose pretraining finished goes straight to the linear evaluation, an interrupted one
+continues from its newest checkpoint (one every --knn-every epochs). Change --epochs only with another --out. At the
+end, from the metrics.jsonl files:
   OUT/results.md   the table: kNN20 every --knn-every epochs, kNN200, linear top-1 and mean loss at the end, as
                    mean +- standard deviation over the seeds; then the paired differences of the CLAIMS whose two
                    variants ran (mean +- standard deviation over the seeds of (with - without), "shown" when the
@@ -26,13 +37,17 @@ goes straight to the linear evaluation, an interrupted one continues from its ne
   OUT/results.json every seed's numbers, per variant;
   OUT/knn.png      kNN20 vs epoch, one panel per ablated setting (the defaults in every panel): each variant's mean
                    over the seeds with a +-1 standard deviation band;
-  OUT/loss.png     mean training loss vs epoch, the same panels.
+  OUT/loss.png     mean training loss vs epoch, the same panels;
+  OUT/VARIANT/seed-S/twins-mechanism.json  a twin run's mechanism numbers (bench/twins.py).
+--trainer-flags adds flags to every pretraining run (a smaller network for a quick check of the runner; the
+table's first line names them); --np 1 runs the trainer as one process, without horovodrun.
 """
 import argparse
 import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -40,6 +55,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from bench.twins import MECHANISM_FILE, SUMMARY  # noqa: E402
 
 # name: (the flags that differ from the defaults, the setting it ablates, its value in the plots' legends)
 VARIANTS = {
@@ -52,23 +69,43 @@ VARIANTS = {
     "alpha0.5": (["--smooth-alpha", "0.5"], "alpha", "alpha 0.5"),
     "tau0.15": (["--temperature", "0.15"], "tau", "tau 0.15"),
     "tau0.2": (["--temperature", "0.2"], "tau", "tau 0.2"),
+    "twins-k10": (["--twins", "0.3"], "K, 30% twins", "K 10, 30% twins"),
+    "twins-k0": (["--twins", "0.3", "--smooth-k", "0"], "K, 30% twins", "K 0, 30% twins"),
 }
-SETTINGS = ["initialisation", "K", "alpha", "tau"]  # one plot panel each, in this order
-# The paper's claims as paired comparisons: (claim, the variant with the technique, the one without).
+# study: its variants, plot panels (one per ablated setting, in this order) and defaults of the flags below
+STUDIES = {
+    "ablations": dict(variants=[name for name in VARIANTS if not name.startswith("twins")],
+                      panels=["initialisation", "K", "alpha", "tau"], out="runs/ablations", epochs=10, knn_every=2,
+                      seeds=1),
+    "twins": dict(variants=["defaults", "k0", "twins-k10", "twins-k0"], panels=["K", "K, 30% twins"],
+                  out="runs/twins", epochs=12, knn_every=5, seeds=3),
+}
+MECHANISM_K = 10  # "among the K hardest" of bench/twins.py: the K of the smoothed twin variant, for both
+MECHANISM_DIGITS = {"twin_probability_median": 4, "own_probability_median": 4, "cosine_head_median": 3,
+                    "cosine_pooled_median": 3, "nearest_other_median": 3}  # decimals; 1 for the others
+# The paper's claims as paired comparisons: (claim, the variant with the technique, the one without); a pair of
+# variants (a, b) in either place stands for a - b at the same seed (a difference of differences).
 CLAIMS = [("raw-feature init beats random init", "defaults", "random-init"),
           ("K 10 beats K 0 (plain cross-entropy)", "defaults", "k0"),
           ("K 5 beats K 0", "k5", "k0"),
-          ("K 10 beats K 5", "defaults", "k5")]
+          ("K 10 beats K 5", "defaults", "k5"),
+          ("K 10 beats K 0 with 30% twins", "twins-k10", "twins-k0"),
+          ("K 10 gains more over K 0 with 30% twins than without", ("twins-k10", "twins-k0"), ("defaults", "k0"))]
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--out", default="runs/ablations", help="output folder: one run folder per variant, the "
-                    "table and the plots (default: runs/ablations)")
-parser.add_argument("--epochs", type=int, default=10, help="pretraining epochs per variant (default: 10)")
-parser.add_argument("--knn-every", type=int, default=2, help="epochs between kNN monitors and checkpoints "
+parser.add_argument("--study", default="ablations", choices=sorted(STUDIES), help="which study: its variants and "
+                    "the defaults of the four flags below (default: ablations)")
+parser.add_argument("--out", help="output folder: one run folder per variant, the table and the plots "
+                    "(default: runs/ablations; runs/twins for the twin study)")
+parser.add_argument("--epochs", type=int, help="pretraining epochs per variant (default: 10; 12 twins)")
+parser.add_argument("--knn-every", type=int, help="epochs between kNN monitors and checkpoints (default: 2; 5 twins)")
+parser.add_argument("--seeds", type=int, help="runs per variant, at trainer seeds 0 .. N-1 (default: 1; 3 twins)")
+parser.add_argument("--np", type=int, default=2, help="Horovod ranks per run; 1 = one process, no horovodrun "
                     "(default: 2)")
-parser.add_argument("--np", type=int, default=2, help="Horovod ranks per run (default: 2)")
-parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants only (default: all)")
-parser.add_argument("--seeds", type=int, default=1, help="runs per variant, at trainer seeds 0 .. N-1 (default: 1)")
+parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run these variants only (default: the "
+                    "study's)")
+parser.add_argument("--trainer-flags", default="", help="flags added to every pretraining run, one string, e.g. "
+                    "--trainer-flags='--width 8' (default: none)")
 
 
 def read_metrics(run):
@@ -100,24 +137,43 @@ def run_folder(out, name, seed):
     return Path(out) / name / f"seed-{seed}"
 
 
+def has_twins(name):
+    return "--twins" in VARIANTS[name][0]
+
+
+def read_mechanism(run):
+    """{epoch: bench/twins.py's summary} of a twin run at MECHANISM_K; {} before it was measured."""
+    path = run / MECHANISM_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return {int(epoch): summary for epoch, summary in saved.items() if summary.get("k") == MECHANISM_K}
+
+
 def run_variant(name, seed, args):
     """Pretrain and evaluate one variant at one seed unless its folder says it is done; returns the seconds spent."""
     out, started = run_folder(args.out, name, seed), time.perf_counter()
     python = Path(sys.executable)
-    horovod = [python.parent / "horovodrun", "--gloo", "-np", str(args.np), "-H", f"localhost:{args.np}", python]
+    launcher = [python] if args.np == 1 else [python.parent / "horovodrun", "--gloo", "-np", str(args.np), "-H",
+                                               f"localhost:{args.np}", python]
     label = f"{name} seed {seed}"
-    if linear_result(read_metrics(out)):
+    measured = not has_twins(name) or set(monitored_epochs(args.epochs, args.knn_every)) <= set(read_mechanism(out))
+    if linear_result(read_metrics(out)) and measured:
         print(f"{label}: done, skipped")
         return 0.0
     out.mkdir(parents=True, exist_ok=True)
     if not (out / f"checkpoint-{args.epochs:04d}").is_dir():
         print(f"{label}: pretraining {args.epochs} epochs ({' '.join(VARIANTS[name][0]) or 'the defaults'})",
               flush=True)
-        run([*horovod, ROOT / "trainer.py", "--out", out, "--epochs", str(args.epochs), "--knn-every",
-             str(args.knn_every), "--save-every", str(args.knn_every), "--seed", str(seed), *VARIANTS[name][0]],
-            out / "ablation.log")
-    print(f"{label}: linear evaluation", flush=True)
-    run([*horovod, ROOT / "trainer.py", "linear", "--ckpt", out], out / "ablation.log")
+        # A twin run keeps the checkpoint of every kNN epoch: bench/twins.py measures each.
+        keep = ["--keep-checkpoints", "0"] if has_twins(name) else []
+        run([*launcher, ROOT / "trainer.py", "--out", out, "--epochs", str(args.epochs), "--knn-every",
+             str(args.knn_every), "--save-every", str(args.knn_every), "--seed", str(seed), *keep,
+             *shlex.split(args.trainer_flags), *VARIANTS[name][0]], out / "ablation.log")
+    if not linear_result(read_metrics(out)):
+        print(f"{label}: linear evaluation", flush=True)
+        run([*launcher, ROOT / "trainer.py", "linear", "--ckpt", out], out / "ablation.log")
+    if not measured:
+        print(f"{label}: twins' mechanism (bench/twins.py)", flush=True)
+        run([python, ROOT / "bench" / "twins.py", out, "--k", str(MECHANISM_K)], out / "ablation.log")
     seconds = time.perf_counter() - started
     print(f"{label}: {seconds:.0f} s", flush=True)
     return seconds
@@ -163,13 +219,22 @@ def spread(values, digits):
     return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
 
+def claim_value(results, side, seed, column):
+    """A claim's side at one seed: the variant's value, a - b for a pair (a, b) of sides; None where one is missing."""
+    if isinstance(side, tuple):
+        first, second = (claim_value(results, part, seed, column) for part in side)
+        return None if first is None or second is None else first - second
+    return results.get(side, {}).get(seed, {}).get(column)
+
+
 def paired_differences(results, column):
-    """{claim: [with - without] per seed that both variants reached}, for the claims whose variants ran."""
+    """{claim: [with - without] per seed that both sides reached}, for the claims whose variants ran."""
     differences = {}
+    seeds = sorted({seed for runs in results.values() for seed in runs})
     for claim, with_it, without in CLAIMS:
-        seeds = sorted(set(results.get(with_it, {})) & set(results.get(without, {})))
-        pairs = [results[with_it][seed][column] - results[without][seed][column] for seed in seeds
-                 if column in results[with_it][seed] and column in results[without][seed]]
+        values = [(claim_value(results, with_it, seed, column), claim_value(results, without, seed, column))
+                  for seed in seeds]
+        pairs = [first - second for first, second in values if first is not None and second is not None]
         if pairs:
             differences[claim] = pairs
     return differences
@@ -183,13 +248,15 @@ def verdict(pairs):
     return "shown" if mean > 2 * deviation else "not shown"
 
 
-def table(out, names, epochs, knn_every, seeds=1):
-    """The results as a markdown table (also printed), results.json with every seed's numbers."""
+def table(out, names, epochs, knn_every, seeds=1, trainer_flags=""):
+    """The results as a markdown table (also printed), results.json with every seed's numbers; the twin runs'
+    mechanism numbers below when there are any."""
     results = collect(out, names, seeds, epochs, knn_every)
     columns = [f"kNN20 ep {e}" for e in monitored_epochs(epochs, knn_every)] + ["kNN200", "linear top-1",
                                                                                  "loss (last epoch)"]
     statistic = "mean +- std over seeds 0.." + str(seeds - 1) if seeds > 1 else "seed 0"
-    lines = [f"Ablations on the built-in data, {epochs} epochs, {statistic}; {provenance()}", "",
+    added = f"; trainer flags added to every run: {trainer_flags}" if trainer_flags else ""
+    lines = [f"Ablations on the built-in data, {epochs} epochs, {statistic}{added}; {provenance()}", "",
              "| variant | flags | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
     for name in names:
         runs = results[name].values()
@@ -207,13 +274,38 @@ def table(out, names, epochs, knn_every, seeds=1):
                      if claim in claims[column] else "-" for column in claims]
             if any(cell != "-" for cell in cells):
                 lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    lines += mechanism_table(out, [name for name in names if has_twins(name)], seeds, epochs, knn_every)
     text = "\n".join(lines) + "\n"
     (Path(out) / "results.md").write_text(text)
     (Path(out) / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(text)
 
 
-def plots(out, names, seeds=1):
+def mechanism_table(out, names, seeds, epochs, knn_every):
+    """The lines of the twin runs' mechanism table (bench/twins.py), per variant and kNN epoch: mean +- std over
+    the seeds measured; [] before any was."""
+    rows, pairs = [], set()
+    for name in names:
+        by_seed = [read_mechanism(run_folder(out, name, seed)) for seed in range(seeds)]
+        for epoch in monitored_epochs(epochs, knn_every):
+            summaries = [measured[epoch] for measured in by_seed if epoch in measured]
+            if summaries:
+                pairs.update(summary["pairs"] for summary in summaries)
+                cells = [spread([summary[key] for summary in summaries], MECHANISM_DIGITS.get(key, 1))
+                         for key in SUMMARY]
+                rows.append(f"| {name} | {epoch} | {len(summaries)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    columns = [column.replace(" K ", f" {MECHANISM_K} ") for column in SUMMARY.values()]
+    return ["", f"Twins' mechanism (bench/twins.py), from each kNN epoch's checkpoint, over the "
+            f"{'/'.join(map(str, sorted(pairs)))} pairs (image, its twin): the twin's rank among the image's other "
+            f"classes by the image's head-feature logits (1 = the hardest), its softmax probability, the cosines of "
+            f"the twins' normalized head outputs and pooled backbone features; medians and shares per run, then "
+            f"mean +- std over the seeds.", "",
+            "| variant | epoch | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|", *rows]
+
+
+def plots(out, names, seeds=1, panels=STUDIES["ablations"]["panels"]):
     """knn.png and loss.png: one panel per ablated setting, each with the defaults and that setting's variants;
     a variant's line is its mean over the seeds that reached the epoch, its band +-1 standard deviation."""
     import matplotlib
@@ -221,8 +313,8 @@ def plots(out, names, seeds=1):
     import matplotlib.pyplot as plt
     for key, label, filename in (("knn20_top1", "kNN20 top-1 (%)", "knn.png"),
                                  ("epoch_loss", "mean training loss", "loss.png")):
-        figure, axes = plt.subplots(1, len(SETTINGS), figsize=(4 * len(SETTINGS), 3.4), sharey=True)
-        for axis, setting in zip(axes, SETTINGS):
+        figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True, squeeze=False)
+        for axis, setting in zip(axes[0], panels):
             for name in names:
                 flags, ablates, legend = VARIANTS[name]
                 by_epoch = {}
@@ -242,7 +334,7 @@ def plots(out, names, seeds=1):
             axis.set_xlabel("epoch")
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8)
-        axes[0].set_ylabel(label)
+        axes[0][0].set_ylabel(label)
         figure.tight_layout()
         figure.savefig(Path(out) / filename, dpi=80)
         plt.close(figure)
@@ -250,14 +342,18 @@ def plots(out, names, seeds=1):
 
 def main():
     args = parser.parse_args()
+    study = STUDIES[args.study]
+    for name in ("out", "epochs", "knn_every", "seeds"):
+        if getattr(args, name) is None:
+            setattr(args, name, study[name])
     if args.epochs <= 0 or args.knn_every <= 0 or args.np <= 0 or args.seeds <= 0:
         sys.exit("error: --epochs, --knn-every, --np and --seeds must be positive")
-    names = args.only or list(VARIANTS)
+    names = args.only or study["variants"]
     # Seed-major order: an interrupted study has every variant at the first seeds, so its pairs are complete.
     seconds = sum(run_variant(name, seed, args) for seed in range(args.seeds) for name in names)
     print(f"ran for {seconds / 60:.1f} min")
-    table(args.out, names, args.epochs, args.knn_every, args.seeds)
-    plots(args.out, names, args.seeds)
+    table(args.out, names, args.epochs, args.knn_every, args.seeds, args.trainer_flags)
+    plots(args.out, names, args.seeds, study["panels"])
     print(f"wrote {Path(args.out) / 'results.md'}, results.json, knn.png and loss.png")
 
 

@@ -4,7 +4,8 @@ the ranks.
 `data.loaders` builds a run's loaders from its config (DALI imported on first use; `--data synthetic` takes
 `data.synthetic`'s random images instead). The path of every image folder, the built-in one included, and of
 every folder of shards, and where each step is documented:
-- `data.builtin`: the built-in MNIST-5k, written once as a 32x32 JPEG ImageFolder tree (`builtin_dataset`);
+- `data.builtin`: the built-in MNIST-5k, written once as a 32x32 JPEG ImageFolder tree (`builtin_dataset`), and
+  its variant with near-duplicates (`twins_dataset`, the trainer's --twins);
 - `data.index`: the instance index of a folder (`build_index`, `InstanceIndex.load`): sorted paths, id =
   position, bad files left out at index time;
 - `data.shards`: the instance index of tar shards (`build_shard_index`, `ShardIndex.load`): sorted shards and

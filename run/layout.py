@@ -3,6 +3,7 @@
   config.json                             the resolved flags of the run, written at its start
   metrics.jsonl                           one JSON record per line (run/run_log.py)
   index-train/, index-val/                the instance indexes of the data, built once (data/run_index.py)
+  index-bank/                             with --twins: the index of the kNN bank, the built-in train split
   checkpoint-<epoch:04d>/                 a checkpoint after `epoch` complete epochs (run/checkpoint.py):
       shard-<rank>.pt                     every rank's classifier rows and BatchNorm buffers
       state.pt                            rank 0's data-parallel state, written last
@@ -22,7 +23,7 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{4,})(?:-step-(\d{6,}))?$")
 
 
 def index_dir(out, split):
-    """The folder of the index of `split` ("train" or "val")."""
+    """The folder of the index of `split` ("train", "val" or "bank")."""
     return Path(out) / f"index-{split}"
 
 

@@ -1,12 +1,18 @@
 """bench/ablations.py: what it reads from the runs' metrics.jsonl, the table and plots it writes, and the skip
-of finished variants (the training itself is the trainer's, tested in tests/test_trainer.py)."""
+of finished variants (the training itself is the trainer's, tested in tests/test_trainer.py); the twin study end to
+end at tiny sizes."""
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from data.builtin import DATASET_NAME
 from tests.conftest import ROOT
+from tests.trainer_runs import SMALL, copy_tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +82,49 @@ def test_a_variant_with_its_linear_evaluation_is_skipped(ablations, tmp_path, ca
     args = argparse.Namespace(out=str(tmp_path), epochs=2, knn_every=1, np=2)
     assert ablations.run_variant("k1", 2, args) == 0.0  # would fail if it launched horovodrun on an empty folder
     assert "k1 seed 2: done, skipped" in capsys.readouterr().out
+
+
+def test_a_difference_of_differences_is_paired_by_seed(ablations, tmp_path):
+    # kNN20 per seed: defaults - k0 = 1, 2, 3; twins-k10 - twins-k0 = 5, 7, 9: the gain with twins exceeds the one
+    # without by 4, 5, 6 (mean 5, std 1: shown); twins-k10 beats twins-k0 by 7 +- 2 (shown).
+    for seed, values in enumerate([(61.0, 60.0, 55.0, 50.0), (62.0, 60.0, 57.0, 50.0), (63.0, 60.0, 59.0, 50.0)]):
+        for name, value in zip(["defaults", "k0", "twins-k10", "twins-k0"], values):
+            write_run(tmp_path / name / f"seed-{seed}", epoch_records(1, value, 5.0))
+    ablations.table(tmp_path, ["defaults", "k0", "twins-k10", "twins-k0"], epochs=1, knn_every=1, seeds=3)
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert "| K 10 beats K 0 with 30% twins | 7.0 +- 2.0 (shown) | 7.0 +- 2.0 (shown) | - |" in lines
+    assert ("| K 10 gains more over K 0 with 30% twins than without | 5.0 +- 1.0 (shown) | 5.0 +- 1.0 (shown) | - |"
+            in lines)
+    assert "| K 10 beats K 0 (plain cross-entropy) | 2.0 +- 1.0 (not shown) | 2.0 +- 1.0 (not shown) | - |" in lines
+
+
+@pytest.mark.slow
+def test_the_twin_study_runs_end_to_end_at_tiny_sizes_and_resumes(tmp_path):
+    cache = tmp_path / "cache"
+    copy_tiny_dataset(cache / "instance-classifier" / DATASET_NAME)
+    out = tmp_path / "study"
+    command = [sys.executable, ROOT / "bench" / "ablations.py", "--study", "twins", "--np", "1", "--epochs", "2",
+               "--knn-every", "1", "--seeds", "1", "--out", out, "--trainer-flags=" + " ".join(SMALL)]
+    environment = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    first = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    lines = (out / "results.md").read_text().splitlines()
+    assert "trainer flags added to every run: " + " ".join(SMALL) in lines[0]
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    for name in ("defaults", "k0", "twins-k10", "twins-k0"):
+        assert rows[name].split(" | ")[2] == "1"  # its linear evaluation ran
+    assert rows["K 10 beats K 0 with 30% twins"].count("(one seed: not judged)") == 4
+    heading = next(number for number, line in enumerate(lines) if line.startswith("Twins' mechanism"))
+    mechanism = [line.split(" | ")[:3] for line in lines[heading + 4:]]  # variant, epoch, seeds
+    assert mechanism == [["| twins-k10", "1", "1"], ["| twins-k10", "2", "1"], ["| twins-k0", "1", "1"],
+                         ["| twins-k0", "2", "1"]]
+    for name in ("twins-k10", "twins-k0"):
+        run = out / name / "seed-0"
+        assert {path.name for path in run.glob("checkpoint-*")} == {"checkpoint-0001", "checkpoint-0002"}
+        summaries = json.loads((run / "twins-mechanism.json").read_text())
+        assert sorted(summaries) == ["1", "2"] and summaries["2"]["pairs"] == 36
+        assert json.loads((run / "index-bank" / "index.json").read_text())["num_instances"] == 120
+        assert json.loads((run / "index-train" / "index.json").read_text())["num_instances"] == 156
+    assert not (out / "k0" / "seed-0" / "index-bank").exists()
+    again = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 4, again.stdout

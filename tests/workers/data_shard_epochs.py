@@ -35,7 +35,7 @@ def epochs_of(loader, epochs, evaluation):
 def main(data, out, epochs):
     world = start(announce=False)
     messages = []
-    index, val_index = run_indexes(data, out, strict=False, log=messages.append)
+    index, val_index, _ = run_indexes(data, out, strict=False, log=messages.append)
     shard = dict(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, rank=world.rank, world_size=world.size, device="cpu",
                  threads=1)
     record = {"keys": index.keys, "num_instances": index.num_instances, "messages": messages,
