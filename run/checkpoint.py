@@ -14,8 +14,8 @@ resumes on any P': shard r holds the rows shard_rows(N, P, r), so each rank open
 overlap its own rows, memory-mapped (a resume reads every row once in all, not P times). A checkpoint
 taken inside an epoch resumes on the same P only: the rest of the epoch is the remaining batches of that
 P's data shards, and each rank gets its own BatchNorm buffers back; `--resume auto` at another P takes the
-epoch's checkpoint before it instead, saying how many steps that redoes (an elastic job that lost a node). (Several hosts need `--out` on a shared
-file system, as every rank writes into the same directory.)
+epoch's checkpoint before it instead, saying how many steps that redoes (an elastic job that lost a node).
+(Several hosts need `--out` on a shared file system, as every rank writes into the same directory.)
 
 Room on the disk. Before a byte is written, every rank estimates the size of its files (`estimated_file_bytes`:
 the tensors' storages, the pickled rest and the zip records around them) and reads the free space of --out's

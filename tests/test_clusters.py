@@ -143,7 +143,7 @@ def test_restarts_that_would_share_the_store_between_attempts_are_refused_in_one
     for name, value in {"TORCHELASTIC_RUN_ID": "test", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                         "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "2"}.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(UsageError, match="^torchrun --max-restarts: .* launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+    with pytest.raises(UsageError, match="^torchrun --max-restarts: .* with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         distributed.resolve_engine("auto")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives
     assert distributed.resolve_engine("auto") == "torch"
@@ -156,8 +156,9 @@ def test_restarts_that_would_share_the_store_between_attempts_are_refused_in_one
 def test_a_worker_killed_under_max_restarts_is_restarted_and_the_run_ends_as_if_uninterrupted(torch_reference,
                                                                                               tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    result = torchrun("--data", tiny_dataset, "--out", out, *RUN, env={**FRESH_STORE, TEST_FAULT_VARIABLE: "1:2:3:kill"},
-                      placement=["--standalone", "--nproc_per_node", "2", "--max-restarts", "2"])
+    restarting = ["--standalone", "--nproc_per_node", "2", "--max-restarts", "2"]
+    result = torchrun("--data", tiny_dataset, "--out", out, *RUN, placement=restarting,
+                      env={**FRESH_STORE, TEST_FAULT_VARIABLE: "1:2:3:kill"})
     assert result.stdout.count("engine torch: 2 ranks") == 2  # the first attempt and the restart
     assert f"resumed from {out / 'checkpoint-0001'} (epoch 1, step 0 of the next" in result.stdout
     assert [m["epoch"] for m in read_metrics(out) if "epoch_loss" in m] == [1, 2]
