@@ -198,7 +198,8 @@ def pretrain(config):
     run = (backbone, head, encoder_optimizer, classifier, classifier_optimizer)
 
     # Resume, or start: the same encoder on every rank, classifier rows seeded from raw features.
-    checkpoint, start_epoch, resumed_losses, resumed_totals = checkpoint_to_resume(config.resume, out), 0, [], None
+    checkpoint = checkpoint_to_resume(config.resume, out, log.print)  # rank 0's choice, on every rank
+    start_epoch, resumed_losses, resumed_totals = 0, [], None
     if checkpoint is not None:
         started = time.perf_counter()
         state = restore_checkpoint(checkpoint, *run)

@@ -13,8 +13,9 @@ mid-save never leaves something that looks like a checkpoint. An epoch's checkpo
 resumes on any P': shard r holds the rows shard_rows(N, P, r), so each rank opens only the shard files that
 overlap its own rows, memory-mapped (a resume reads every row once in all, not P times). A checkpoint
 taken inside an epoch resumes on the same P only: the rest of the epoch is the remaining batches of that
-P's data shards, and each rank gets its own BatchNorm buffers back. (Several hosts need `--out` on a shared
-file system, as every rank writes into the same directory.)
+P's data shards, and each rank gets its own BatchNorm buffers back; `--resume auto` at another P takes the
+epoch's checkpoint before it instead, saying how many steps that redoes (an elastic job that lost a node).
+(Several hosts need `--out` on a shared file system, as every rank writes into the same directory.)
 
 Every file is written from a host copy of what it holds (`on_host`), so that the files of a GPU run load with a
 plain torch.load on a machine without one. Every file is read back with weights_only=True (`read_file`): tensors
@@ -51,7 +52,7 @@ from run.distributed import engine, shard_rows
 from run.errors import UsageError
 from run.faults import raise_on_every_rank
 from run.layout import (STATE, checkpoint_name, checkpoint_position, complete_checkpoints, deleted_checkpoint,
-                        hidden_checkpoints, partial_checkpoint, shard_file)
+                        hidden_checkpoints, partial_checkpoint, shard_count, shard_file)
 from run.run_log import human_bytes
 
 # What applying a checkpoint that read well can raise: tensors of other shapes than the run's (load_state_dict,
@@ -80,16 +81,40 @@ def resolve_checkpoint(path):
     return found[-1]
 
 
-def checkpoint_to_resume(resume, out):
-    """--resume: 'auto' = the newest complete checkpoint in --out or None, 'none', or a checkpoint path. Rank 0
-    decides for every rank: a rank deciding alone (no shared file system, NFS lag) could start afresh while the
-    others resume, and their collectives would part ways."""
+def checkpoint_to_resume(resume, out, say):
+    """--resume: 'auto' = the newest complete checkpoint in --out that this number of ranks can resume, or None;
+    'none'; or a checkpoint path. Rank 0 decides for every rank: a rank deciding alone (no shared file system,
+    NFS lag) could start afresh while the others resume, and their collectives would part ways. say: rank 0's
+    print, told when 'auto' passes over a checkpoint (resumable_at)."""
     choice = None
     if engine().rank == 0 and resume != "none":
-        found = complete_checkpoints(out) if resume == "auto" else [resolve_checkpoint(resume)]
+        found = resumable_at(complete_checkpoints(out), engine().size, say) if resume == "auto" else [
+            resolve_checkpoint(resume)]
         choice = str(found[-1]) if found else None
     choice = engine().broadcast_object(choice, root=0, name="checkpoint-to-resume")
     return None if choice is None else Path(choice)
+
+
+def resumable_at(found, size, say):
+    """The complete checkpoints `found` (oldest first) up to the newest that `size` ranks can resume. A checkpoint
+    taken inside an epoch resumes on the number of ranks that wrote it only (module docstring): when the newest
+    is one of another number's, the newest epoch checkpoint before it is taken instead, and `say` is told what
+    that redoes. With none before it, `found` is kept, and the resume refuses it in one line."""
+    if not found:
+        return found
+    newest = found[-1]
+    epoch, step = checkpoint_position(newest)
+    written_by = shard_count(newest)
+    earlier = [path for path in found if checkpoint_position(path)[1] == 0]
+    if not step or written_by == size or not earlier:
+        return found
+    fallback = earlier[-1]
+    epochs = epoch - checkpoint_position(fallback)[0]
+    say(f"{newest.name} was written inside an epoch by {written_by} ranks and resumes on {written_by} only: "
+        f"resuming from {fallback.name} at {size}, which redoes "
+        + (f"{epochs} epoch{'s' if epochs > 1 else ''} and " if epochs else "")
+        + f"the {step} step{'s' if step > 1 else ''} of epoch {epoch + 1} done by {written_by} ranks")
+    return found[:found.index(fallback) + 1]
 
 
 def batchnorm_buffers(backbone, head):

@@ -192,6 +192,11 @@ def resolve_engine(requested):
     if engine == "torch" and launcher != "torch":
         raise UsageError("--engine torch: this process was not started by torchrun (no TORCHELASTIC_RUN_ID, or "
                          "RANK, WORLD_SIZE and LOCAL_RANK); launch it as torchrun --nproc_per_node N trainer.py ...")
+    if engine == "torch" and restarts_reuse_the_store():
+        raise UsageError("torchrun --max-restarts: the restarted workers would meet in the store of the attempt before "
+                         "(torchrun shares one between attempts) and can wait there for dead peers until the timeout; "
+                         "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment (a fresh store "
+                         "per attempt)")
     if engine == "horovod" and launcher == "torch":
         raise UsageError("--engine horovod: this process was started by torchrun, whose ranks Horovod cannot "
                          "join; use --engine torch (or auto) under torchrun, or launch with horovodrun")
@@ -202,6 +207,16 @@ def resolve_engine(requested):
             raise UsageError(f"--engine horovod: Horovod cannot be imported ({error}); `make setup` builds it, "
                              f"or run without a launcher: python trainer.py --engine single ...") from None
     return engine
+
+
+def restarts_reuse_the_store():
+    """True for a torchrun worker that torchrun may restart (--max-restarts > 0) while sharing its agent's store
+    between attempts (TORCHELASTIC_USE_AGENT_STORE). The process group leaves its keys in that store under the
+    same names in every attempt (each rank's address), so a restarted rank can read the address of a dead one
+    before its own successor overwrites it, and wait for it. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes torchrun
+    start a fresh store for every attempt."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0)
 
 
 def start(requested="auto", announce=True):

@@ -27,8 +27,10 @@ Test-only fault hook: INSTANCE_CLASSIFIER_TEST_FAULT="RANK:EPOCH:STEP:WHAT" make
 step STEP of epoch EPOCH (both 1-based), raise a RuntimeError (WHAT=raise), send itself a signal
 (WHAT=SIGTERM or SIGINT), wait up to a minute for a signal (WHAT=pause, so that a test can deliver one at a
 known step), or wait a minute whatever comes (WHAT=hold, so that a test can deliver two one by one: Linux
-merges a signal sent while the same one is still pending). Read only in `end_of_step`; tests/test_reliability.py
-uses it. Never set it in a real run.
+merges a signal sent while the same one is still pending), or SIGKILL itself (WHAT=kill: a rank lost without a
+trace, as on a dead node) in the first attempt of the job only: not in the workers torchrun restarts
+(TORCHELASTIC_RESTART_COUNT > 0), so that the restart can finish. Read only in `end_of_step`;
+tests/test_reliability.py, tests/test_clusters.py and bench/restarts.py use it. Never set it in a real run.
 """
 import os
 import signal
@@ -166,6 +168,10 @@ def _test_fault(epoch, step):
         return
     if what == "raise":
         raise RuntimeError(f"test fault on rank {rank} at epoch {epoch} step {step}")
+    if what == "kill":
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
     if what in ("pause", "hold"):
         deadline = time.monotonic() + TEST_PAUSE_SECONDS
         while not (what == "pause" and _StopRequest.signal_number) and time.monotonic() < deadline:

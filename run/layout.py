@@ -56,6 +56,11 @@ def shard_file(checkpoint, rank):
     return Path(checkpoint) / f"shard-{rank}.pt"
 
 
+def shard_count(checkpoint):
+    """How many ranks wrote a complete checkpoint: one shard file each."""
+    return len(list(Path(checkpoint).glob("shard-*.pt")))
+
+
 def is_complete_checkpoint(path):
     return checkpoint_position(path) is not None and (Path(path) / STATE).is_file()
 
