@@ -11,6 +11,7 @@ from data.synthetic import SyntheticLoader
 from run.distributed import engine
 
 SYNTHETIC = "synthetic"  # the --data value of synthetic input
+DALI_DEVICES = ("auto", "cpu", "gpu")  # the values of --dali-device (data.pipelines.DEVICES, without DALI)
 
 
 def epoch_seed(seed, epoch):
