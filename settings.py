@@ -76,9 +76,10 @@ def check_dali_device(dali_device, from_run=False):
 
 
 def machine_precision(precision):
-    """--precision on this machine (the GPUs of a node are taken to be of one kind: the current one's, else the
-    CPU): auto = the fastest there; bf16 on a GPU without bf16 tensor cores is refused (emulated: slower than fp32)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """--precision on this machine (the GPUs of a node are taken to be of one kind: the first visible one's, else
+    the CPU): auto = the fastest there; bf16 on a GPU without bf16 tensor cores is refused (emulated: slower than
+    fp32)."""
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if precision == "auto":
         return fastest_precision(device)
     if precision == "bf16" and device.type == "cuda":

@@ -19,7 +19,6 @@ def gpu(monkeypatch):
     """A CUDA machine whose GPUs have the compute capability the test sets: gpu(major, minor, name)."""
     def install(major, minor, name="Test GPU"):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     return install
