@@ -1,8 +1,9 @@
 """A pretraining run's settings judged before any data is touched: the first impossible value or combination
 is one UsageError naming the flags. `check_settings` needs nothing but the flags (`plan` uses it too);
-`check_machine_and_paths` also looks at this machine (CUDA) and at the paths given; `check_saved_flags` gives
-settings read back from a checkpoint the types and choices that parsing gives the flags. It sits beside trainer.py,
-above data/, model/ and run/, because it judges the flags of all of them.
+`check_machine_and_paths` also looks at this machine (CUDA, the GPU's precisions) and at the paths given, and
+resolves `--precision auto` for this machine; `check_saved_flags` gives settings read back from a checkpoint the
+types and choices that parsing gives the flags. It sits beside trainer.py, above data/, model/ and run/, because
+it judges the flags of all of them.
 """
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from data.loaders import is_synthetic
+from model.precision import fastest_precision, has_bf16_tensor_cores
 from run.checkpoint import resolve_checkpoint
 from run.errors import UsageError
 
@@ -48,10 +50,12 @@ def check_settings(config):
 
 
 def check_machine_and_paths(config):
-    """What pretraining needs from this machine and from the paths it is given."""
+    """What pretraining needs from this machine and from the paths it is given; config.precision := the one it
+    will run at (auto: the fastest on this machine's GPUs, or the CPU)."""
     cuda = torch.cuda.is_available()
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
-    require(cuda or config.dali_device != "gpu", "--dali-device gpu needs CUDA, and torch sees no CUDA device")
+    check_dali_device(config.dali_device)
+    config.precision = machine_precision(config.precision)
     require(cuda or interpreted or config.kernel_backend != "triton", "--kernel-backend triton needs CUDA (or "
             "TRITON_INTERPRET=1, Triton's slow CPU interpreter), and torch sees no CUDA device")
     if config.kernel_backend == "triton" or (config.kernel_backend == "auto" and cuda):
@@ -65,6 +69,27 @@ def check_machine_and_paths(config):
     require(not Path(config.out).exists() or Path(config.out).is_dir(), f"--out {config.out} is not a folder")
     if config.resume not in ("auto", "none"):
         resolve_checkpoint(config.resume)  # its one-line error when there is none
+
+
+def check_dali_device(dali_device, from_run=False):
+    """A DALI device this machine has; from_run: the run's, which an evaluation takes without --dali-device."""
+    require(dali_device != "gpu" or torch.cuda.is_available(), ("the run's " if from_run else "") + "--dali-device "
+            "gpu needs CUDA, and torch sees no CUDA device" + (": pass --dali-device cpu" if from_run else ""))
+    return dali_device
+
+
+def machine_precision(precision):
+    """--precision on this machine (the GPUs of a node are taken to be of one kind: the first visible one's, else
+    the CPU): auto = the fastest there; bf16 on a GPU without bf16 tensor cores is refused (emulated: slower than
+    fp32)."""
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if precision == "auto":
+        return fastest_precision(device)
+    if precision == "bf16" and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        require(has_bf16_tensor_cores(device), f"--precision bf16: {torch.cuda.get_device_name(device)} (compute "
+                f"capability {major}.{minor}) has no bf16 tensor cores (8.0 and newer have): use --precision fp32")
+    return precision
 
 
 def require(condition, message):

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from data.loaders import is_synthetic, pretrain_loader
+from data.loaders import DALI_DEVICES, is_synthetic, pretrain_loader
 from data.pack import pack
 from data.run_index import run_indexes, saved_run_indexes
 from model.classifier import ShardedInstanceClassifier, ShardSGD, distributed_backbone_optimizer
@@ -44,6 +44,7 @@ from model.evaluation import baselines, knn_monitor, linear_evaluation, report
 from model.export import export_backbone
 from model.initialisation import raw_feature_init
 from model.plan import plan
+from model.precision import DTYPES, PRECISIONS
 from model.step import train_step
 from run import layout
 from run.checkpoint import (APPLY_ERRORS, checkpoint_to_resume, load_state, one_line, resolve_checkpoint,
@@ -54,7 +55,7 @@ from run.errors import UsageError
 from run.faults import Preempted, default_signals, end_of_step, exit_now, exit_preempted, stop_on_signals
 from run.run_log import WARMUP_STEPS, RunLog, Throughput
 from run.schedule import set_learning_rate, warmup_cosine
-from settings import check_machine_and_paths, check_saved_flags, check_settings
+from settings import check_dali_device, check_machine_and_paths, check_saved_flags, check_settings
 
 # -------------------------------------------------------------------------------- flags: pretraining
 # The flags of a run, shared by pretraining and `plan` (which sizes the same run).
@@ -82,7 +83,7 @@ group.add_argument("--blur", action=argparse.BooleanOptionalAction, default=True
                    "built-in digits it helps (bench/RESULTS.md) (default: on)")
 group.add_argument("--views", type=int, default=2, choices=[1, 2], help="augmented views per image, each "
                    "classified as the image's instance (default: 2)")
-group.add_argument("--dali-device", default="auto", choices=["auto", "cpu", "gpu"],
+group.add_argument("--dali-device", default="auto", choices=DALI_DEVICES,
                    help="where DALI decodes and augments; auto = gpu when CUDA is visible (default: auto)")
 group.add_argument("--threads", type=int, default=4, help="DALI CPU threads per rank (default: 4)")
 group.add_argument("--strict", action="store_true", help="stop on unusable images, samples or shards, not skip them")
@@ -95,6 +96,9 @@ group.add_argument("--small-stem", action=argparse.BooleanOptionalAction, help="
                    "max-pool, for small images (default: off; on built-in)")
 group.add_argument("--feat-dim", type=int, default=128, help="classifier feature dim D (default: 128)")
 group.add_argument("--hidden-dim", type=int, help="projection head hidden width (default: 2048; 512 built-in)")
+group.add_argument("--precision", default="auto", choices=PRECISIONS, help="of the encoder's autocast and the "
+                   "classifier's products (weights, gradients, statistics: fp32); auto = bf16 on GPUs of compute "
+                   "capability >= 8.0, else fp32; no fp16: it needs loss scaling (model/precision.py) (default: auto)")
 group = flags.add_argument_group("instance classifier")
 group.add_argument("--temperature", type=float, help="cosine-softmax temperature tau (default: 0.15; 0.1 built-in)")
 group.add_argument("--smooth-k", type=int, help="K hardest classes that share the smoothing mass; 0 = plain "
@@ -189,7 +193,8 @@ def pretrain(config):
     backbone, head = build_encoder(config, device)
     classifier = ShardedInstanceClassifier(config.num_instances, config.feat_dim, temperature=config.temperature,
                                            smooth_k=config.smooth_k, smooth_alpha=config.smooth_alpha,
-                                           backend=config.kernel_backend, seed=config.seed).to(device)
+                                           backend=config.kernel_backend, compute_dtype=DTYPES[config.precision],
+                                           seed=config.seed).to(device)
     encoder_parameters = [*backbone.named_parameters(prefix="backbone"), *head.named_parameters(prefix="head")]
     sgd = dict(lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
     encoder_optimizer = distributed_backbone_optimizer(
@@ -280,7 +285,7 @@ def train_one_epoch(epoch, loader, run, config, log, diagnostics, done_losses=()
             set_learning_rate(encoder_optimizer, lr)
             set_learning_rate(classifier_optimizer, lr * config.classifier_lr_mult)
             try:
-                losses.append(train_step(backbone, head, classifier, optimizers, views, ids).item())
+                losses.append(train_step(backbone, head, classifier, optimizers, views, ids, config.precision).item())
                 if not math.isfinite(losses[-1]):
                     classifier.check_input()  # names bad ids or non-finite features, when they are the cause
                     raise FloatingPointError(f"non-finite loss {losses[-1]}")
@@ -320,21 +325,21 @@ def resolve_config(args, defaults=None):
     return args
 
 
-def package_versions():
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-    return {name: version(name) for name in ("torch", "horovod", "nvidia-dali-cuda120", "triton", "numpy")}
+def package_versions():  # None for a package that is not installed
+    return {name: next((found.version for found in importlib.metadata.distributions(name=name)), None)
+            for name in ("torch", "horovod", "nvidia-dali-cuda120", "triton", "numpy")}
 
 
 # -------------------------------------------------------------------------------- subcommands
-def evaluation_parser(name, description):
+def evaluation_parser(name, description, reads_images=True):
     sub = argparse.ArgumentParser(prog=f"trainer.py {name}", description=description)
     sub.add_argument("--ckpt", required=True, help="checkpoint directory, or a run directory (its newest)")
     sub.add_argument("--engine", default="auto", choices=ENGINES, help="process group, as for pretraining; any "
                      "engine and number of ranks evaluates any checkpoint (default: auto)")
+    if reads_images:
+        sub.add_argument("--dali-device", choices=DALI_DEVICES, help="as for pretraining (default: the run's)")
+        sub.add_argument("--baseline", action="store_true", help="also evaluate the raw pixels and the architecture "
+                         "at random init, as is and with BatchNorm statistics of the train split (default: off)")
     return sub
 
 
@@ -367,14 +372,13 @@ def evaluation_setup(args):
     checkpoint = resolve_checkpoint(args.ckpt)
     # Read and judged before the process group starts: a bad checkpoint is one line on every rank, before any work.
     backbone, config = load_trained_backbone(checkpoint)
+    config.dali_device = check_dali_device(args.dali_device or config.dali_device, from_run=not args.dali_device)
     world = start(args.engine)
     return (world, checkpoint, backbone.to(world.device), config, *saved_run_indexes(checkpoint.parent))
 
 
 def knn_command(argv):
     sub = evaluation_parser("knn", "Weighted kNN (k=20, T=0.07 and k=200, T=0.1) of the pooled backbone features.")
-    sub.add_argument("--baseline", action="store_true", help="also evaluate the raw pixels and the architecture "
-                     "at random init, as is and with BatchNorm statistics of the train split (default: off)")
     args = sub.parse_args(argv)
     world, checkpoint, backbone, config, train_index, val_index = evaluation_setup(args)
     results = {"pretrained": knn_monitor(backbone, train_index, val_index, config, world.device)}
@@ -394,16 +398,12 @@ def linear(argv):
     sub.add_argument("--milestones", type=float, nargs="+", default=[0.6, 0.8],
                      help="fractions of the epochs where the lr drops 10x (default: 0.6 0.8, i.e. 60/80 of 100)")
     sub.add_argument("--batch-size", type=int, help="images PER RANK (default: 256 / ranks, 256 in all as in MoCo)")
-    sub.add_argument("--baseline", action="store_true", help="also evaluate the raw pixels and the architecture "
-                     "at random init, as is and with BatchNorm statistics of the train split, kNN and linear side by "
-                     "side (default: off)")
     args = sub.parse_args(argv)
     if any(value is not None and value <= 0 for value in (args.epochs, args.lr, args.batch_size)):
         raise UsageError("linear: --epochs, --lr and --batch-size must be positive")
     world, checkpoint, backbone, config, train_index, val_index = evaluation_setup(args)
     device, builtin = world.device, config.data is None
-    args.epochs = args.epochs or (5 if builtin else 100)
-    args.lr = args.lr or (0.1 if builtin else 30.0)
+    args.epochs, args.lr = args.epochs or (5 if builtin else 100), args.lr or (0.1 if builtin else 30.0)
     args.batch_size = args.batch_size or max(1, 256 // world.size)
     log = RunLog(checkpoint.parent, world.rank == 0)
     backbones = {"pretrained": backbone}
@@ -418,7 +418,7 @@ def linear(argv):
 
 
 def export(argv):
-    sub = evaluation_parser("export", "Write the pretrained backbone as a torchvision ResNet state_dict.")
+    sub = evaluation_parser("export", "Write the pretrained backbone as a torchvision ResNet state_dict.", False)
     sub.add_argument("--to", required=True, help="output .pth file")
     args = sub.parse_args(argv)
     backbone, _ = load_trained_backbone(resolve_checkpoint(args.ckpt))

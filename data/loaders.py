@@ -2,13 +2,16 @@
 read. With `--data synthetic` they are data.synthetic's random images; otherwise DALI pipelines over an
 instance index, with DALI imported on first use only (`data.pipelines`), so that `trainer.py -h`, `plan` and
 synthetic runs work on machines without DALI.
-"""
-import torch
 
+Every loader delivers its batches (images and ids) on the rank's device, whatever `--dali-device` made them on:
+the training step, the raw-feature init, the BatchNorm calibration, the kNN pass and the linear evaluation take
+them as they come.
+"""
 from data.synthetic import SyntheticLoader
 from run.distributed import engine
 
 SYNTHETIC = "synthetic"  # the --data value of synthetic input
+DALI_DEVICES = ("auto", "cpu", "gpu")  # the values of --dali-device (data.pipelines.DEVICES, without DALI)
 
 
 def epoch_seed(seed, epoch):
@@ -23,8 +26,8 @@ def pipelines():
 
 
 def this_rank():
-    """rank and world_size of this process, as the loaders take them."""
-    return dict(rank=engine().rank, world_size=engine().size)
+    """rank, world_size and device of this process, as the DALI loaders take them."""
+    return dict(rank=engine().rank, world_size=engine().size, output_device=engine().device)
 
 
 def is_synthetic(config):
@@ -32,10 +35,10 @@ def is_synthetic(config):
 
 
 def synthetic_loader(config, epoch, views):
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    group = engine()
     return SyntheticLoader(config.instances, batch_size=config.batch_size, image_size=config.image_size, views=views,
-                           seed=epoch_seed(config.seed, epoch), device=device, **this_rank(),
-                           steps_per_epoch=config.steps_per_epoch)
+                           seed=epoch_seed(config.seed, epoch), device=group.device, rank=group.rank,
+                           world_size=group.size, steps_per_epoch=config.steps_per_epoch)
 
 
 def pretrain_loader(index, config, epoch):

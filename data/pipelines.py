@@ -12,8 +12,10 @@ of samples instead. Evaluation loaders read their shard in id order, or shuffled
 
 Devices and seeds. "gpu" decodes with nvJPEG on the current CUDA device (`run.distributed.start()` makes it
 current) and augments there; "cpu" runs without a driver; "auto" is "gpu" when torch sees CUDA; the decoder's
-arguments come from data/decoder.py. The shuffle seed is `seed` on every rank, the augmentation seed derives from
-(seed, rank). A new loader starts from its first epoch's order: to resume at epoch e, pass a seed that depends on e.
+arguments come from data/decoder.py. Given an `output_device` (the rank's: data/loaders.py), a loader delivers
+its batches there whichever device made them (`to_device`: no copy where they are already). The shuffle seed is
+`seed` on every rank, the augmentation seed derives from (seed, rank). A new loader starts from its first
+epoch's order: to resume at epoch e, pass a seed that depends on e.
 
 Lifetime. A loader is iterable once per epoch and holds its pipeline until `close()`, the end of a `with` block or
 its last reference; close it before building the next one, so that no two pipelines live at once. A dropped
@@ -48,7 +50,7 @@ MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim",
 
 
 def pretrain_loader(index, *, batch_size, image_size, views=2, rank=0, world_size=1, device="auto", threads=2,
-                    seed=0, min_scale=0.2, flip=True, blur=True):
+                    seed=0, min_scale=0.2, flip=True, blur=True, output_device=None):
     """Epochs of (views: `views` x [b, 3, S, S] float32, ids: [b] int64), shuffled, augmented for pretraining.
 
     The views of one image are independent augmentations of a single decode; `flip=False` never mirrors them and
@@ -61,27 +63,27 @@ def pretrain_loader(index, *, batch_size, image_size, views=2, rank=0, world_siz
     view_names = [f"view{number}" for number in range(views)]
     return InstanceLoader(
         pretrain_pipeline, view_names, index, shuffle=True, group_views=True, batch_size=batch_size, rank=rank,
-        world_size=world_size, device=device, threads=threads, seed=seed, image_size=image_size, views=views,
-        min_scale=min_scale, flip=flip, blur=blur)
+        world_size=world_size, device=device, threads=threads, seed=seed, output_device=output_device,
+        image_size=image_size, views=views, min_scale=min_scale, flip=flip, blur=blur)
 
 
 def eval_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, crop_ratio=0.875,
-                shuffle_seed=None):
+                shuffle_seed=None, output_device=None):
     """One pass of (images [b, 3, S, S] float32, ids [b] int64) per `for`: center crops, id order per rank, or
     with a shuffle_seed the whole dataset shuffled as for training (batches that mix the classes)."""
     check_crop_ratio(crop_ratio)
     return InstanceLoader(
         eval_pipeline, ["images"], index, shuffle=shuffle_seed is not None, batch_size=batch_size, rank=rank,
-        world_size=world_size, device=device, threads=threads, seed=shuffle_seed or 0, image_size=image_size,
-        crop_ratio=crop_ratio)
+        world_size=world_size, device=device, threads=threads, seed=shuffle_seed or 0, output_device=output_device,
+        image_size=image_size, crop_ratio=crop_ratio)
 
 
 def linear_train_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, seed=0,
-                        flip=True):
+                        flip=True, output_device=None):
     """Epochs of (images [b, 3, S, S] float32, ids [b] int64), shuffled, random-resized-crop + flip (if `flip`)."""
     return InstanceLoader(
         linear_train_pipeline, ["images"], index, shuffle=True, batch_size=batch_size, rank=rank, world_size=world_size,
-        device=device, threads=threads, seed=seed, image_size=image_size, flip=flip)
+        device=device, threads=threads, seed=seed, output_device=output_device, image_size=image_size, flip=flip)
 
 
 @pipeline_def(enable_conditionals=True)
@@ -119,13 +121,14 @@ def read_and_decode(index, rank, world_size, decoder, shuffle_seed):
 
 
 class InstanceLoader:
-    """Batches of one DALI pipeline as torch tensors with int64 instance ids; each `for` over it is one epoch."""
+    """Batches of one DALI pipeline as torch tensors with int64 instance ids, on output_device (None: where DALI
+    made them); each `for` over it is one epoch."""
 
     iterator = None  # so that close() works on a loader whose __init__ failed
     running_epoch = None  # weak reference to the generator of the epoch under way
 
     def __init__(self, pipeline_function, output_names, index, *, shuffle, group_views=False, batch_size, rank,
-                 world_size, device, threads, seed, **pipeline_arguments):
+                 world_size, device, threads, seed, output_device=None, **pipeline_arguments):
         check_positive(batch_size=batch_size, image_size=pipeline_arguments["image_size"], threads=threads)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
@@ -140,6 +143,7 @@ class InstanceLoader:
         self.index = index
         self.output_names = output_names
         self.group_views = group_views
+        self.output_device = output_device
         self.epoch_unfinished = False
         with decode_errors_explained(self.index):  # the iterator decodes its first batch while being built
             self.iterator = DALIGenericIterator(pipeline, [*output_names, "ids"], reader_name=READER_NAME,
@@ -183,8 +187,8 @@ class InstanceLoader:
                     pass
             self.epoch_unfinished = True
             for (batch,) in self.iterator:  # one pipeline per rank
-                images = [batch[name] for name in self.output_names]
-                ids = batch["ids"].squeeze(1).to(images[0].device, torch.int64)  # [b, 1] int32 -> [b] int64
+                images = [to_device(batch[name], self.output_device) for name in self.output_names]
+                ids = to_device(batch["ids"].squeeze(1), self.output_device).long()  # [b, 1] int32 -> [b] int64
                 yield (images if self.group_views else images[0]), ids
         self.epoch_unfinished = False
 
@@ -214,6 +218,18 @@ def return_free_heap_memory():
     """Give the pages of freed malloc memory in every glibc arena back to the system (a no-op without glibc)."""
     if MALLOC_TRIM is not None:
         MALLOC_TRIM(0)
+
+
+def to_device(tensor, device):
+    """tensor on `device` (None: where it is), itself when it is there. From the CPU it goes through page-locked
+    memory, non-blocking: copying pageable memory to a GPU goes through a page-locked buffer anyway (the driver
+    stages it, and the host waits), so pinning it here costs no more copies, and the transfer then queues on the
+    stream without making the host wait (torch keeps the pinned block until the copy is done)."""
+    if device is None or tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def resolve_device(device):

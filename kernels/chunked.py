@@ -32,17 +32,21 @@ def chunk_bounds(batch, shard_classes, chunk_elements=None):
 def exact_topk(logits, k):
     """k largest entries per row, ties to the lower column (the candidates' order is left to select_topk).
 
-    torch.topk returns an arbitrary member of a group of equal values that straddles the k-th place,
-    so the samples that have such a group are redone with a stable sort (rare: never in random data).
+    torch.topk returns an arbitrary member of a group of equal values that straddles the k-th place (rare: never
+    in random data). Those places get the group's lowest columns instead, found without the host reading anything:
+    with m values above the k-th one, slots m .. k-1 of a straddling row take the 1st .. (k-m)-th column equal to
+    it, located by a binary search in the running count of equal entries along the row.
     logits [B, c], 1 <= k <= c -> values [B, k], columns [B, k] long
     """
     values, columns = logits.topk(k, dim=1)
     kth = values[:, -1:]
-    straddling = torch.count_nonzero(logits == kth, dim=1) > torch.count_nonzero(values == kth, dim=1)
-    if straddling.any():
-        stable = torch.sort(logits[straddling], dim=1, descending=True, stable=True)
-        values[straddling], columns[straddling] = stable.values[:, :k], stable.indices[:, :k]
-    return values, columns
+    equal = logits == kth  # [B, c]
+    straddling = torch.count_nonzero(equal, dim=1) > torch.count_nonzero(values == kth, dim=1)  # [B]
+    above = torch.count_nonzero(values > kth, dim=1)[:, None]  # [B, 1]: slots m .. k-1 hold the value kth
+    slots = torch.arange(k, device=logits.device)  # [k]
+    # The (slot - m + 1)-th equal column: the first place where the running count reaches slot - m + 1.
+    lowest_equal = torch.searchsorted(equal.cumsum(dim=1), slots - above + 1)  # [B, k]
+    return values, torch.where(straddling[:, None] & (slots >= above), lowest_equal, columns)
 
 
 @torch.no_grad()
@@ -56,21 +60,25 @@ def shard_forward_stats(features_n, weight, labels, shard_start, *, temperature,
     """
     dtype = accumulation_dtype(features_n.dtype)
     features_n = as_operand(features_n, compute_dtype, dtype)
-    batch, batch_idx = features_n.shape[0], torch.arange(features_n.shape[0], device=features_n.device)
+    batch = features_n.shape[0]
     sum_exp = features_n.new_zeros(batch)
     target_logit = features_n.new_zeros(batch)
     topk_values = features_n.new_full((batch, k), float("-inf"))
     topk_indices = torch.full((batch, k), -1, dtype=torch.long, device=features_n.device)
-    shift = torch.tensor(-1.0 / temperature, dtype=dtype, device=features_n.device)
+    shift = features_n.new_full((), -1.0 / temperature)  # filled on the device: no copy from the host
     for start, stop in chunk_bounds(batch, weight.shape[0], chunk_elements):
         weight_n = normalize_rows(as_operand(weight[start:stop], compute_dtype, dtype))
         # z - 1/tau in one pass over the block (the top-K does not care about the shift).
         shifted = torch.addmm(shift, features_n, weight_n.T, alpha=1.0 / temperature)  # [B, c]
         sum_exp += torch.exp(shifted).sum(dim=1)
         local, owned = local_class_ids(labels, shard_start + start, stop - start)
-        target_logit[owned] = shifted[batch_idx[owned], local[owned]] + 1.0 / temperature
-        if k > 0:
-            shifted[batch_idx[owned], local[owned]] = float("-inf")  # the target is never a smoothing class
+        # Masks as arithmetic, not as indices (a boolean index makes the host wait for the count): every row
+        # gathers a column, and only the rows that own their target keep it.
+        local = local.clamp(0, stop - start - 1)[:, None]  # [B, 1]
+        target = shifted.gather(1, local)  # [B, 1]
+        target_logit = torch.where(owned, target[:, 0] + 1.0 / temperature, target_logit)
+        if k > 0:  # the target is never a smoothing class
+            shifted.scatter_(1, local, torch.where(owned[:, None], float("-inf"), target))
             values, columns = exact_topk(shifted, min(k, stop - start))
             # The running top-k and this chunk's candidates, ties to the lower class id.
             topk_values, topk_indices = select_topk(torch.cat([topk_values, values + 1.0 / temperature], dim=1),
@@ -97,15 +105,17 @@ def shard_backward(features_n, weight, labels, shard_start, lse, topk_indices, g
     # q as targets: local ids of y_i (weight 1 - alpha) then of the top-K (alpha / K); -1 padding and
     # other shards' ids fall outside every chunk.
     targets = torch.cat([labels[:, None], topk_indices.to(labels.device)], dim=1) - shard_start  # [B, 1 + K]
-    q = torch.tensor([1.0 - alpha] + [alpha / max(k, 1)] * k, dtype=dtype, device=features_n.device)
+    q = features_n.new_full((1 + k,), alpha / max(k, 1), dtype=dtype)  # filled on the device, as the shift
+    q[0] = 1.0 - alpha
     grad_features_n = torch.zeros_like(features_c)
     grad_weight = torch.empty_like(weight)
     for start, stop in chunk_bounds(len(labels), weight.shape[0], chunk_elements):
         weight_c = as_operand(weight[start:stop], compute_dtype, dtype)
         weight_n = normalize_rows(weight_c)
         grad = torch.addmm(neg_lse, features_c, weight_n.T, alpha=1.0 / temperature).exp_()  # softmax [B, c]
-        batch_idx, slots = ((targets >= start) & (targets < stop)).nonzero(as_tuple=True)
-        grad.index_put_((batch_idx, targets[batch_idx, slots] - start), -q[slots], accumulate=True)
+        # Every (sample, slot) adds to a column of the chunk; the targets outside it add an exact zero.
+        inside = (targets >= start) & (targets < stop)  # [B, 1 + K]
+        grad.scatter_add_(1, (targets - start).clamp(0, stop - start - 1), torch.where(inside, -q, 0.0))
         grad.mul_(grad_scale)
         grad_features_n.addmm_(grad, weight_n)
         grad_weight[start:stop] = reference.normalize_backward(weight_c, weight_n, grad.T @ features_c)

@@ -36,6 +36,7 @@ import torch
 
 from kernels import NormalizedExchange, seed_rows_, shard_ops, sharded_topk_xent_and_stats
 from kernels.reference import normalize_rows
+from model.precision import has_bf16_tensor_cores
 from run.distributed import engine, shard_rows
 
 INIT_BLOCK_ROWS = 65536  # random init is drawn per block of rows of W, so it does not depend on P
@@ -88,8 +89,8 @@ class ShardedInstanceClassifier(torch.nn.Module):
     smooth_k / smooth_alpha: top-K hardest-class label smoothing (K clamped to N - 1).
     backend: 'auto' (Triton on CUDA, chunked torch on CPU), 'chunked', 'triton' or 'reference'.
     compute_dtype: the dtype the kernels round the products' operands to (normalized features and the
-    shard); None means bf16 on CUDA (tensor cores; statistics and accumulation stay fp32) and the
-    inputs' own dtypes elsewhere. The shard itself, its gradient and its optimizer state stay in the
+    shard; the trainer's --precision); None means bf16 on a GPU with bf16 tensor cores (model/precision.py;
+    statistics and accumulation stay fp32) and the inputs' own dtypes elsewhere. The shard itself, its gradient and its optimizer state stay in the
     parameters' dtype. group: the run.distributed Engine whose collectives it uses (default: the started one).
 
     After a forward, `last_diagnostics` holds per sample of the GLOBAL batch (tensors on the device, no
@@ -139,7 +140,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
 
     def forward(self, features, ids):
         features_n, ids = self._gather(features, ids, "features")
-        compute_dtype = self.compute_dtype or (torch.bfloat16 if self.weight.is_cuda else None)
+        compute_dtype = self.compute_dtype or (torch.bfloat16 if has_bf16_tensor_cores(self.weight.device) else None)
         loss, merged = sharded_topk_xent_and_stats(
             features_n, self.weight, ids, self.start, self.num_instances, temperature=self.temperature,
             k=self.smooth_k, alpha=self.smooth_alpha, compute_dtype=compute_dtype, exchange_stats=self._exchange_stats,

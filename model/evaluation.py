@@ -29,13 +29,14 @@ QUERY_CHUNK = 1024  # queries per similarity block: [chunk, bank shard] stays sm
 
 @torch.no_grad()
 def extract_features(backbone, loader, device):
-    """Normalized pooled features and instance ids of this rank's share of `loader` (eval mode)."""
+    """Normalized pooled features and instance ids of this rank's share of `loader` (eval mode); the loader
+    delivers on `device`, which holds the empty result of an empty share."""
     was_training = backbone.training
     backbone.eval()
     features, ids = [], []
     for images, batch_ids in loader:
-        features.append(normalize_rows(backbone(images.to(device)).float()))
-        ids.append(batch_ids.to(device))
+        features.append(normalize_rows(backbone(images).float()))
+        ids.append(batch_ids)
     backbone.train(was_training)
     dim = getattr(backbone, "feature_dim", None)
     return (torch.cat(features) if features else torch.empty(0, dim, device=device),

@@ -51,10 +51,12 @@ def calibrate_batchnorm(forward, modules, loader):
 @torch.no_grad()
 def raw_feature_init(backbone, head, classifier, train_index, config):
     """Calibrate the random encoder's BatchNorm on shuffled training batches, then seed each classifier row with
-    its image's normalized head output in eval mode (classifier.seed_). Leaves the encoder in train mode."""
-    calibrate_batchnorm(lambda images: embed(backbone, head, images), (backbone, head),
-                        eval_loader(train_index, config, shuffle=True))
+    its image's normalized head output in eval mode (classifier.seed_), both at the run's precision. Leaves the
+    encoder in train mode."""
+    def forward(images):
+        return embed(backbone, head, images, config.precision)
+    calibrate_batchnorm(forward, (backbone, head), eval_loader(train_index, config, shuffle=True))
     for images, ids in eval_loader(train_index, config):
-        classifier.seed_(embed(backbone, head, images), ids)
+        classifier.seed_(forward(images), ids)
     backbone.train()
     head.train()

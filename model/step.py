@@ -11,9 +11,10 @@ import torch
 from model.encoder import embed
 
 
-def train_step(backbone, head, criterion, optimizers, views, ids):
-    """views: list of [b, 3, S, S] image batches of the same b images; ids [b]. Returns the loss (a tensor)."""
-    features = embed(backbone, head, torch.cat(views))  # [views x b, feat_dim]
+def train_step(backbone, head, criterion, optimizers, views, ids, precision=None):
+    """views: list of [b, 3, S, S] image batches of the same b images; ids [b]; precision: the encoder's
+    (model/precision.py; None: the fastest on the images' device). Returns the loss (a tensor)."""
+    features = embed(backbone, head, torch.cat(views), precision)  # [views x b, feat_dim]
     loss = criterion(features, ids.repeat(len(views)))
     for optimizer in optimizers:
         optimizer.zero_grad()

@@ -33,3 +33,41 @@ def test_the_runs_blur_reaches_the_pretraining_loader(argv, blur, monkeypatch, s
     monkeypatch.setattr(loaders, "pipelines", lambda: fake)
     loaders.pretrain_loader(None, trainer.resolve_config(trainer.parser.parse_args(argv)), epoch=0)
     assert calls["blur"] is blur
+
+
+@pytest.fixture
+def evaluation_of_a_gpu_run(monkeypatch, tmp_path):
+    """trainer.evaluation_setup around a checkpoint whose run decoded with --dali-device gpu (the loading stubbed,
+    the rest real), on this machine's CUDA or none."""
+    import torch
+    monkeypatch.setattr(trainer, "resolve_checkpoint", lambda ckpt: tmp_path / "checkpoint-0001")
+    monkeypatch.setattr(trainer, "start", lambda engine: types.SimpleNamespace(device=torch.device("cpu")))
+    monkeypatch.setattr(trainer, "load_trained_backbone", lambda checkpoint: (
+        torch.nn.Identity(), types.SimpleNamespace(dali_device="gpu")))
+    monkeypatch.setattr(trainer, "saved_run_indexes", lambda run: (None, None))
+    return lambda name, *flags: trainer.evaluation_setup(trainer.evaluation_parser(name, "").parse_args(
+        ["--ckpt", "run", *flags]))[3]
+
+
+@pytest.mark.parametrize("name", ["knn", "linear"])
+def test_knn_and_linear_take_dali_device_over_the_runs(name, evaluation_of_a_gpu_run, monkeypatch):
+    """A run decoded on its GPUs, its evaluation on a machine without one (or with DALI on the CPU)."""
+    import torch
+    assert evaluation_of_a_gpu_run(name, "--dali-device", "cpu").dali_device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(trainer.UsageError, match=r"^the run's --dali-device gpu needs CUDA, and torch sees no CUDA "
+                                                 r"device: pass --dali-device cpu$"):
+        evaluation_of_a_gpu_run(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert evaluation_of_a_gpu_run(name).dali_device == "gpu"
+
+
+def test_the_subcommands_that_read_images_take_dali_device():
+    for command in (trainer.knn_command, trainer.linear, trainer.export):
+        with pytest.raises(SystemExit):
+            command(["--help"])
+    for name in ("knn", "linear"):
+        assert trainer.evaluation_parser(name, "").parse_args(["--ckpt", "x", "--dali-device", "cpu"]).dali_device \
+            == "cpu"
+    with pytest.raises(SystemExit):
+        trainer.evaluation_parser("export", "", reads_images=False).parse_args(["--ckpt", "x", "--dali-device", "cpu"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kernels import chunked, reference, seed_rows_, shard_ops, topk_smoothed_xent, triton_topk_xent
+from kernels.launches import LaunchCounter
 from kernels.reference import effective_k, relative_error
 from tests.conftest import ROOT
 
@@ -129,9 +130,42 @@ def ties_problem(batch, num_classes, dim=16):
     return reference.normalize_rows(features), weight, torch.randint(0, num_classes, (batch,), generator=generator)
 
 
-def test_chunked_ties_go_to_the_lower_class_id():
+@pytest.mark.parametrize("k, chunk_classes", [(16, 7), (5, 30)])  # chunks narrower than K, and groups straddling K
+def test_chunked_ties_go_to_the_lower_class_id(k, chunk_classes):
     features_n, weight, labels = ties_problem(12, 90)
-    check_shard_stats(chunked, features_n, weight, labels, 0, 16, 0.5, chunk_elements=12 * 7)
+    check_shard_stats(chunked, features_n, weight, labels, 0, k, 0.5, chunk_elements=12 * chunk_classes)
+
+
+def test_exact_topk_gives_a_group_straddling_the_kth_place_its_lowest_columns():
+    """Rows of few distinct values (most have a group of equal values across the k-th place), against a stable
+    sort; the order inside the k is free (select_topk orders the candidates), the set is not."""
+    logits = torch.randint(0, 4, (200, 9), generator=torch.Generator().manual_seed(6)).float()
+    logits[0] = torch.tensor([3.0, 1, 2, 2, 2, 2, 0, 2, 1])  # k = 3: one 3, then the first two of five 2s
+    for k in (1, 3, 8):
+        values, columns = chunked.exact_topk(logits, k)
+        stable = torch.sort(logits, dim=1, descending=True, stable=True)
+        assert torch.equal(values, stable.values[:, :k])
+        assert torch.equal(columns.sort(dim=1).values, stable.indices[:, :k].sort(dim=1).values), k
+    assert chunked.exact_topk(logits[:1], 3)[1].sort().values.tolist() == [[0, 2, 3]]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_chunked_forward_and_backward_never_make_the_host_wait(device):
+    """On CUDA every read of a device value by the host (`if t.any()`, a boolean index, nonzero, item) waits for
+    the GPU, once per class chunk here. Counted on the CPU (kernels.launches), and run on the meta device, whose
+    values no host can read: ties straddling the K-th place, targets inside, outside and across 7 chunks."""
+    features_n, weight, labels = ties_problem(12, 90)
+    labels[::4] += 90  # another shard's classes
+    k, chunks = 5, dict(chunk_elements=12 * 13)
+    topk_indices = merged_topk_like(labels, 180, k)
+    features_n, weight, labels, lse, topk_indices, grad_losses = [tensor.to(device) for tensor in (
+        features_n, weight, labels, torch.rand(12) + 9, topk_indices, torch.ones(12))]
+    with LaunchCounter() as counted:
+        block = chunked.shard_forward_stats(features_n, weight, labels, 0, temperature=0.5, k=k, **chunks)
+        grads = chunked.shard_backward(features_n, weight, labels, 0, lse, topk_indices, grad_losses,
+                                       temperature=0.5, alpha=0.2, **chunks)
+    assert counted.syncs == []
+    assert block.shape == (12, 2 + 2 * k) and [grad.shape for grad in grads] == [features_n.shape, weight.shape]
 
 
 @pytest.mark.slow

@@ -137,7 +137,8 @@ def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path, sin
     from model.initialisation import raw_feature_init
     index = build_index(tiny_dataset / "train", out_dir=tmp_path, log=lambda *_: None)
     config = argparse.Namespace(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16, data=None,
-                                batch_size=16, image_size=32, dali_device="cpu", threads=1, crop_ratio=1.0, seed=0)
+                                batch_size=16, image_size=32, dali_device="cpu", threads=1, crop_ratio=1.0, seed=0,
+                                precision="fp32")
     backbone, head = build_encoder(config, torch.device("cpu"))
     classifier = ShardedInstanceClassifier(index.num_instances, 16)
     before = copy.deepcopy((backbone, head))

@@ -31,7 +31,7 @@ if __name__ == "__main__":
     world = start(announce=False)
     index = InstanceIndex.load(index_json)
     config = argparse.Namespace(data=str(index.root), batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, dali_device="cpu",
-                                threads=1, crop_ratio=1.0, seed=3)
+                                threads=1, crop_ratio=1.0, seed=3, precision="fp32")
     backbone, head = pixel_encoder()
     classifier = ShardedInstanceClassifier(index.num_instances, 3 * IMAGE_SIZE ** 2)
     if order == "raw-init":
