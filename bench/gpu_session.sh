@@ -24,6 +24,8 @@
 #                                      100,000 rows, 10 steps: host tensors on gloo beside NCCL
 #   collectives        20 s    5-15 s  bench/collectives.py under that torchrun: each collective of the step
 #                                      on GPU tensors through NCCL, the stop check on the host
+#   data               40 s    20-30 s  bench/data.py: DALI's GPU decoding at 224 px against the CPU's, where DALI
+#                                      is installed (not on the lent machine: skipped there, and said so)
 # --with-horovod adds, last (they check the build; the speed was measured above):
 #   horovod_setup     180 s 165-185 s  bench/gpu_setup.sh: Horovod 0.28.1 + NCCL built from .whl/ (the build
 #                                      alone ~2 min on 16 cores), the wheel installed, a one-process NCCL
@@ -167,6 +169,13 @@ run_step torchrun_trainer 35 "${torchrun[@]}" trainer.py --data synthetic --engi
     --resume none --instances 100000 --epochs 1 --steps-per-epoch 10 --log-every 5 "${tiny[@]}"
 keep_metrics torchrun torchrun-trainer
 run_step collectives 20 "${torchrun[@]}" bench/collectives.py $(dry --repeats 5 --warmup 1)
+# DALI's GPU decoding (bench/data.py) runs only where DALI is installed, which the lent GPU machine is not.
+if "$PYTHON" -c "import nvidia.dali" 2>/dev/null; then
+    run_step data 40 "$PYTHON" bench/data.py --sizes 224 --seconds 3 --photos 64 --index-files 0 \
+        $(dry --dry-run --sizes 32 --seconds 1 --devices cpu --threads 1 --batch-size 32)
+elif [[ -z $only || ",$only," == *",data,"* ]]; then
+    printf '\n## data: skipped (no DALI on this machine: its GPU decoding stays unmeasured)\n' | tee -a "$OUT/summary.md"
+fi
 if [[ $with_horovod == 1 ]]; then
     if [[ $dry_run == 1 ]]; then
         run_step horovod_setup 180 bash .ci/build-horovod.sh --dry-run "$PYTHON"

@@ -52,3 +52,59 @@ def test_two_ranks_on_one_gpu_are_refused_naming_the_launch_that_fits():
                                          r"rank per GPU; launch at most 2 ranks on node-a \(torchrun "
                                          r"--nproc_per_node 2, horovodrun -np 2 -H node-a:2\)"):
         refuse_shared_gpus([node, ("node-a", "GPU-2"), node])
+
+
+def test_auto_decodes_on_the_gpu_where_torch_sees_cuda(monkeypatch):
+    from data.pipelines import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "gpu" and resolve_device("cpu") == "cpu"
+
+
+class PipelineBuilt(Exception):
+    """Raised by the stand-in pipeline function with the arguments it was given."""
+
+
+def test_a_gpu_loader_builds_its_pipeline_on_the_current_device(tmp_path, monkeypatch):
+    """DALI's GPU pipeline decodes on the device_id it is given: the rank's current GPU (run.distributed made it
+    current); the CPU pipeline gets none."""
+    from data import pipelines
+    from data.index import build_index
+    from tests.workers.data_images import write_images
+    write_images(tmp_path / "images", 4, classes=2)
+    index = build_index(tmp_path / "images", out_dir=tmp_path / "index", log=lambda message: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+
+    def pipeline_function(index, rank, world_size, decoder, shuffle_seed, **arguments):
+        raise PipelineBuilt(decoder["device"], arguments["device_id"])
+
+    for device, expected in (("gpu", ("mixed", 3)), ("cpu", ("cpu", None))):
+        with pytest.raises(PipelineBuilt) as built:
+            pipelines.InstanceLoader(pipeline_function, ["images"], index, shuffle=True, batch_size=2, rank=0,
+                                     world_size=1, device=device, threads=1, seed=0, image_size=16)
+        assert built.value.args == expected
+
+
+def test_a_gpu_pipeline_decodes_with_the_mixed_decoder_and_hands_its_ids_over_on_the_gpu(monkeypatch, tmp_path):
+    """The graph read_and_decode builds, with DALI's operators stood in for: the decoder arguments reach the
+    image decoder, and with the GPU decoder the ids leave the pipeline on the GPU (a GPU pipeline's CPU output
+    may come in pinned memory, which torch's DLPack import refuses)."""
+    from types import SimpleNamespace
+
+    from data import pipelines
+    from data.index import build_index
+    from tests.workers.data_images import write_images
+    write_images(tmp_path / "images", 4, classes=2)
+    index = build_index(tmp_path / "images", out_dir=tmp_path / "index", log=lambda message: None)
+
+    class Node(SimpleNamespace):
+        def gpu(self):
+            return Node(on="gpu", of=self)
+
+    decoded = []
+    monkeypatch.setattr(pipelines, "fn", SimpleNamespace(
+        readers=SimpleNamespace(file=lambda **arguments: (Node(on="cpu", what="files"), Node(on="cpu", what="ids"))),
+        decoders=SimpleNamespace(image=lambda encoded, **arguments: decoded.append(arguments) or Node(on="cpu"))))
+    for decoder, ids_on in (({"device": "mixed"}, "gpu"), ({"device": "cpu"}, "cpu")):
+        _, ids = pipelines.read_and_decode(index, 0, 1, decoder, None)
+        assert ids.on == ids_on and decoded[-1]["device"] == decoder["device"]

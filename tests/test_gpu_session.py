@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import ROOT
 
 SESSION = ROOT / "bench" / "gpu_session.sh"
-DEFAULT_STEPS = ["smoke", "classifier_step", "train_step", "trainer", "kernels", "torchrun_trainer", "collectives"]
+DEFAULT_STEPS = ["smoke", "classifier_step", "train_step", "trainer", "kernels", "torchrun_trainer", "collectives",
+                 "data"]
 MAX_FILES = 8  # the session leaves a few files to read (a summary, one log, the runs' metrics), not a tree
 
 
@@ -54,12 +55,12 @@ def test_the_whole_session_runs_dry_on_the_cpu(tmp_path):
     steps = step_lines(summary)
     assert list(steps) == [*DEFAULT_STEPS, "session"]
     assert all(status.startswith("passed in ") for name, status in steps.items() if name != "session")
-    assert steps["session"].startswith("7 passed, 0 failed")
+    assert steps["session"].startswith("8 passed, 0 failed")
     # Each step's table reached the summary, as the step ended (the log holds everything).
     for header in ("| check | Triton vs torch twin |", "| kernels launched | 10 of 10 |", "| C | ms/step |",
                    "| head | rows per rank |", "| instance-400 |", "| B | C | D | K |", "float32 -> bfloat16",
                    "K = 0:", "| ours (Triton) |", "| torch.compile, materialised |", "engine torch: 1 rank",
-                   "| allreduce faults.stop_signal |"):
+                   "| allreduce faults.stop_signal |", "| 32px | MNIST-5k train, 32x32 | cpu |"):
         assert header in summary, header
     assert re.search(r"^epoch 1: loss [\d.]+, [\d.]+ images/s over its 2 steps after the first 5", summary,
                      re.MULTILINE)
