@@ -164,7 +164,7 @@ SYNTHETIC_DEFAULTS = {**DATASET_DEFAULTS, "warmup_epochs": 0}
 def pretrain(config):
     """config: the resolved flags (resolve_config); completed here with what the run derives, saved as
     config.json and in every checkpoint."""
-    world = start(config.engine)  # engine, device, threads, fail-fast hook; prints the start-up line
+    world = start(config.engine, compute=f"precision {config.precision}")  # prints the start-up line
     master, device = world.rank == 0, world.device
     config.engine, config.torch_threads = world.name, world.threads
     out = Path(config.out)

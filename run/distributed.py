@@ -219,11 +219,11 @@ def restarts_reuse_the_store():
             and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0)
 
 
-def start(requested="auto", announce=True):
+def start(requested="auto", announce=True, compute=None):
     """Start the process group of this process and return its Engine: the engine's defaults (set before it
     starts, which reads them), the process group, the fail-fast hook, this rank's CPU threads and device, and
-    on rank 0 one line naming the engine, the ranks and their devices. Once per process; a second call
-    returns the same engine."""
+    on rank 0 one line naming the engine, the ranks and their devices (and `compute`, e.g. "precision bf16",
+    where the caller chose how they compute). Once per process; a second call returns the same engine."""
     global _started
     if _started is not None:
         return _started
@@ -249,7 +249,7 @@ def start(requested="auto", announce=True):
     started.description = (
         f"engine {started.name}: {started.size} rank{'s' if started.size > 1 else ''}; "
         + "; ".join(f"rank {rank} {device}" for rank, device in enumerate(devices))
-        + f"; torch threads {started.threads}"
+        + f"; torch threads {started.threads}" + (f"; {compute}" if compute else "")
         + "".join(f"; {variable}={value} (this trainer's default)" for variable, value in started.settings.items()))
     if announce and started.rank == 0:
         print(started.description, flush=True)

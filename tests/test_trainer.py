@@ -44,7 +44,7 @@ def test_pretraining_writes_config_metrics_checkpoints_and_backbone(run_two_epoc
         assert sorted(p.name for p in (out / f"checkpoint-000{epoch}").iterdir()) == ["shard-0.pt", "shard-1.pt", "state.pt"]
     assert list(torch.load(out / "backbone.pth")) == expected_torchvision_keys(18)
     assert "global batch 32" in result.stdout and "global batch" not in result.stderr
-    assert "engine horovod: 2 ranks; rank 0 cpu; rank 1 cpu; torch threads 1 (OMP_NUM_THREADS); " \
+    assert "engine horovod: 2 ranks; rank 0 cpu; rank 1 cpu; torch threads 1 (OMP_NUM_THREADS); precision fp32; " \
         "HOROVOD_CYCLE_TIME=5 (this trainer's default)" in result.stdout and config["engine"] == "horovod"
 
 
