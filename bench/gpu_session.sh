@@ -19,7 +19,10 @@
 #                                      the real loop, raw init, checkpoint (1.3 GB) and metrics on a GPU
 #   kernels           135 s  90-130 s  bench/gpu_check.sh: correctness against the float64 oracle (~25 Triton
 #                                      specialisations from a cold cache), then timings at the trainer's dtypes
-#                                      (torch.compile last: its two builds are the part most likely cut)
+#                                      (torch.compile last: its two builds are the part most likely cut); read
+#                                      the bf16 weight-gradient kernel's time against its GEMM floor: at 253
+#                                      registers x 256 threads it runs one block per SM (bench/kernel.py compile),
+#                                      so a time far above the floor points at occupancy (ncu --section Occupancy)
 #   torchrun_trainer   35 s   15-30 s  torchrun --nproc_per_node 1 (NCCL, no build): the synthetic trainer,
 #                                      100,000 rows, 10 steps: host tensors on gloo beside NCCL
 #   collectives        20 s    5-15 s  bench/collectives.py under that torchrun: each collective of the step
