@@ -218,7 +218,8 @@ def cuda():
     synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
     where = torch.cuda.get_device_name(device) if on_gpu else "CPU (Triton interpreter, dry run: times mean nothing)"
     print(provenance())
-    print(f"{where}, engine {world.name}, size {world.size}, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')} ms; "
+    print(f"{where}, engine {world.name}, size {world.size}, "
+          f"HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')} ms; "
           f"B = {args.batch_size}, D = {args.dim}, K = {args.k}, backend {args.backend}, bf16 kernel operands, "
           f"median of {args.steps} steps")
     print("| C | ms/step | GPU kernels/step (profiler) | launches/step (counter) | collectives/step | host syncs/step |")

@@ -54,7 +54,8 @@ def test_the_cpu_peak_is_the_resident_high_water_mark_since_the_reset():
     assert harness.peak_memory("cpu") < before + 16 * 2**20
     block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
     del block
-    assert harness.peak_memory("cpu") >= before + 60 * 2**20 > harness.memory_in_use("cpu")  # a few of its pages were resident already
+    # 60: a few of its pages were resident already
+    assert harness.peak_memory("cpu") >= before + 60 * 2**20 > harness.memory_in_use("cpu")
     assert harness.reset_peak_memory("cpu") == pytest.approx(harness.peak_memory("cpu"), abs=2**20)
 
 

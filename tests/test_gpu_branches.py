@@ -68,15 +68,14 @@ LEDGER = {
     # the build of Horovod with NCCL
     ".ci/horovod_build_plan.py::probe": ["session: horovod_setup"],
     # the benchmarks' harness
-    "bench/harness.py::time_ms": ["tests/test_bench_harness.py::test_time_ms_on_cuda_times_with_the_gpus_events", "session: kernels"],
-    "bench/harness.py::memory_in_use": ["tests/test_bench_harness.py::test_on_cuda_memory_is_torchs_allocator_and_the_reset_waits_for_the_gpu",
-                                        "session: train_step"],
-    "bench/harness.py::reset_peak_memory": [
-        "tests/test_bench_harness.py::test_on_cuda_memory_is_torchs_allocator_and_the_reset_waits_for_the_gpu", "session: train_step"],
-    "bench/harness.py::peak_memory": ["tests/test_bench_harness.py::test_on_cuda_memory_is_torchs_allocator_and_the_reset_waits_for_the_gpu",
-                                      "session: train_step"],
+    "bench/harness.py::time_ms": [
+        "tests/test_bench_harness.py::test_time_ms_on_cuda_times_with_the_gpus_events", "session: kernels"],
+    **{f"bench/harness.py::{function}": [
+        "tests/test_bench_harness.py::test_on_cuda_memory_is_torchs_allocator_and_the_reset_waits_for_the_gpu",
+        "session: train_step"] for function in ("memory_in_use", "reset_peak_memory", "peak_memory")},
     "bench/harness.py::provenance": [
-        "tests/test_bench_harness.py::test_provenance_is_one_line_naming_machine_gpu_date_commit_and_versions", "session: classifier_step"],
+        "tests/test_bench_harness.py::test_provenance_is_one_line_naming_machine_gpu_date_commit_and_versions",
+        "session: classifier_step"],
     # the benchmarks' CUDA modes
     "bench/triton_smoke.py::main": ["session: smoke"],
     "bench/classifier_step.py::cuda": ["session: classifier_step"],
