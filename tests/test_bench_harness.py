@@ -1,6 +1,7 @@
 """bench/harness.py, what every benchmark measures with: the timing loop (warm-up dropped, the hooks around the
 clock, the GPU's events on CUDA), the memory readers (the process's resident set on the CPU, torch's allocator on
 CUDA through a stand-in) and the provenance line."""
+import ast
 import re
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from bench import harness
+from tests.conftest import ROOT
 
 
 def test_time_ms_is_the_median_of_the_timed_calls_with_the_hooks_around_the_clock(monkeypatch):
@@ -85,3 +87,20 @@ def test_provenance_is_one_line_naming_machine_gpu_date_commit_and_versions(monk
 def test_provenance_outside_a_git_checkout_says_the_commit_is_unknown(monkeypatch, tmp_path):
     monkeypatch.setattr(harness, "ROOT", tmp_path)
     assert "; commit unknown (no git checkout); " in harness.provenance()
+
+
+def test_every_name_a_bench_script_imports_from_bench_is_defined_there():
+    """The scripts import each other's names (the harness, a study's constants); a name moved or renamed in one
+    must not leave another script failing at its first line, which no other test may start."""
+    for script in sorted((ROOT / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bench."):
+                source = ROOT / (node.module.replace(".", "/") + ".py")
+                assert source.is_file(), f"{script.relative_to(ROOT)}: no module {node.module}"
+                tree = ast.parse(source.read_text())
+                defined = {target.id for statement in tree.body if isinstance(statement, ast.Assign)
+                           for target in statement.targets if isinstance(target, ast.Name)}
+                defined |= {statement.name for statement in tree.body
+                            if isinstance(statement, (ast.FunctionDef, ast.ClassDef))}
+                missing = [alias.name for alias in node.names if alias.name not in defined]
+                assert not missing, f"{script.relative_to(ROOT)}: {node.module} defines no {missing}"
