@@ -43,10 +43,8 @@ end, from the metrics.jsonl files:
 table's first line names them); --np 1 runs the trainer as one process, without horovodrun.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -56,6 +54,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from bench.harness import provenance  # noqa: E402
 from bench.twins import MECHANISM_FILE, SUMMARY  # noqa: E402
 
 # name: (the flags that differ from the defaults, the setting it ablates, its value in the plots' legends)
@@ -177,16 +176,6 @@ def run_variant(name, seed, args):
     seconds = time.perf_counter() - started
     print(f"{label}: {seconds:.0f} s", flush=True)
     return seconds
-
-
-def provenance():
-    """'machine, date, commit' of the table."""
-    def git(*arguments):
-        return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)" if git("status", "--porcelain",
-                                                                                  "--untracked-files=no") else "")
-    machine = f"{platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
-    return f"machine {machine}; {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; commit {commit}"
 
 
 def monitored_epochs(epochs, knn_every):

@@ -29,18 +29,16 @@ shapes, to check the script where there is no GPU; its times mean nothing.
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.harness import peak_memory, provenance, time_ms  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("mode", nargs="?", choices=["layouts", "overhead", "cuda"], default="layouts",
@@ -92,19 +90,19 @@ def run_layout_worker(layout, instances):
         def loss_of(features, ids):
             return topk_smoothed_xent(features, weight, ids, temperature=0.15, k=args.k, alpha=0.2,
                                       backend=args.backend)
-    times = []
-    for step in range(args.steps + 1):
+
+    def batch():
         features = torch.randn(args.batch_size, args.dim, generator=generator, requires_grad=True)
-        ids = torch.randint(0, instances, (args.batch_size,), generator=generator)
-        world.barrier("bench.sync")  # start the clock together
-        start = time.perf_counter()
+        return features, torch.randint(0, instances, (args.batch_size,), generator=generator)
+
+    def step(features, ids):
         optimizer.zero_grad()
         loss_of(features, ids).backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peaks = world.allgather(torch.tensor([peak_rss]), name="bench.peak_rss").tolist()
-    step_ms = world.allreduce(torch.tensor(statistics.median(times[1:]) * 1e3), op="max", name="bench.ms").item()
+    milliseconds = time_ms(step, args.steps, warmup=1, inputs=batch,
+                           start=lambda: world.barrier("bench.sync"))  # start the clock together
+    peaks = world.allgather(torch.tensor([peak_memory("cpu")]), name="bench.peak_rss").tolist()
+    step_ms = world.allreduce(torch.tensor(milliseconds), op="max", name="bench.ms").item()
     if world.rank == 0:
         Path(args.result).write_text(json.dumps({"step_ms": step_ms, "peak_rss_per_rank": peaks}))
 
@@ -127,18 +125,13 @@ def time_and_count(classifier, instances, device, synchronize, seed):
     from run.distributed import StepCounter
 
     generator = torch.Generator().manual_seed(seed)
-    times = []
-    for _ in range(args.steps + 1):
-        batch = random_batch(instances, device, generator)
-        synchronize()
-        start = time.perf_counter()
-        classifier_step(classifier, *batch)
-        synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+    milliseconds = time_ms(lambda *batch: classifier_step(classifier, *batch), args.steps, warmup=1,
+                           inputs=lambda: random_batch(instances, device, generator), start=synchronize,
+                           stop=synchronize)
     batch = random_batch(instances, device, generator)
     with StepCounter() as counted:
         classifier_step(classifier, *batch)
-    return statistics.median(times[1:]), counted
+    return milliseconds, counted
 
 
 def run_overhead_worker(instances):
@@ -178,6 +171,7 @@ def launch(worker, instances):
 def layouts():
     from model.plan import hybrid_received_bytes, ring_allreduce_received_bytes
 
+    print(provenance())
     print(f"engine {args.engine}, P = {args.np}, batch {args.batch_size}/rank (global {args.np * args.batch_size}), D = {args.dim}, "
           f"K = {args.k}, backend {args.backend}, median of {args.steps} steps")
     print("| N | hybrid ms | replicated ms | speed-up | hybrid MiB recv/step | replicated MiB recv/step "
@@ -194,6 +188,7 @@ def layouts():
 
 
 def overhead():
+    print(provenance())
     print(f"Classifier forward + backward on CPU: engine {args.engine}, P = {args.np}, batch {args.batch_size}/rank, D = {args.dim}, "
           f"K = {args.k}, backend {args.backend}{' (Triton interpreter)' if args.backend == 'triton' else ''}, "
           f"median of {args.steps} steps (slower rank)")
@@ -222,8 +217,9 @@ def cuda():
     on_gpu = device.type == "cuda"
     synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
     where = torch.cuda.get_device_name(device) if on_gpu else "CPU (Triton interpreter, dry run: times mean nothing)"
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {where}, torch {torch.__version__}, "
-          f"engine {world.name}, size {world.size}, HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')} ms; "
+    print(provenance())
+    print(f"{where}, engine {world.name}, size {world.size}, "
+          f"HOROVOD_CYCLE_TIME={os.environ.get('HOROVOD_CYCLE_TIME')} ms; "
           f"B = {args.batch_size}, D = {args.dim}, K = {args.k}, backend {args.backend}, bf16 kernel operands, "
           f"median of {args.steps} steps")
     print("| C | ms/step | GPU kernels/step (profiler) | launches/step (counter) | collectives/step | host syncs/step |")

@@ -14,14 +14,13 @@ Time: median over --repeats after --warmup, the slower rank, every repeat starte
 ended when the device is done.
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from bench.harness import provenance, time_ms  # noqa: E402
 from run.distributed import ENGINES, start  # noqa: E402
 from run.faults import exit_now  # noqa: E402
 
@@ -57,18 +56,14 @@ def main():
     }
     rows = []
     for name, collective in cases.items():
-        times = []
-        for repeat in range(args.warmup + args.repeats):
-            world.barrier("bench.collectives")
-            started = time.perf_counter()
-            collective()
-            finished()
-            times.append((time.perf_counter() - started) * 1e3)
-        median = world.allreduce(torch.tensor(statistics.median(times[args.warmup:])), op="max", name="bench.ms")
+        milliseconds = time_ms(collective, args.repeats, args.warmup, start=lambda: world.barrier("bench.collectives"),
+                               stop=finished)
+        median = world.allreduce(torch.tensor(milliseconds), op="max", name="bench.ms")
         rows.append((name, float(median)))
     if world.rank == 0:
+        print(provenance())
         print(f"engine {world.name}, P = {size}, tensors on {device.type}, batch {batch}/rank, D = {args.dim}, "
-              f"K = {args.k}, median of {args.repeats} (slower rank), torch {torch.__version__}")
+              f"K = {args.k}, median of {args.repeats} (slower rank)")
         print("| collective | ms |")
         print("|---|---|")
         for name, milliseconds in rows:

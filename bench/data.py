@@ -24,11 +24,7 @@ Indexing writes --index-files tiny JPEGs into 100 class folders and times `build
 """
 import argparse
 import multiprocessing
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +42,7 @@ import nvidia.dali  # noqa: E402  (after torch, as in data/)
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
 
+from bench.harness import memory_in_use, peak_memory, provenance  # noqa: E402
 from data.augment import IMAGENET_STD  # noqa: E402  (needs the path above)
 from data.builtin import builtin_dataset  # noqa: E402
 from data.decoder import decoder_arguments  # noqa: E402
@@ -74,10 +71,6 @@ def write_photos(folder, count):
         Image.fromarray(pixels).save(folder / f"photo{number:04d}.jpg", quality=90)  # [H, W, 3]
 
 
-def resident_bytes():
-    return int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def gpu_bytes_in_use():
     free, total = torch.cuda.mem_get_info()
     return total - free
@@ -89,7 +82,7 @@ def measure_loader(index_path, image_size, device, batch_size, threads, seconds)
     on_gpu = device == "gpu"
     if on_gpu:
         gpu_baseline = gpu_bytes_in_use()  # after creating the CUDA context
-    host_baseline = resident_bytes()
+    host_baseline = memory_in_use("cpu")
     arguments = dict(batch_size=batch_size, image_size=image_size, views=2, device=device, threads=threads)
     build_seconds = []
     for seed in range(BUILDS):
@@ -112,7 +105,7 @@ def measure_loader(index_path, image_size, device, batch_size, threads, seconds)
                 if time.perf_counter() - started >= seconds:
                     break
         elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
-    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - host_baseline  # ru_maxrss is in KiB
+    host_peak = peak_memory("cpu") - host_baseline
     padding = {**DALI_DEFAULT_PADDING, **decoder_arguments(index, device, training=True)}
     return dict(rate=images / elapsed, cpu_rate=images / cpu_elapsed, build=statistics.median(build_seconds),
                 gpu_peak=gpu_peak if on_gpu else None, host_peak=host_peak,
@@ -218,13 +211,6 @@ def index_files_per_second(folder, count):
     return count / (time.perf_counter() - started)
 
 
-def describe_machine():
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return (f"{time.strftime('%Y-%m-%d %H:%M %Z')}, commit {commit.stdout.strip() or 'unknown'}, {platform.node()}: "
-            f"{os.cpu_count()} CPU cores, GPU {gpu}, torch {torch.__version__}, DALI {nvidia.dali.__version__}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224],
@@ -246,7 +232,7 @@ def main():
         parser.error("--devices gpu: torch sees no CUDA device")
     if args.data is not None and not args.data.is_dir():
         parser.error(f"--data {args.data} is not a folder")
-    print(describe_machine())
+    print(provenance(nvidia.dali))
     print(f"batch {args.batch_size} per rank, {args.threads} DALI threads, {args.seconds:g} s per configuration")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

@@ -20,7 +20,7 @@ before=${1:-}
 repeats=${2:-3}
 export OMP_NUM_THREADS=1
 
-echo "machine: $(uname -n), $(nproc --all) cores, $(uname -m); $(date '+%Y-%m-%d %H:%M %Z'); commit $(git rev-parse --short HEAD)"
+"$PY" -c 'from bench.harness import provenance; print(provenance())'
 echo
 # A bench script under an engine at P ranks: alone at P = 1, under the engine's launcher otherwise.
 launch() {

@@ -18,11 +18,11 @@ allocated before it (inputs; the gradients are freed before each step, so dW [C,
 every variant). bench/gpu_check.sh runs `gpu` with a time budget, and its --dry-run `gpu --dry-run`.
 """
 import argparse
+import importlib
 import itertools
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench import kernel_compile  # noqa: E402
+from bench.harness import peak_memory, provenance, reset_peak_memory, time_ms  # noqa: E402
 from kernels import reference, seed_rows_, sharded_topk_xent, topk_smoothed_xent  # noqa: E402
 from kernels.reference import relative_error, smoothed_losses  # noqa: E402
 
@@ -85,49 +86,17 @@ def training_step(loss_fn, features, weight, labels):
     loss_fn(features, weight, labels).backward()
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn, device, repeats, warmup=2):
-    """Median wall time of fn in ms (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(stop))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
-
-
 def peak_extra_mib(fn, device):
     """Peak allocated memory during fn minus what was allocated before (CUDA only)."""
     if device.type != "cuda":
         return math.nan
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    before = reset_peak_memory(device)
     fn()
-    synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return (peak_memory(device) - before) / 2**20
 
 
 # ---------------------------------------------------------------------------------------------
 # cpu: chunked vs materialised, each in a fresh process so that peak RSS means something.
-
-def rss_mib(field):
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) / 1024
-
 
 def run_cpu_variant(args):
     """One variant in this process: warm up on a small problem, then time the full one. Prints JSON."""
@@ -136,9 +105,9 @@ def run_cpu_variant(args):
                "materialised": lambda f, w, y: materialised_loss(f, w, y, **options)}[args.variant]
     training_step(loss_fn, *make_inputs(64, 1000, args.dim, torch.float32, torch.device("cpu")))
     inputs = make_inputs(args.batch, args.classes, args.dim, torch.float32, torch.device("cpu"))
-    before = rss_mib("VmRSS")
-    milliseconds = time_ms(lambda: training_step(loss_fn, *inputs), torch.device("cpu"), args.repeats, warmup=0)
-    print(json.dumps(dict(ms=milliseconds, peak_mib=rss_mib("VmHWM") - before)))
+    before = reset_peak_memory("cpu")
+    milliseconds = time_ms(lambda: training_step(loss_fn, *inputs), args.repeats)
+    print(json.dumps(dict(ms=milliseconds, peak_mib=(peak_memory("cpu") - before) / 2**20)))
 
 
 def cpu_benchmark(args):
@@ -148,6 +117,7 @@ def cpu_benchmark(args):
         command = [sys.executable, __file__, "cpu", "--variant", variant, *sys.argv[2:]]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[variant] = json.loads(output.strip().splitlines()[-1])
+    print(provenance())
     print(f"B = {args.batch}, C = {args.classes:,}, D = {args.dim}, K = {args.k}, fp32, forward + backward, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}; memory = peak RSS growth during the step")
     print("| path | time (s) | GFLOP/s (3 x 2BCD) | peak extra memory (MiB) |")
@@ -405,7 +375,8 @@ def gemm_floor(inputs, device, repeats):
     next set of inputs."""
     operands = [(features.detach().to(BF16), weight.detach().to(BF16)) for features, weight, _ in inputs]
     g = torch.randn(operands[0][0].shape[0], operands[0][1].shape[0], device=device, dtype=BF16)
-    return time_ms(in_turn(lambda e, w: (e @ w.T, g @ w, g.T @ e), operands), device, repeats)
+    return time_ms(in_turn(lambda e, w: (e @ w.T, g @ w, g.T @ e), operands), repeats, warmup=2,
+                   device=device)
 
 
 def optional_baselines():
@@ -461,7 +432,7 @@ def gpu_benchmark(args, device):
         for name, loss_fn in variants.items():
             step = in_turn(lambda f, w, y, loss_fn=loss_fn: training_step(loss_fn, f, w, y), inputs)
             try:
-                milliseconds = time_ms(step, device, args.repeats, warmup=warmup)
+                milliseconds = time_ms(step, args.repeats, warmup, device=device)
                 timings[name] = (milliseconds, peak_extra_mib(step, device))
             except Exception as error:  # a baseline that fails must not hide the others
                 print(f"| {name} | failed: {type(error).__name__}: {str(error)[:120]} | | | | |")
@@ -502,7 +473,7 @@ def gpu_check(args):
         if not torch.cuda.is_available():
             sys.exit("gpu mode needs CUDA (or --dry-run under TRITON_INTERPRET=1)")
         device = torch.device("cuda")
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    print(provenance(importlib.import_module("triton")))
     begin = time.perf_counter()
     ok = gpu_correctness(device, args.dry_run)
     print(f"({time.perf_counter() - begin:.0f} s)")

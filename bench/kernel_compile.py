@@ -28,7 +28,6 @@ failure (tests/test_kernels_compile.py runs it).
 """
 import contextlib
 import os
-import resource
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.harness import peak_memory
 from kernels import exchange, seed_rows_, sharded_topk_xent, triton_exchange, triton_seed, triton_topk_xent
 from kernels.reference import normalize_rows
 from model.classifier import ShardedInstanceClassifier
@@ -280,7 +280,7 @@ def main():
     entries = check()
     failed = failures(entries)
     limits = ", ".join(f"{target.name} {target.shared_limit:,} B" for target in TARGETS)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = peak_memory("cpu") / 2**20
     print(f"Triton {triton.__version__}: {len(entries)} compiled kernels at D = {DIM}, K = {K} in "
           f"{time.perf_counter() - begin:.0f} s, peak memory {peak_mib:.0f} MiB; shared memory per block at most "
           f"{limits}; spills fail on {', '.join(target.name for target in TARGETS if target.spills_fail)}")

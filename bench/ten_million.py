@@ -41,7 +41,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-from bench.ablations import provenance  # noqa: E402
+from bench.harness import provenance  # noqa: E402
 from model.plan import plan  # noqa: E402
 from run.run_log import human_bytes  # noqa: E402
 

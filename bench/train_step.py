@@ -27,14 +27,13 @@ nothing.
 import argparse
 import gc
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from bench.harness import peak_memory, provenance, reset_peak_memory, time_ms  # noqa: E402
 from data.synthetic import SyntheticLoader  # noqa: E402
 from model.classifier import ShardedInstanceClassifier, ShardSGD, distributed_backbone_optimizer  # noqa: E402
 from model.encoder import build_encoder  # noqa: E402
@@ -90,14 +89,6 @@ def build_head(name, rows, shape, backbone, head, device, kernels):
     return criterion, [encoder_optimizer, ShardSGD(criterion.parameters(), **sgd)]
 
 
-def memory_bytes(device, field):
-    """CUDA: allocated ("now") or its peak since the last reset ("peak"); CPU: resident memory, VmRSS or VmHWM."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) if field == "now" else torch.cuda.max_memory_allocated(device)
-    name = "VmRSS" if field == "now" else "VmHWM"
-    return int(next(line for line in open("/proc/self/status") if line.startswith(name)).split()[1]) * 1024
-
-
 def release(modules, optimizers):
     """Free the memory of a timed head, whatever still refers to it: Horovod's DistributedOptimizer hooks the
     parameters' gradient accumulators (C++ objects, which the garbage collector cannot see through) with closures
@@ -117,12 +108,8 @@ def clean_state(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as clear:  # "5": VmHWM := VmRSS (Linux >= 4.0)
-            clear.write("5")
-    return memory_bytes(device, "now")
+        torch.cuda.empty_cache()  # what the earlier heads freed is not this head's
+    return reset_peak_memory(device)
 
 
 def time_head(name, rows, shape, args, device, kernels):
@@ -138,17 +125,11 @@ def time_head(name, rows, shape, args, device, kernels):
                              world_size=world.size, seed=0, device=device)
     views, ids = next(iter(loader))
     step = lambda: train_step(backbone, head, criterion, optimizers, views, ids).item()  # noqa: E731
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        started = time.perf_counter()
-        step()  # .item() waits for the step, as the trainer's does
-        times.append((time.perf_counter() - started) * 1e3)
-    peak = memory_bytes(device, "peak") - left
+    milliseconds = time_ms(step, args.steps, args.warmup)  # .item() waits for the step, as the trainer's does
+    peak = peak_memory(device) - left
     release((backbone, head, criterion), optimizers)
     # The slowest rank sets the pace of a synchronous step.
-    milliseconds = world.allreduce(torch.tensor(statistics.median(times)), op="max", name=f"bench.{name}.{rows}")
+    milliseconds = world.allreduce(torch.tensor(milliseconds), op="max", name=f"bench.{name}.{rows}")
     return float(milliseconds), peak / 2**20, left / 2**20
 
 
@@ -165,6 +146,8 @@ def main():
     device = world.device
     if args.mode == "gpu" and not args.dry_run and device.type != "cuda":
         sys.exit("bench/train_step.py gpu: no CUDA device (or --dry-run under TRITON_INTERPRET=1)")
+    if world.rank == 0:
+        print(provenance(), flush=True)
     heads = [("linear", 1000), *[("instance", rows) for rows in args.instances or shape["instances"]]]
     results = []
     for name, rows in heads:
@@ -178,7 +161,7 @@ def main():
                    "CPU (Triton interpreter, dry run: numbers mean nothing)" if args.dry_run else "CPU")
     print(f"{device_name}, engine {world.name}, P = {world.size}, {shape['arch']} width {shape['width']} at {shape['image_size']} px, "
           f"{shape['batch_size']} images x {shape['views']} views per rank, D = {shape['feat_dim']}, "
-          f"torch {torch.__version__}, median of {args.steps} steps after {args.warmup}; peak = most held above "
+          f"median of {args.steps} steps after {args.warmup}; peak = most held above "
           f"the state before the head ({'allocated' if device.type == 'cuda' else 'resident'}), left = that state")
     print("| head | rows per rank | ms/step | images/s | vs linear-1000 | peak MiB | left MiB |")
     print("|---|---|---|---|---|---|---|")

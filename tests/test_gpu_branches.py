@@ -67,25 +67,30 @@ LEDGER = {
         "tests/test_data_device.py::test_auto_decodes_on_the_gpu_where_torch_sees_cuda", "session: data"],
     # the build of Horovod with NCCL
     ".ci/horovod_build_plan.py::probe": ["session: horovod_setup"],
+    # the benchmarks' harness
+    "bench/harness.py::time_ms": [
+        "tests/test_bench_harness.py::test_time_ms_on_cuda_times_with_the_gpus_events", "session: kernels"],
+    **{f"bench/harness.py::{function}": [
+        "tests/test_bench_harness.py::test_on_cuda_memory_is_torchs_allocator_and_the_reset_waits_for_the_gpu",
+        "session: train_step"] for function in ("memory_in_use", "reset_peak_memory", "peak_memory")},
+    "bench/harness.py::provenance": [
+        "tests/test_bench_harness.py::test_provenance_is_one_line_naming_machine_gpu_date_commit_and_versions",
+        "session: classifier_step"],
     # the benchmarks' CUDA modes
     "bench/triton_smoke.py::main": ["session: smoke"],
     "bench/classifier_step.py::cuda": ["session: classifier_step"],
     "bench/classifier_step.py::launch": ["session: classifier_step"],
     "bench/collectives.py::main": ["session: collectives"],
     "bench/train_step.py::main": ["session: train_step"],
-    "bench/train_step.py::memory_bytes": ["session: train_step"],
     "bench/train_step.py::clean_state": ["session: train_step"],
     "bench/kernel.py::<module>": ["tests/test_kernels_compile.py::test_every_kernel_compiles_for_h100_and_a100_within_their_limits",
                                   "session: kernels"],
     "bench/kernel.py::gpu_check": ["tests/test_kernels_bench.py::test_gpu_mode_without_cuda_says_what_to_do",
                                    "session: kernels"],
     "bench/kernel.py::device_name": ["session: kernels"],
-    "bench/kernel.py::synchronize": ["session: kernels"],
-    "bench/kernel.py::time_ms": ["session: kernels"],
     "bench/kernel.py::peak_extra_mib": ["session: kernels"],
     "bench/kernel.py::rotated_inputs": ["session: kernels"],
     "bench/data.py::main": ["session: data"],
-    "bench/data.py::describe_machine": ["session: data"],
     "bench/data.py::measure_loader": ["session: data"],
     "bench/data.py::gpu_bytes_in_use": ["session: data"],
     "bench/data.py::device_id": ["session: data"],

@@ -1,0 +1,106 @@
+"""bench/harness.py, what every benchmark measures with: the timing loop (warm-up dropped, the hooks around the
+clock, the GPU's events on CUDA), the memory readers (the process's resident set on the CPU, torch's allocator on
+CUDA through a stand-in) and the provenance line."""
+import ast
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from bench import harness
+from tests.conftest import ROOT
+
+
+def test_time_ms_is_the_median_of_the_timed_calls_with_the_hooks_around_the_clock(monkeypatch):
+    clock, calls = iter(range(0, 1000, 1)), []
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(clock))
+    durations = iter([50, 50, 3, 1, 2])  # seconds per call, as perf_counter counts: two warm-up calls first
+
+    def step(value):
+        calls.append(("step", value))
+        for _ in range(next(durations) - 1):
+            next(clock)
+    inputs = iter(range(5))
+    milliseconds = harness.time_ms(step, repeats=3, warmup=2, inputs=lambda: (next(inputs),),
+                                   start=lambda: calls.append("start"), stop=lambda: calls.append("stop"))
+    assert milliseconds == 2_000  # the median of 3, 1 and 2 s, the warm-up calls left out
+    assert calls == [item for value in range(5) for item in ("start", ("step", value), "stop")]
+
+
+def test_time_ms_on_cuda_times_with_the_gpus_events(monkeypatch):
+    recorded = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = len(recorded)
+            recorded.append(self)
+
+        def elapsed_time(self, end):
+            return 10.0 * (end.at - self.at)
+    synchronized = []
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronized.append(device))
+    steps = []
+    milliseconds = harness.time_ms(lambda: steps.append(len(recorded)), repeats=2, warmup=1, device="cuda:0")
+    assert milliseconds == 10.0 and len(steps) == 3 and steps == [1, 3, 5]  # each step between its two events
+    assert synchronized == ["cuda:0"] * 3  # the events are read once the GPU reached the end one
+
+
+def test_the_cpu_peak_is_the_resident_high_water_mark_since_the_reset():
+    before = harness.reset_peak_memory("cpu")
+    assert harness.peak_memory("cpu") < before + 16 * 2**20
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    del block
+    # 60: a few of its pages were resident already
+    assert harness.peak_memory("cpu") >= before + 60 * 2**20 > harness.memory_in_use("cpu")
+    assert harness.reset_peak_memory("cpu") == pytest.approx(harness.peak_memory("cpu"), abs=2**20)
+
+
+def test_on_cuda_memory_is_torchs_allocator_and_the_reset_waits_for_the_gpu(monkeypatch):
+    happened = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: happened.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: happened.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 100)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 300)
+    device = torch.device("cuda", 1)
+    assert harness.reset_peak_memory(device) == 100
+    assert happened == [("synchronize", device), ("reset", device)]
+    assert harness.peak_memory(device) == 300 and harness.memory_in_use(device) == 100
+
+
+def test_provenance_is_one_line_naming_machine_gpu_date_commit_and_versions(monkeypatch):
+    line = harness.provenance(np)
+    assert "\n" not in line
+    assert re.fullmatch(r"machine .+, \d+ cores, .+; GPU none; \d{4}-\d\d-\d\d \d\d:\d\d \S+; commit [0-9a-f]{4,}"
+                        rf"( \(uncommitted changes\))?; torch {re.escape(torch.__version__)}, numpy {np.__version__}",
+                        line), line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert "; GPU NVIDIA H100 80GB HBM3; " in harness.provenance()
+
+
+def test_provenance_outside_a_git_checkout_says_the_commit_is_unknown(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    assert "; commit unknown (no git checkout); " in harness.provenance()
+
+
+def test_every_name_a_bench_script_imports_from_bench_is_defined_there():
+    """The scripts import each other's names (the harness, a study's constants); a name moved or renamed in one
+    must not leave another script failing at its first line, which no other test may start."""
+    for script in sorted((ROOT / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bench."):
+                source = ROOT / (node.module.replace(".", "/") + ".py")
+                assert source.is_file(), f"{script.relative_to(ROOT)}: no module {node.module}"
+                tree = ast.parse(source.read_text())
+                defined = {target.id for statement in tree.body if isinstance(statement, ast.Assign)
+                           for target in statement.targets if isinstance(target, ast.Name)}
+                defined |= {statement.name for statement in tree.body
+                            if isinstance(statement, (ast.FunctionDef, ast.ClassDef))}
+                missing = [alias.name for alias in node.names if alias.name not in defined]
+                assert not missing, f"{script.relative_to(ROOT)}: {node.module} defines no {missing}"
