@@ -20,7 +20,7 @@ Both use the same local kernels (backend flag). Communicated bytes come from mod
 
 overhead / cuda: one step = the classifier's forward + backward from given features [b, D] (what the
 trainer adds to its backbone step). Launches, collectives and host syncs of one step are counted by
-run.distributed.StepCounter (aten ops + Triton launches: a proxy that runs on any machine); on CUDA
+run.step_counter.StepCounter (aten ops + Triton launches: a proxy that runs on any machine); on CUDA
 the profiler also counts the GPU kernels that really ran (NCCL's excluded). Time: median over --steps
 steps after warm-up, the slower rank; CUDA times with the GPU synchronised after each step. cuda --dry-run runs
 the cuda mode's code on the CPU under Triton's interpreter (backend triton, bf16 operands as on a GPU) at tiny
@@ -122,7 +122,7 @@ def classifier_step(classifier, features, ids):
 def time_and_count(classifier, instances, device, synchronize, seed):
     """Wall ms of --steps classifier steps after one warm-up step (each started after `synchronize` and
     ended by it), and a StepCounter of one more step."""
-    from run.distributed import StepCounter
+    from run.step_counter import StepCounter
 
     generator = torch.Generator().manual_seed(seed)
     milliseconds = time_ms(lambda *batch: classifier_step(classifier, *batch), args.steps, warmup=1,

@@ -7,7 +7,7 @@ synchronisations than in arithmetic. This counts them on any machine, so tests c
                Triton kernel launch (the torch calls of Triton's CPU interpreter are not counted);
   collectives  what the code that runs them reports through `collective(name)`, in order (the project's
                process group, run/distributed.py, reports each of its collectives as "op name" to a
-               run.distributed.StepCounter, this class plus that hook; kernels/ itself knows no process group);
+               run.step_counter.StepCounter, this class plus that hook; kernels/ itself knows no process group);
   syncs        every op whose result the host must read before it can go on: `.item()`, `int(t)`,
                `if t.any()`, `.tolist()`, `nonzero`, boolean-mask indexing. On CUDA each makes the CPU
                wait for the GPU.

@@ -14,7 +14,7 @@ Engines (`--engine`):
   auto     torch under torchrun's environment (TORCHELASTIC_RUN_ID, or RANK, WORLD_SIZE and LOCAL_RANK),
            horovod under Horovod's (horovodrun's HOROVOD_RANK, mpirun's OMPI_COMM_WORLD_RANK, PMI_RANK or
            PMIX_RANK), single otherwise.
-An engine implements the methods of `Engine` below that start with an underscore.
+An engine implements the methods of `Engine` (run/process_group.py) that start with an underscore.
 
 The collectives (op is one of "sum", "average", "min", "max"; `name` is the stable name where the engine takes
 names, the same on every rank):
@@ -28,141 +28,29 @@ names, the same on every rank):
   broadcast_object(obj, root, name), allgather_object(obj, name)
   barrier(name)
   data_parallel_optimizer(optimizer, named_parameters, op)   gradients reduced over the ranks before each step
-`StepCounter` records them, by "op name", for tests and benchmarks that hold a step to its collectives.
+run/step_counter.py's `StepCounter` records them, by "op name", for tests and benchmarks that hold a step to its
+collectives.
 
 Gradient convention of the classifier (model/classifier.py): each rank's backbone gradient is its share of
 d(global mean loss)/d(theta), so the backbone's data-parallel reduction is a SUM.
 """
-import contextlib
 import os
 import socket
+import sys
 
 import torch
 
-from kernels.launches import LaunchCounter
 from run.errors import UsageError
+from run.process_group import Engine, SingleProcess, gpu_ordinal  # noqa: F401  (the engines' interface, re-exported)
+from run.threads import share_cpu_threads
 
 ENGINES = ("auto", "horovod", "torch", "single")
-REDUCTIONS = ("sum", "average", "min", "max")
 # The variables Horovod's launchers set in every rank's environment: (rank variable, size variable).
 HOROVOD_LAUNCH_VARIABLES = (("HOROVOD_RANK", "HOROVOD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
                             ("PMI_RANK", "PMI_SIZE"), ("PMIX_RANK", None))
 TORCH_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun (and torch's other launchers) set
 
 _started = None  # the Engine of this process, once start() has run
-_counters = []  # the StepCounters entered, innermost last
-
-
-class Engine:
-    """One process's view of the process group. Subclasses set rank, size, local_rank, local_size and implement
-    the underscore methods; the public methods record each collective for the StepCounters, then call them."""
-
-    name = None
-    rank = size = local_rank = local_size = None
-    device = torch.device("cpu")
-    settings = {}  # {variable: value} this engine set for the run (printed in the start-up line)
-
-    # ---- collectives
-    def allreduce(self, tensor, op="sum", name=None):
-        return self._counted("allreduce", name, self._allreduce, tensor, _checked(op), name)
-
-    def grouped_allreduce(self, tensors, op="sum", name=None):
-        return self._counted("grouped_allreduce", name, self._grouped_allreduce, list(tensors), _checked(op), name)
-
-    def allgather(self, tensor, name=None, same_shape=False):
-        """same_shape: every rank's tensor has this shape (an engine that must otherwise exchange the first
-        dimensions first may skip that)."""
-        return self._counted("allgather", name, self._allgather, tensor, name, same_shape)
-
-    def alltoall(self, tensor, splits, name=None, received=None):
-        """splits: the rows for each rank, a list or a [P] int tensor (a tensor costs the host no read);
-        received: the rows that will come from each rank, where the caller knows them (likewise)."""
-        return self._counted("alltoall", name, self._alltoall, tensor, splits, name, received)
-
-    def broadcast_parameters(self, named_tensors, root=0):
-        """named_tensors: (name, tensor) pairs or a {name: tensor} dict (a state_dict), overwritten in place."""
-        named = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
-        return self._counted("broadcast_parameters", None, self._broadcast_parameters, named, root)
-
-    def broadcast_object(self, obj, root=0, name=None):
-        return self._counted("broadcast_object", name, self._broadcast_object, obj, root, name)
-
-    def allgather_object(self, obj, name=None):
-        return self._counted("allgather_object", name, self._allgather_object, obj, name)
-
-    def barrier(self, name):
-        """Wait until every rank got here: a one-element allreduce under a stable name."""
-        self.allreduce(torch.zeros(1), name=f"barrier.{name}")
-
-    def data_parallel_optimizer(self, optimizer, named_parameters, op="average"):
-        """`optimizer` whose step() first reduces the gradients of `named_parameters` over the ranks."""
-        return self._data_parallel_optimizer(optimizer, list(named_parameters), _checked(op))
-
-    # ---- life cycle
-    def is_peer_failure(self, error):
-        """True for the exception a collective raises when another rank has failed."""
-        return False
-
-    def shutdown(self):
-        """Leave the process group now, so that the collectives of ranks still running fail instead of waiting."""
-
-    def _counted(self, op, name, call, *args):
-        with contextlib.ExitStack() as stack:
-            for counter in _counters:
-                stack.enter_context(counter.collective(f"{op} {name}"))
-            return call(*args)
-
-
-class SingleProcess(Engine):
-    """One process, no process group: each collective over one rank is a copy of its input."""
-
-    name = "single"
-    rank, size, local_rank, local_size = 0, 1, 0, 1
-
-    def _allreduce(self, tensor, op, name):
-        return tensor.clone()
-
-    def _grouped_allreduce(self, tensors, op, name):
-        return [tensor.clone() for tensor in tensors]
-
-    def _allgather(self, tensor, name, same_shape):
-        return tensor.clone()
-
-    def _alltoall(self, tensor, splits, name, received):
-        if isinstance(splits, list) and splits != [len(tensor)]:  # a tensor is not read: that would sync the host
-            raise ValueError(f"alltoall over one rank sends all {len(tensor)} rows to itself, got splits {splits}")
-        return tensor.clone(), torch.tensor([len(tensor)], dtype=torch.int32)
-
-    def _broadcast_parameters(self, named_tensors, root):
-        pass
-
-    def _broadcast_object(self, obj, root, name):
-        return obj
-
-    def _allgather_object(self, obj, name):
-        return [obj]
-
-    def _data_parallel_optimizer(self, optimizer, named_parameters, op):
-        return optimizer  # the sum and the average over one rank are the gradient itself
-
-
-def _checked(op):
-    if op not in REDUCTIONS:
-        raise ValueError(f"reduction op must be one of {REDUCTIONS}, got {op!r}")
-    return op
-
-
-class StepCounter(LaunchCounter):
-    """kernels.launches.LaunchCounter that also records every collective of the engine, as "op name", in order
-    (the collective's own work is not counted as launches)."""
-
-    def __enter__(self):
-        _counters.append(self)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        _counters.remove(self)
-        return super().__exit__(*exc)
 
 
 # -------------------------------------------------------------------------------- choosing and starting
@@ -237,8 +125,6 @@ def start(requested="auto", announce=True, compute=None):
     else:
         started = SingleProcess()
     _started = started
-    from run.faults import end_job_on_failure  # faults needs the engine: imported here, not at the top
-    from run.threads import share_cpu_threads
     end_job_on_failure(started)
     started.threads = share_cpu_threads(started.local_size)
     started.device = setup_device(started.local_rank)
@@ -264,10 +150,35 @@ def engine():
 
 
 def shutdown():
-    """The started engine's shutdown (run/faults.py: a rank that stops leaves the group first); a no-op before
-    start(), when there is no group to leave."""
+    """The started engine's shutdown (a rank that stops leaves the group first); a no-op before start(), when
+    there is no group to leave."""
     if _started is not None:
         _started.shutdown()
+
+
+def exit_now(status):
+    """End this rank after a stop or an error: the engine's shutdown, so that the collectives of ranks still
+    running fail now, then exit without the interpreter's teardown. That teardown can take seconds, long enough for
+    horovodrun to SIGTERM the ranks still in it once the first one has exited, adding a "Terminated" line to
+    their output."""
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def end_job_on_failure(started):
+    """An exception no one catches ends this rank at once (exit_now): its traceback, or one line for a rank
+    stopped by another rank's failure. started: the Engine (start() calls this)."""
+    rank = started.rank
+
+    def excepthook(kind, error, traceback):
+        if started.is_peer_failure(error):
+            print(f"error: rank {rank} stopped: another rank failed (its error is above)", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, error, traceback)
+        exit_now(1)
+    sys.excepthook = excepthook
 
 
 # -------------------------------------------------------------------------------- devices and rows
@@ -279,19 +190,6 @@ def setup_device(local_rank):
     device = torch.device("cuda", gpu_ordinal(local_rank, torch.cuda.device_count()))
     torch.cuda.set_device(device)
     return device
-
-
-def gpu_ordinal(local_rank, visible_devices):
-    """The CUDA ordinal of a rank: its local rank modulo the number of devices its process sees.
-
-    Every GPU of a node visible to every rank (`horovodrun -np 8 -H host:8`): ordinal = local rank. One GPU
-    visible per process (SLURM `--gpus-per-task=1`, CUDA_VISIBLE_DEVICES set per rank): ordinal 0, where the
-    local rank itself is an invalid ordinal for every rank but the first. More local ranks than visible
-    devices would put two ranks on one GPU, which NCCL refuses: start() stops such a launch (refuse_shared_gpus).
-    """
-    if visible_devices < 1:
-        raise ValueError(f"no CUDA device visible to local rank {local_rank}")
-    return local_rank % visible_devices
 
 
 def describe_device(device):

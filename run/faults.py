@@ -17,7 +17,7 @@ process on the second one.
 
 A failing rank. An exception on one rank shuts the engine down on it, which fails the collectives the other
 ranks are in or enter (Horovod: HorovodInternalError); horovodrun also sends SIGTERM to the ranks left once one
-exits non-zero, and SIGKILL 5 s later. `end_job_on_failure` makes every rank exit as soon as its exception is
+exits non-zero, and SIGKILL 5 s later. run.distributed's `end_job_on_failure` (installed by start()) makes every rank exit as soon as its exception is
 reported, the others with one line instead of a traceback that buries the failing rank's error.
 
 Errors that only some ranks see (a file one rank cannot read): `raise_on_every_rank` turns them into the
@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from run.distributed import engine, shutdown
+from run.distributed import engine, exit_now  # noqa: F401  (exit_now: the trainer's, re-exported)
 from run.errors import UsageError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -124,17 +124,6 @@ def exit_preempted(stop, checkpoint, master):
     exit_now(stop.exit_code)
 
 
-def exit_now(status):
-    """End this rank after a stop or an error: the engine's shutdown, so that the collectives of ranks still
-    running fail now, then exit without the interpreter's teardown. That teardown can take seconds, long enough for
-    horovodrun to SIGTERM the ranks still in it once the first one has exited, adding a "Terminated" line to
-    their output."""
-    shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 def raise_on_every_rank(error):
     """Collective: every rank passes None or the one-line error it met; if any rank met one, every rank raises
     the same UsageError, naming the first such rank unless all of them met the same."""
@@ -142,20 +131,6 @@ def raise_on_every_rank(error):
     for rank, message in enumerate(errors):
         if message is not None:
             raise UsageError(message if errors.count(message) == len(errors) else f"rank {rank}: {message}")
-
-
-def end_job_on_failure(started):
-    """An exception no one catches ends this rank at once (exit_now): its traceback, or one line for a rank
-    stopped by another rank's failure. started: the Engine (run.distributed.start calls this)."""
-    rank = started.rank
-
-    def excepthook(kind, error, traceback):
-        if started.is_peer_failure(error):
-            print(f"error: rank {rank} stopped: another rank failed (its error is above)", file=sys.stderr)
-        else:
-            sys.__excepthook__(kind, error, traceback)
-        exit_now(1)
-    sys.excepthook = excepthook
 
 
 def _test_fault(epoch, step):

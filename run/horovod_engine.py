@@ -9,7 +9,7 @@ import horovod.torch as hvd
 import torch
 from horovod.common.exceptions import HorovodInternalError
 
-from run.distributed import Engine
+from run.process_group import Engine
 
 # Horovod's background thread negotiates and runs the queued collectives once per cycle, 1 ms by default, so
 # a collective that the host waits for costs up to a cycle of latency on top of its transfer. The classifier

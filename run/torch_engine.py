@@ -26,7 +26,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from run.distributed import Engine, gpu_ordinal
+from run.process_group import Engine, gpu_ordinal
 
 # How long a collective may wait for a peer before it fails: long enough for the slowest legitimate wait of a
 # run (rank 0 building the index of a large folder, or writing a checkpoint, while the others wait at a

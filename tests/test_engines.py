@@ -3,12 +3,14 @@ combinations that cannot run, the single engine on a machine without Horovod, th
 Horovod job, checkpoints that move between engines, and the layers of the packages."""
 import ast
 import os
+import subprocess
 import sys
 
 import pytest
 
 from run import distributed
 from run.errors import UsageError
+from run.step_counter import StepCounter
 from tests.conftest import ROOT, run_horovod
 from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, read_metrics, step_losses, trainer
 
@@ -72,7 +74,7 @@ def test_an_unknown_reduction_is_refused():
 def test_single_engine_collectives_are_copies_over_one_rank():
     import torch
     world, tensor = distributed.SingleProcess(), torch.arange(6.0).view(3, 2)
-    with distributed.StepCounter() as counted:
+    with StepCounter() as counted:
         results = [world.allreduce(tensor, op="average", name="a"), world.allgather(tensor, name="b"),
                    world.alltoall(tensor, splits=[3], name="c")[0], *world.grouped_allreduce([tensor], name="d")]
     assert all(torch.equal(result, tensor) and result.data_ptr() != tensor.data_ptr() for result in results)
@@ -167,6 +169,40 @@ def test_no_layer_imports_one_above_it():
                 if name.split(".")[0] in FORBIDDEN[package]:
                     violations.append(f"{path.relative_to(ROOT)} imports {name}")
     assert violations == []
+
+
+def run_modules_imported(path):
+    """The modules of run/ that `path` imports, at any depth of its code (a function's import is a dependency too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "run":
+            names.update(f"run.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return {name for name in names if name.startswith("run.")}
+
+
+def test_the_modules_of_run_import_each_other_without_a_circle():
+    imports = {f"run.{path.stem}": run_modules_imported(path) for path in (ROOT / "run").glob("*.py")}
+    placed, remaining = [], dict(imports)
+    while remaining:  # Kahn's order: a module is placed once everything it imports is
+        ready = sorted(name for name, needs in remaining.items() if needs <= set(placed))
+        assert ready, f"import circle among {sorted(remaining)}: {remaining}"
+        placed += ready
+        for name in ready:
+            del remaining[name]
+    assert {"run.distributed", "run.faults", "run.torch_engine", "run.horovod_engine"} <= set(placed)
+
+
+def test_importing_run_imports_no_triton():
+    # StepCounter (run/step_counter.py) counts Triton launches: it alone of run/ may import Triton.
+    modules = [f"run.{path.stem}" for path in sorted((ROOT / "run").glob("*.py"))
+               if path.stem not in ("__init__", "step_counter", "horovod_engine")]
+    script = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m.startswith('triton')))"
+    found = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]", f"importing {modules} imported Triton"
 
 
 def test_only_the_engine_module_imports_horovod():

@@ -1,5 +1,5 @@
 """Worker: the collectives of one classifier step (forward + backward, chunked backend), as the engine reports
-them (run.distributed.StepCounter) and, under the torch engine, as torch.distributed sees them: the calls of its
+them (run.step_counter.StepCounter) and, under the torch engine, as torch.distributed sees them: the calls of its
 collective functions during the step, in order.
 
 Usage: classifier_collectives.py OUT_DIR   (under horovodrun, torchrun, or alone); writes OUT_DIR/rankR.json.
@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from model.classifier import ShardedInstanceClassifier
-from run.distributed import StepCounter, start
+from run.distributed import start
+from run.step_counter import StepCounter
 from run.faults import exit_now
 
 TORCH_COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather_single", "all_to_all_single", "broadcast",

@@ -11,7 +11,8 @@ import horovod.torch as hvd
 import torch
 
 from model.classifier import ShardedInstanceClassifier
-from run.distributed import StepCounter, start
+from run.distributed import start
+from run.step_counter import StepCounter
 from tests.classifier_problems import CASES, batch_slice, make_problem
 
 start("horovod", announce=False)
