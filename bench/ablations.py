@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from bench.harness import provenance  # noqa: E402
 from bench.twins import MECHANISM_FILE, SUMMARY  # noqa: E402
+from run.launch import launch  # noqa: E402
 
 # name: (the flags that differ from the defaults, the setting it ablates, its value in the plots' legends)
 VARIANTS = {
@@ -123,9 +124,8 @@ def linear_result(metrics):
     return evaluations[-1] if evaluations else None
 
 
-def run(command, log):
-    """Run a trainer command with its output appended to `log`; stop the study if it fails."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # one intra-op thread per rank
+def run(command, environment, log):
+    """Run a launch() of the trainer with its output appended to `log`; stop the study if it fails."""
     with log.open("a") as stream:
         result = subprocess.run(command, cwd=ROOT, env=environment, stdout=stream, stderr=subprocess.STDOUT)
     if result.returncode != 0:
@@ -150,9 +150,10 @@ def read_mechanism(run):
 def run_variant(name, seed, args):
     """Pretrain and evaluate one variant at one seed unless its folder says it is done; returns the seconds spent."""
     out, started = run_folder(args.out, name, seed), time.perf_counter()
-    python = Path(sys.executable)
-    launcher = [python] if args.np == 1 else [python.parent / "horovodrun", "--gloo", "-np", str(args.np), "-H",
-                                               f"localhost:{args.np}", python]
+
+    def trainer(*argv):  # one intra-op thread per rank
+        return launch("single" if args.np == 1 else "horovod", args.np, ROOT / "trainer.py", *argv,
+                      env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     label = f"{name} seed {seed}"
     measured = not has_twins(name) or set(monitored_epochs(args.epochs, args.knn_every)) <= set(read_mechanism(out))
     if linear_result(read_metrics(out)) and measured:
@@ -164,15 +165,16 @@ def run_variant(name, seed, args):
               flush=True)
         # A twin run keeps the checkpoint of every kNN epoch: bench/twins.py measures each.
         keep = ["--keep-checkpoints", "0"] if has_twins(name) else []
-        run([*launcher, ROOT / "trainer.py", "--out", out, "--epochs", str(args.epochs), "--knn-every",
-             str(args.knn_every), "--save-every", str(args.knn_every), "--seed", str(seed), *keep,
-             *shlex.split(args.trainer_flags), *VARIANTS[name][0]], out / "ablation.log")
+        run(*trainer("--out", out, "--epochs", args.epochs, "--knn-every", args.knn_every, "--save-every",
+                     args.knn_every, "--seed", seed, *keep, *shlex.split(args.trainer_flags), *VARIANTS[name][0]),
+            out / "ablation.log")
     if not linear_result(read_metrics(out)):
         print(f"{label}: linear evaluation", flush=True)
-        run([*launcher, ROOT / "trainer.py", "linear", "--ckpt", out], out / "ablation.log")
+        run(*trainer("linear", "--ckpt", out), out / "ablation.log")
     if not measured:
         print(f"{label}: twins' mechanism (bench/twins.py)", flush=True)
-        run([python, ROOT / "bench" / "twins.py", out, "--k", str(MECHANISM_K)], out / "ablation.log")
+        run(*launch("single", 1, ROOT / "bench" / "twins.py", out, "--k", MECHANISM_K,
+                    env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}), out / "ablation.log")
     seconds = time.perf_counter() - started
     print(f"{label}: {seconds:.0f} s", flush=True)
     return seconds

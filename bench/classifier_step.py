@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.harness import peak_memory, provenance, time_ms  # noqa: E402
+from run.launch import launch  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("mode", nargs="?", choices=["layouts", "overhead", "cuda"], default="layouts",
@@ -150,21 +151,16 @@ def run_overhead_worker(instances):
 
 def launch(worker, instances):
     result = Path(tempfile.mkdtemp()) / "result.json"
-    launchers = {"horovod": [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(args.np),
-                             "-H", f"localhost:{args.np}", sys.executable],
-                 "torch": [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
-                           str(args.np)],
-                 "single": [sys.executable]}
     # Not --np under torchrun: it would take it for its own --nproc-per-node (argparse abbreviations).
     ranks = [] if args.engine == "torch" else ["--np", str(args.np)]
-    command = [*launchers[args.engine], __file__, args.mode, "--worker", worker, "--engine", args.engine,
-               *ranks, "--instances", str(instances), "--batch-size", str(args.batch_size),
-               "--dim", str(args.dim), "--k", str(args.k), "--steps", str(args.steps), "--backend", args.backend,
-               "--result", str(result)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // args.np))}
+    env = {"OMP_NUM_THREADS": str(max(1, os.cpu_count() // args.np))}
     if args.backend == "triton" and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    command, environment = launch(
+        args.engine, 1 if args.engine == "single" else args.np, __file__, args.mode, "--worker", worker,
+        "--engine", args.engine, *ranks, "--instances", instances, "--batch-size", args.batch_size, "--dim",
+        args.dim, "--k", args.k, "--steps", args.steps, "--backend", args.backend, "--result", result, env=env)
+    subprocess.run(command, env=environment, check=True, stdout=subprocess.DEVNULL)
     return json.loads(result.read_text())
 
 

@@ -36,7 +36,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from run.faults import TEST_FAULT_VARIABLE  # noqa: E402
-from tests.conftest import horovod_job  # noqa: E402  (the one launcher of multi-rank jobs)
+from run.launch import launch  # noqa: E402
 from tests.trainer_runs import (SMALL, assert_checkpoints_bitwise_equal, copy_tiny_dataset, read_metrics,  # noqa: E402
                                 step_losses, training_records)
 
@@ -56,10 +56,11 @@ parser.add_argument("--out", default="runs/restarts", help="folder of the data s
 def torchrun(out, args, deadline, fault=None):
     """One torchrun job of the trainer, its output in out.log; (exit status or None past the deadline, output)."""
     flags = [*SMALL, "--epochs", args.epochs, "--save-every", 1, "--log-every", 1, "--knn-every", 0]
-    placement = ["--standalone", "--nproc_per_node", args.np] + (["--max-restarts", 1] if fault else [])
-    env = {TEST_FAULT_VARIABLE: fault, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if fault else None
-    command, full_env = horovod_job(args.np, ROOT / "trainer.py", "--data", args.data, "--out", out, *flags,
-                                    env=env, launcher="torchrun", placement=placement)
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if fault:
+        env.update({TEST_FAULT_VARIABLE: fault, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    command, full_env = launch("torch", args.np, ROOT / "trainer.py", "--data", args.data, "--out", out, *flags,
+                               max_restarts=1 if fault else 0, tee=True, env=env)
     log = out.with_suffix(".log")
     with log.open("w") as stream:
         job = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=stream, stderr=subprocess.STDOUT)

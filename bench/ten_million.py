@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from bench.harness import provenance  # noqa: E402
 from model.plan import plan  # noqa: E402
+from run.launch import launch  # noqa: E402
 from run.run_log import human_bytes  # noqa: E402
 
 BATCH, STEPS, DIM = 32, 4, 128  # images per rank, steps per epoch, feature dim D
@@ -109,13 +110,11 @@ class RankMemory:
 
 def trainer(ranks, out, *flags, log):
     """Run trainer.py at P = ranks to its end; returns (rank 0's output lines, RankMemory, seconds, sync seconds)."""
-    python = Path(sys.executable)
-    command = [python.parent / "horovodrun", "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}", python,
-               ROOT / "trainer.py", "--out", out, *flags]
-    print(f"$ {' '.join(map(str, command))}", flush=True)
+    command, environment = launch("horovod", ranks, ROOT / "trainer.py", "--out", out, *flags)
+    print(f"$ {' '.join(command)}", flush=True)
     started = time.perf_counter()
     with open(log, "w") as stream:
-        job = subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
+        job = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=stream, stderr=subprocess.STDOUT,
                                text=True)
         memory = RankMemory(job)
         job.wait()

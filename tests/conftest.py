@@ -1,11 +1,12 @@
 """Shared test helpers: launching real multi-process Horovod and torchrun jobs (gloo, localhost, no ssh)."""
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from run.launch import launch
 
 # Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter, which has to be
 # chosen before triton is first imported (torch does not import it).
@@ -34,32 +35,24 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-def horovod_job(num_ranks, script, *args, env=None, launcher="horovod", placement=None):
-    """(command, environment) of `python script args` as `num_ranks` Horovod ranks, or as one plain `python`
-    process (num_ranks=None), a 1-rank job, used to check that path too; launcher="torchrun": as num_ranks
-    torchrun workers on this host (output prefixed "[defaultR]:" per local rank R). placement: the launcher's
-    flags that place the ranks, instead of num_ranks on this one host (horovodrun's -np and -H, or one torchrun
-    agent's --nnodes, --nproc_per_node and rendezvous). env entries set to None are unset."""
+def horovod_job(num_ranks, script, *args, env=None, launcher="horovod", **options):
+    """run/launch.py's (command, environment) of `python script args` as `num_ranks` Horovod ranks, or as one
+    plain `python` process (num_ranks=None), a 1-rank job, used to check that path too; launcher="torchrun": as
+    num_ranks torchrun workers, their output prefixed "[defaultR]:" per local rank R. options: launch()'s
+    placement (hosts, nodes, rendezvous, max_restarts). env entries set to None are unset."""
     marker = {"horovod": "horovod", "torchrun": "torchrun"}[launcher]
     if _running is not None and _running.get_closest_marker(marker) is None:
         pytest.fail(f"{_running.nodeid} starts a {launcher} job: mark it @pytest.mark.{marker} (tests/conftest.py)")
-    command = [sys.executable, str(script), *map(str, args)]
-    if launcher == "torchrun":
-        placement = placement or ["--standalone", "--nproc_per_node", num_ranks]
-        command = [str(Path(sys.executable).parent / "torchrun"), *map(str, placement), "--tee", "3", *command[1:]]
-    elif num_ranks is not None or placement:
-        horovodrun = Path(sys.executable).parent / "horovodrun"
-        placement = placement or ["-np", num_ranks, "-H", f"localhost:{num_ranks}"]
-        command = [str(horovodrun), "--gloo", *map(str, placement), *command]
+    engine = "torch" if launcher == "torchrun" else "single" if num_ranks is None else "horovod"
     # One intra-op thread per rank: 2 cores shared by up to 3 ranks would otherwise thrash.
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return command, {name: value for name, value in full_env.items() if value is not None}
+    return launch(engine, num_ranks or 1, script, *args, tee=engine == "torch", **options,
+                  env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def run_horovod(num_ranks, script, *args, timeout=600, env=None, check=True, launcher="horovod", placement=None):
+def run_horovod(num_ranks, script, *args, timeout=600, check=True, **options):
     """Run a horovod_job (or a torchrun one) to its end; with check, fail the test with the output on a non-zero
     exit."""
-    command, full_env = horovod_job(num_ranks, script, *args, env=env, launcher=launcher, placement=placement)
+    command, full_env = horovod_job(num_ranks, script, *args, **options)
     result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")

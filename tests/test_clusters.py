@@ -32,8 +32,8 @@ FRESH_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 ONE_RANK_PER_NODE = {"local_rank": 0, "local_size": 1, "size": 2}
 
 
-def torchrun(*args, placement=None, **options):
-    return run_horovod(2, ROOT / "trainer.py", *args, launcher="torchrun", placement=placement, **options)
+def torchrun(*args, **options):
+    return run_horovod(2, ROOT / "trainer.py", *args, launcher="torchrun", **options)
 
 
 def free_port():
@@ -42,22 +42,21 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def node(port, nodes="2", **rendezvous):
-    """One torchrun agent's flags: a "node" of one worker in the c10d rendezvous on 127.0.0.1:port."""
-    flags = ["--nnodes", nodes, "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-             f"127.0.0.1:{port}", "--rdzv-id", "clusters"]
-    return flags + (["--rdzv-conf", ",".join(f"{key}={value}" for key, value in rendezvous.items())]
-                    if rendezvous else [])
+def node(port, nodes="2", **rendezvous_conf):
+    """One torchrun agent's launch options: a "node" of one worker in the c10d rendezvous on 127.0.0.1:port."""
+    return {"nodes": nodes, "rendezvous": f"127.0.0.1:{port}", "rendezvous_id": "clusters",
+            "rendezvous_conf": rendezvous_conf}
 
 
 @pytest.fixture
 def start_agent(tmp_path):
-    """start_agent(name, placement, script, *args, env=): one torchrun agent in the background, its output in
-    tmp_path/name.log; returns (job, log). Agents still running at the end of the test are killed."""
+    """start_agent(name, options, script, *args, env=): one torchrun agent (launch options of node()) in the
+    background, its output in tmp_path/name.log; returns (job, log). Agents still running at the end of the test
+    are killed."""
     jobs = []
 
-    def start(name, placement, script, *args, env=None):
-        command, full_env = horovod_job(1, script, *args, env=env, launcher="torchrun", placement=placement)
+    def start(name, options, script, *args, env=None):
+        command, full_env = horovod_job(1, script, *args, env=env, launcher="torchrun", **options)
         log = tmp_path / f"{name}.log"
         with log.open("w") as stream:
             jobs.append(subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=stream, stderr=subprocess.STDOUT,
@@ -156,8 +155,7 @@ def test_restarts_that_would_share_the_store_between_attempts_are_refused_in_one
 def test_a_worker_killed_under_max_restarts_is_restarted_and_the_run_ends_as_if_uninterrupted(torch_reference,
                                                                                               tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    restarting = ["--standalone", "--nproc_per_node", "2", "--max-restarts", "2"]
-    result = torchrun("--data", tiny_dataset, "--out", out, *RUN, placement=restarting,
+    result = torchrun("--data", tiny_dataset, "--out", out, *RUN, max_restarts=2,
                       env={**FRESH_STORE, TEST_FAULT_VARIABLE: "1:2:3:kill"})
     assert result.stdout.count("engine torch: 2 ranks") == 2  # the first attempt and the restart
     assert f"resumed from {out / 'checkpoint-0001'} (epoch 1, step 0 of the next" in result.stdout
@@ -177,10 +175,10 @@ def test_an_elastic_job_that_loses_the_node_without_the_store_finishes_on_the_ot
     batch of the flags (4), exactly as one process resuming it."""
     out, port = tmp_path / "run", free_port()
     flags = ("--data", tiny_dataset, "--out", out, *RUN)
-    survivor, survivor_log = start_agent("survivor", [*node(port, "1:2", is_host=1, last_call_timeout=5),
-                                                      "--max-restarts", "1"], ROOT / "trainer.py", *flags,
+    survivor, survivor_log = start_agent("survivor", {**node(port, "1:2", is_host=1, last_call_timeout=5),
+                                                      "max_restarts": 1}, ROOT / "trainer.py", *flags,
                                          env=FRESH_STORE)
-    lost, _ = start_agent("lost", [*node(port, "1:2", is_host=0, last_call_timeout=5), "--max-restarts", "1"],
+    lost, _ = start_agent("lost", {**node(port, "1:2", is_host=0, last_call_timeout=5), "max_restarts": 1},
                           ROOT / "trainer.py", *flags, env=FRESH_STORE)
     wait_for_step(out, epoch=2, step_in_epoch=3, jobs=[survivor, lost])
     kill_node(lost)
@@ -270,6 +268,6 @@ def test_a_two_host_horovodrun_list_trains_the_run_of_one_host(horovod_reference
     out, records = tmp_path / "run", tmp_path / "records"
     records.mkdir()
     run_horovod(2, WORKERS / "trainer_writes.py", records, "--data", tiny_dataset, "--out", out, *RUN,
-                placement=["-np", "2", "-H", "localhost:1,127.0.0.1:1"])
+                hosts="localhost:1,127.0.0.1:1")
     assert_same_steps(out, horovod_reference)
     assert_one_rank_per_node_and_rank_0_writes(records)
