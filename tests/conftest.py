@@ -80,3 +80,12 @@ def tiny_dataset(tmp_path_factory):
     """12 train and 4 val images per digit of the built-in data, one copy per test module (tests/trainer_runs.py)."""
     from tests.trainer_runs import copy_tiny_dataset  # trainer_runs imports this module
     return copy_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
+
+
+def load_bench_script(name):
+    """bench/NAME.py as a module (the scripts are run by path, not imported as a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

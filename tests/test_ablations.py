@@ -2,7 +2,6 @@
 of finished variants (the training itself is the trainer's, tested in tests/test_trainer.py); the twin study end to
 end at tiny sizes."""
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +10,13 @@ import sys
 import pytest
 
 from data.builtin import DATASET_NAME
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_bench_script
 from tests.trainer_runs import SMALL, copy_tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def ablations():
-    spec = importlib.util.spec_from_file_location("ablations", ROOT / "bench" / "ablations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("ablations")
 
 
 def write_run(folder, records):

@@ -1,6 +1,5 @@
 """--twins: the near-duplicate variant of the built-in data (data/builtin.py), the indexes of a run on it
 (data/run_index.py: val and the kNN bank without the twins), and bench/twins.py's measures."""
-import importlib.util
 import json
 
 import numpy as np
@@ -12,7 +11,7 @@ from data.builtin import (DATASET_NAME, TWIN_BRIGHTNESS, TWIN_MAX_SHIFT, TWIN_QU
                           twins_dataset)
 from data.run_index import run_indexes, saved_run_indexes
 from run.errors import UsageError
-from tests.conftest import ROOT
+from tests.conftest import load_bench_script
 from tests.trainer_runs import SMALL, copy_tiny_dataset, read_metrics, trainer
 
 TRAIN_IMAGES = 120  # copy_tiny_dataset: 12 per digit
@@ -28,10 +27,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def twins_bench():
-    spec = importlib.util.spec_from_file_location("twins_bench", ROOT / "bench" / "twins.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("twins")
 
 
 def quiet(message):
