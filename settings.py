@@ -1,7 +1,7 @@
 """A pretraining run's settings judged before any data is touched: the first impossible value or combination
 is one UsageError naming the flags. `check_settings` needs nothing but the flags (`plan` uses it too);
 `check_machine_and_paths` also looks at this machine (CUDA, the GPU's precisions) and at the paths given, and
-resolves `--precision auto` for this machine; `check_saved_flags` gives settings read back from a checkpoint the
+resolves `--precision auto` for this machine; `check_fits_data` judges what only the data's size decides; `check_saved_flags` gives settings read back from a checkpoint the
 types and choices that parsing gives the flags. It sits beside trainer.py, above data/, model/ and run/, because
 it judges the flags of all of them.
 """
@@ -47,6 +47,13 @@ def check_settings(config):
     require(0 < config.min_scale <= 1, f"--min-scale is an area fraction in (0, 1], got {config.min_scale}")
     require(0 <= config.warmup_epochs < config.epochs, f"--warmup-epochs {config.warmup_epochs} must be in "
             f"[0, --epochs {config.epochs}): the learning rate would never reach its cosine decay")
+
+
+def check_fits_data(config, num_instances):
+    """What the flags must fit once the number of instances (classifier rows) is known: the K hardest classes
+    are some of an image's other num_instances - 1 classes."""
+    require(config.smooth_k < num_instances, f"--smooth-k {config.smooth_k}: the K hardest classes are among an "
+            f"image's {num_instances - 1:,} other instances here, so K must be below {num_instances:,}")
 
 
 def check_machine_and_paths(config):

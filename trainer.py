@@ -47,15 +47,15 @@ from model.plan import plan
 from model.precision import DTYPES, PRECISIONS
 from model.step import train_step
 from run import layout
-from run.checkpoint import (APPLY_ERRORS, checkpoint_to_resume, load_state, one_line, resolve_checkpoint,
-                            restore_checkpoint, save_and_prune, write_file)
+from run.checkpoint import (APPLY_ERRORS, TrainingState, checkpoint_to_resume, load_state, one_line,
+                            resolve_checkpoint, restore_checkpoint, save_and_prune, write_file)
 from run.diagnostics import EpochDiagnostics
 from run.distributed import ENGINES, average_batchnorm_statistics, barrier, start
 from run.errors import UsageError
 from run.faults import Preempted, default_signals, end_of_step, exit_now, exit_preempted, stop_on_signals
 from run.run_log import WARMUP_STEPS, RunLog, Throughput
 from run.schedule import set_learning_rate, warmup_cosine
-from settings import check_dali_device, check_machine_and_paths, check_saved_flags, check_settings
+from settings import check_dali_device, check_fits_data, check_machine_and_paths, check_saved_flags, check_settings
 
 # -------------------------------------------------------------------------------- flags: pretraining
 # The flags of a run, shared by pretraining and `plan` (which sizes the same run).
@@ -177,6 +177,7 @@ def pretrain(config):
     # bank is the train split; with --twins, the built-in train split without the twins (data/run_index.py).
     train_index, val_index, bank_index = run_indexes(config.data, out, config.strict, log.print, config.twins)
     config.num_instances = config.instances if train_index is None else train_index.num_instances
+    check_fits_data(config, config.num_instances)  # on every rank alike: the same data
     config.world_size = world.size
     config.global_batch = config.batch_size * config.world_size
     config.base_lr = config.lr * config.global_batch / 256
@@ -199,20 +200,20 @@ def pretrain(config):
     sgd = dict(lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
     encoder_optimizer = distributed_backbone_optimizer(
         torch.optim.SGD([p for _, p in encoder_parameters], **sgd), encoder_parameters)
-    classifier_optimizer = ShardSGD(classifier.parameters(), **sgd)  # local: never all-reduced
-    run = (backbone, head, encoder_optimizer, classifier, classifier_optimizer)
+    training = TrainingState(backbone, head, encoder_optimizer, classifier,
+                             ShardSGD(classifier.parameters(), **sgd))  # the shard's optimizer: local, never all-reduced
 
     # Resume, or start: the same encoder on every rank, classifier rows seeded from raw features.
     checkpoint = checkpoint_to_resume(config.resume, out, log.print)  # rank 0's choice, on every rank
     start_epoch, resumed_losses, resumed_totals = 0, [], None
     if checkpoint is not None:
         started = time.perf_counter()
-        state = restore_checkpoint(checkpoint, *run)
-        start_epoch, resumed_losses, resumed_totals = state["epoch"], state["step_losses"], state.get("diagnostics")
+        saved = restore_checkpoint(checkpoint, training)
+        start_epoch, resumed_losses, resumed_totals = saved["epoch"], saved["step_losses"], saved.get("diagnostics")
         log.print(f"resumed from {checkpoint} (epoch {start_epoch}, step {len(resumed_losses)} of the next, "
-                  f"written by {state['num_shards']} ranks): read in {time.perf_counter() - started:.1f}s")
+                  f"written by {saved['num_shards']} ranks): read in {time.perf_counter() - started:.1f}s")
     # metrics.jsonl keeps what this run's checkpoint covers: the rest is about to be replayed (run_log.py).
-    log.rewind(state["metrics_lines"] if checkpoint is not None and checkpoint.parent.resolve() == out.resolve() else 0)
+    log.rewind(saved["metrics_lines"] if checkpoint is not None and checkpoint.parent.resolve() == out.resolve() else 0)
     if checkpoint is None:
         world.broadcast_parameters([*backbone.state_dict().items(), *head.state_dict().items()], root=0)
         if config.raw_init:
@@ -230,10 +231,10 @@ def pretrain(config):
         loader = pretrain_loader(train_index, config, epoch)
         diagnostics = EpochDiagnostics(labels, device, resumed_totals if epoch == start_epoch else None)
         try:
-            epoch_losses.append(train_one_epoch(epoch, loader, run, config, log, diagnostics,
+            epoch_losses.append(train_one_epoch(epoch, loader, training, config, log, diagnostics,
                                                 resumed_losses if epoch == start_epoch else []))
         except Preempted as stop:
-            exit_preempted(stop, save_and_prune(out, epoch, config, run, log, step_losses=stop.step_losses,
+            exit_preempted(stop, save_and_prune(out, epoch, config, training, log, step_losses=stop.step_losses,
                                                 diagnostics=diagnostics.totals.tolist()), master)
         del loader  # its prefetched batches and decoder go before the kNN pass and the next epoch's pipeline
         last = epoch + 1 == config.epochs
@@ -243,7 +244,7 @@ def pretrain(config):
                 log.print(f"epoch {epoch + 1} kNN: " + ", ".join(f"{k} {v:.2f}%" for k, v in knn.items()))
                 log.record(epoch=epoch + 1, **knn)
         if (epoch + 1) % config.save_every == 0 or last:
-            save_and_prune(out, epoch + 1, config, run, log)
+            save_and_prune(out, epoch + 1, config, training, log)
     default_signals()
 
     # Export the backbone (torchvision layout when it is a standard ResNet) and summarise.
@@ -263,13 +264,12 @@ def pretrain(config):
             ("outputs", str(out))])
 
 
-def train_one_epoch(epoch, loader, run, config, log, diagnostics, done_losses=()):
+def train_one_epoch(epoch, loader, training, config, log, diagnostics, done_losses=()):
     """One pass over the data; returns the epoch's mean loss (the global-batch loss, same on every rank).
     diagnostics (EpochDiagnostics) accumulates the classifier's per-sample numbers, logged at the end (of the steps
     this process ran: after a resume inside the epoch, of its remaining steps); done_losses: the losses of the
     steps a checkpoint taken inside this epoch holds already."""
-    backbone, head, encoder_optimizer, classifier, classifier_optimizer = run
-    optimizers = (encoder_optimizer, classifier_optimizer)
+    optimizers = (training.encoder_optimizer, training.classifier_optimizer)
     steps = len(loader)  # equal on every rank: the reader pads every shard to the same number of batches
     losses, throughput, started = list(done_losses), Throughput(), time.perf_counter()
     progress = Progress(TextColumn(f"epoch {epoch + 1}/{config.epochs}"), BarColumn(),
@@ -282,26 +282,28 @@ def train_one_epoch(epoch, loader, run, config, log, diagnostics, done_losses=()
                 continue
             global_step = epoch * steps + step
             lr = warmup_cosine(global_step / steps, config.base_lr, config.warmup_epochs, config.epochs)
-            set_learning_rate(encoder_optimizer, lr)
-            set_learning_rate(classifier_optimizer, lr * config.classifier_lr_mult)
+            set_learning_rate(training.encoder_optimizer, lr)
+            set_learning_rate(training.classifier_optimizer, lr * config.classifier_lr_mult)
             try:
-                losses.append(train_step(backbone, head, classifier, optimizers, views, ids, config.precision).item())
+                classified = train_step(training.backbone, training.head, training.classifier, optimizers, views, ids,
+                                        config.precision)
+                losses.append(classified.loss.item())
                 if not math.isfinite(losses[-1]):
-                    classifier.check_input()  # names bad ids or non-finite features, when they are the cause
+                    training.classifier.check_input(classified)  # names bad ids or non-finite features, when they are the cause
                     raise FloatingPointError(f"non-finite loss {losses[-1]}")
             except (FloatingPointError, ValueError) as error:  # global loss and check: all ranks stop together
                 raise FloatingPointError(f"{error} at epoch {epoch + 1} step {step + 1}; stopped, the last good "
                                          f"checkpoint in {config.out} is kept") from None
-            diagnostics.update(classifier.last_diagnostics)
-            images_per_s = throughput.step_ended(classifier.last_global_rows // len(views))  # None in the warm-up
+            diagnostics.update(classified)
+            images_per_s = throughput.step_ended(len(classified.ids) // len(views))  # None in the warm-up
             speed = "warm-up" if images_per_s is None else f"{images_per_s:.0f} img/s"
             progress.update(task, advance=1, status=f"loss {losses[-1]:.4f} lr {lr:.4g} {speed}")
             if (step + 1) % config.log_every == 0 or step + 1 == steps:
                 log.record(epoch=epoch + 1, step=global_step + 1, loss=losses[-1], lr=lr, images_per_s=images_per_s)
             end_of_step(epoch, losses)  # collective: a stop signal on any rank stops every rank after this step
-    average_batchnorm_statistics(backbone, head)
+    average_batchnorm_statistics(training.backbone, training.head)
     mean_loss = sum(losses) / max(len(losses), 1)
-    summary = diagnostics.summary(classifier.weight)
+    summary = diagnostics.summary(training.classifier.weight)
     images_per_s = throughput.rate()
     speed = (f"{images_per_s:.1f} images/s over its {throughput.timed_steps} steps after the first {WARMUP_STEPS}"
              if images_per_s is not None else f"images/s not measured (no step after the first {WARMUP_STEPS})")
@@ -438,6 +440,7 @@ def plan_command(argv):
                                   "defaults), so a training command's flags can be pasted.")
     sub.add_argument("--gpus", type=int, default=64, help="ranks P (default: 64)")
     config = resolve_config(sub.parse_args(argv), defaults=DATASET_DEFAULTS)
+    check_fits_data(config, config.instances)
     if config.gpus <= 0:
         raise UsageError("plan: --gpus must be positive")
     # The classifier sees views x images rows per rank; the backbone processes them all.

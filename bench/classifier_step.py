@@ -117,7 +117,7 @@ def random_batch(instances, device, generator):
 def classifier_step(classifier, features, ids):
     """One forward + backward of the classifier, from fresh gradients (as after optimizer.zero_grad())."""
     classifier.weight.grad = None
-    classifier(features, ids).backward()
+    classifier(features, ids).loss.backward()
 
 
 def time_and_count(classifier, instances, device, synchronize, seed):

@@ -131,7 +131,7 @@ def _trainer_step_and_seeding(batch, classes):
     images = torch.randperm(ranks * classes)[:batch // 2].view(ranks, -1)
     features = torch.randn(batch, DIM).to(torch.bfloat16).view(ranks, -1, DIM)  # the head's output under autocast
     group.exchanged = (features.flatten(0, 1), images.repeat(1, 2).flatten())
-    classifier(features[-1].clone().requires_grad_(True), images[-1].repeat(2)).backward()
+    classifier(features[-1].clone().requires_grad_(True), images[-1].repeat(2)).loss.backward()
     # Raw-feature init seeds from one view of the images.
     seeding = features[:, :images.shape[1]]
     group.exchanged = (seeding.flatten(0, 1), images.flatten())

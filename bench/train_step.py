@@ -29,6 +29,7 @@ import gc
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -61,6 +62,10 @@ parser.add_argument("--engine", choices=ENGINES, default="auto", help="process g
                     "(default: auto: the launcher's engine, else single)")
 
 
+class Loss(NamedTuple):  # the output train_step takes from a criterion: its loss
+    loss: torch.Tensor
+
+
 class LinearCrossEntropy(torch.nn.Module):
     """The comparison head: cross-entropy of a linear layer over `classes` labels (here id mod classes)."""
 
@@ -69,7 +74,7 @@ class LinearCrossEntropy(torch.nn.Module):
         self.linear, self.classes = torch.nn.Linear(dim, classes), classes
 
     def forward(self, features, ids):
-        return torch.nn.functional.cross_entropy(self.linear(features.float()), ids % self.classes)
+        return Loss(torch.nn.functional.cross_entropy(self.linear(features.float()), ids % self.classes))
 
 
 def build_head(name, rows, shape, backbone, head, device, kernels):
@@ -124,7 +129,7 @@ def time_head(name, rows, shape, args, device, kernels):
                              image_size=shape["image_size"], views=shape["views"], rank=world.rank,
                              world_size=world.size, seed=0, device=device)
     views, ids = next(iter(loader))
-    step = lambda: train_step(backbone, head, criterion, optimizers, views, ids).item()  # noqa: E731
+    step = lambda: train_step(backbone, head, criterion, optimizers, views, ids).loss.item()  # noqa: E731
     milliseconds = time_ms(step, args.steps, args.warmup)  # .item() waits for the step, as the trainer's does
     peak = peak_memory(device) - left
     release((backbone, head, criterion), optimizers)

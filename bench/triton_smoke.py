@@ -61,11 +61,11 @@ def classifier_step(backend, weight, features, ids, k):
     classifier = classifier.to(weight.device)
     classifier.weight.data.copy_(weight)
     features = features.clone().requires_grad_(True)
-    loss = classifier(features, ids)
-    loss.backward()
-    hardest = classifier.last_hardest.clone()
+    classified = classifier(features, ids)
+    classified.loss.backward()
+    hardest = classified.hardest.clone()
     classifier.seed_(features.detach(), ids)
-    return loss.detach(), features.grad, classifier.weight.grad, hardest, classifier.weight.detach()
+    return classified.loss.detach(), features.grad, classifier.weight.grad, hardest, classifier.weight.detach()
 
 
 def relative(actual, expected):

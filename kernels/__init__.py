@@ -6,7 +6,8 @@ Usable alone (no Horovod, no DALI):
 
 Shard level (what model.classifier uses across ranks): `NormalizedExchange` brings the normalized
 features of the global batch with their ids (one collective), `sharded_topk_xent` computes a shard's
-loss with one collective for the statistics (`exchange_stats`), built on a backend's functions
+loss with one collective for the statistics; both take the collectives as one object (kernels.topk_xent
+says what it holds; `SingleDevice` is the one of a single device), built on a backend's functions
 (`shard_ops`: kernels.reference, kernels.chunked, kernels.triton_topk_xent with the exchange glue of
 kernels.exchange / kernels.triton_exchange). `kernels.reference` is the float64 oracle;
 `kernels.launches` counts launches, collectives and host syncs of a piece of code, on any machine.
@@ -21,7 +22,7 @@ Names (B, C, N, batch, classes) as defined in kernels.reference.
 from kernels import reference, triton_seed
 from kernels.exchange import merge_shard_stats
 from kernels.reference import pack_shard_stats
-from kernels.topk_xent import (LocalFeatures, NormalizedExchange, shard_ops, sharded_topk_xent,
+from kernels.topk_xent import (NormalizedExchange, SingleDevice, shard_ops, sharded_topk_xent,
                                sharded_topk_xent_and_stats, topk_smoothed_xent)
 
 
@@ -40,5 +41,5 @@ def seed_rows_(weight, features, ids, shard_start, *, backend="auto"):
     return seeders[backend](weight, features, ids, shard_start)
 
 
-__all__ = ["LocalFeatures", "NormalizedExchange", "merge_shard_stats", "pack_shard_stats", "seed_rows_", "shard_ops",
+__all__ = ["NormalizedExchange", "SingleDevice", "merge_shard_stats", "pack_shard_stats", "seed_rows_", "shard_ops",
            "sharded_topk_xent", "sharded_topk_xent_and_stats", "topk_smoothed_xent"]

@@ -13,7 +13,7 @@ synchronisations than in arithmetic. This counts them on any machine, so tests c
                wait for the GPU.
 
     with LaunchCounter() as counted:
-        loss = classifier(features, ids); loss.backward()
+        classifier(features, ids).loss.backward()
     counted.launches, counted.collectives, counted.syncs   # lists of names, in order
 
 An aten op is one CUDA kernel in most cases; a few launch several (sort, for instance), so on a GPU

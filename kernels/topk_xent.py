@@ -3,12 +3,17 @@
 Each shard (one per rank in the hybrid-parallel classifier, or the whole W on one device) sees the
 normalized features of the whole batch and computes local statistics of its logit block with a
 backend's `shard_forward_stats`; the statistics of all shards are exchanged in ONE collective
-(`exchange_stats`: [B, S] -> [P, B, S]) and merged exactly into the global logsumexp, target logit and
+(`collectives.stats`: [B, S] -> [P, B, S]) and merged exactly into the global logsumexp, target logit and
 top-K (kernels.exchange says why the merge is exact); the backward pass turns the merged statistics
 into this shard's gradients with the backend's `shard_backward`, so no rank ever sees another shard's
 logits. The features themselves reach the shards through `NormalizedExchange`: normalized and packed
-with their ids into one block per sample, one collective (`exchange_features`, the identity on one
+with their ids into one block per sample, one collective (`collectives.features`, the identity on one
 device), and on the way back the dE of every shard summed and taken through the normalisation.
+
+The collectives come in ONE object: `copies` (P, the shards the features go to), `features`
+(packed [P, b, W] -> the global block [B, W] in rank order), `grad_features` (this shard's dE_n [B, D] -> the
+partials [P, b, D] of this rank's samples) and `stats` ([B, S] -> [P, B, S], rank order). `SingleDevice` is the
+one of a single device (nothing is sent); model.classifier builds the one of a process group.
 
 A backend is the namespace of five functions (`shard_ops`): the loss pair shard_forward_stats /
 shard_backward, merge_shard_stats, pack_features and features_backward. 'reference' (dense torch, the
@@ -52,33 +57,36 @@ def shard_ops(backend, device):
     return BACKENDS[backend]
 
 
-class LocalFeatures:
-    """The features exchange of a single device: one copy, nothing to send."""
+class SingleDevice:
+    """The collectives of one shard on one device: one copy, nothing to send."""
     copies = 1
 
-    def forward(self, packed):  # [1, b, W] -> [b, W]
+    def features(self, packed):  # [1, b, W] -> [b, W]
         return packed[0]
 
-    def backward(self, grad_features_n):  # [b, D] -> [1, b, D]
+    def grad_features(self, grad_features_n):  # [b, D] -> [1, b, D]
         return grad_features_n[None]
+
+    def stats(self, packed):  # [B, S] -> [1, B, S]
+        return packed[None]
 
 
 class NormalizedExchange(torch.autograd.Function):
     """(features_n [B, D], labels [B]) of the global batch from this rank's (features [b, D], ids [b]).
 
     Forward: ops.pack_features normalizes the features (accumulation dtype) and packs them with their
-    ids, `collective.copies` times; collective.forward exchanges the packed blocks and returns the
-    global block [B, W] in rank order; both outputs are views of it. Backward: collective.backward
+    ids, `collectives.copies` times; collectives.features sends the packed blocks and returns the global
+    block [B, W] in rank order; both outputs are views of it. Backward: collectives.grad_features
     returns the dE_n [copies, b, D] that every shard computed for this rank's samples, and
     ops.features_backward sums them and applies the Jacobian of the normalisation.
     """
 
     @staticmethod
-    def forward(ctx, features, ids, ops, collective):
-        received = collective.forward(ops.pack_features(features, ids, collective.copies))
+    def forward(ctx, features, ids, ops, collectives):
+        received = collectives.features(ops.pack_features(features, ids, collectives.copies))
         features_n, labels = exchange.unpack_features(received, features.shape[1])
         ctx.save_for_backward(features)
-        ctx.ops, ctx.collective = ops, collective
+        ctx.ops, ctx.collectives = ops, collectives
         ctx.mark_non_differentiable(labels)
         ctx.set_materialize_grads(False)  # no zero tensors made for the outputs without a gradient
         return features_n, labels
@@ -86,13 +94,8 @@ class NormalizedExchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_features_n, _grad_labels):
         features, = ctx.saved_tensors
-        grad = ctx.collective.backward(grad_features_n.contiguous())
+        grad = ctx.collectives.grad_features(grad_features_n.contiguous())
         return ctx.ops.features_backward(grad, features), None, None, None
-
-
-def single_shard_exchange(packed):
-    """The statistics exchange of a job with one shard: nothing to send."""
-    return packed[None]
 
 
 class ShardedTopKXent(torch.autograd.Function):
@@ -106,10 +109,10 @@ class ShardedTopKXent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features_n, weight, labels, shard_start, num_classes, temperature, k, alpha, compute_dtype,
-                exchange_stats, ops):
+                collectives, ops):
         stats = ops.shard_forward_stats(features_n, weight, labels, shard_start, temperature=temperature,
                                         k=max(k, 1), compute_dtype=compute_dtype)
-        merged = ops.merge_shard_stats(exchange_stats(stats), labels, num_classes=num_classes, k=k,
+        merged = ops.merge_shard_stats(collectives.stats(stats), labels, num_classes=num_classes, k=k,
                                        temperature=temperature, alpha=alpha)
         loss = merged.losses.mean()
         topk_indices = merged.topk_indices[:, :k]
@@ -132,11 +135,12 @@ class ShardedTopKXent(torch.autograd.Function):
 
 
 def sharded_topk_xent_and_stats(features_n, weight, labels, shard_start, num_classes, *, temperature, k, alpha,
-                                compute_dtype=None, exchange_stats=single_shard_exchange, backend="auto"):
+                                compute_dtype=None, collectives=None, backend="auto"):
     """Loss (scalar, differentiable) of one shard, see ShardedTopKXent, and per sample of the global batch a
     namespace of: lse, hardest (merged top-K ids [B, K]), best_other (the best non-target id), and the
     diagnostics own_probability = exp(z_{i,y_i} - lse_i) and own_is_top1 (bool). K and alpha are clamped
-    here (K <= N - 1; alpha = 0 when K = 0). `backend` is a name or a namespace from shard_ops.
+    here (K <= N - 1; alpha = 0 when K = 0). `backend` is a name or a namespace from shard_ops; `collectives`
+    the exchange's (default: SingleDevice), of which `stats` is used here.
     """
     if num_classes >= MAX_CLASSES:
         raise ValueError(f"at most 2^31 - 1 classes (ids travel as int32), got {num_classes}")
@@ -144,7 +148,7 @@ def sharded_topk_xent_and_stats(features_n, weight, labels, shard_start, num_cla
     ops = shard_ops(backend, weight.device) if isinstance(backend, str) else backend
     loss, lse, hardest, best_other, own_probability, own_is_top1 = ShardedTopKXent.apply(
         features_n, weight, labels, shard_start, num_classes, float(temperature), k, effective_alpha(k, alpha),
-        compute_dtype, exchange_stats, ops)
+        compute_dtype, collectives or SingleDevice(), ops)
     return loss, SimpleNamespace(lse=lse, hardest=hardest, best_other=best_other, own_probability=own_probability,
                                  own_is_top1=own_is_top1)
 
@@ -168,7 +172,7 @@ def topk_smoothed_xent(features, weight, labels, *, temperature, k, alpha, backe
     ops = shard_ops(backend, weight.device)
     # Normalized in fp32 at least: in bf16 the backward of the normalisation cancels catastrophically
     # (0.24 relative error on dE measured at tau = 1); the products then round to the inputs' dtype.
-    features_n, labels = NormalizedExchange.apply(features, labels, ops, LocalFeatures())
+    features_n, labels = NormalizedExchange.apply(features, labels, ops, SingleDevice())
     compute_dtype = compute_dtype or torch.promote_types(features.dtype, weight.dtype)
     loss, _ = sharded_topk_xent(features_n, weight, labels, 0, weight.shape[0], temperature=temperature, k=k,
                                 alpha=alpha, compute_dtype=compute_dtype, backend=ops)

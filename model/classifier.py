@@ -28,9 +28,10 @@ features) and weight.grad is d(global mean loss)/d(this shard). Backbone gradien
 be SUMMED over ranks, not averaged: see `distributed_backbone_optimizer`.
 
 The collectives are the process group's (run/distributed.py), handed to the classifier as `group` (default:
-the engine the entry point started); with one rank they are copies, and the classifier is the full softmax.
+the engine the entry point started) and to the kernels as one object (`RankCollectives`); with one rank they are
+copies, and the classifier is the full softmax.
 """
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -58,45 +59,57 @@ def random_unit_rows(start, stop, dim, seed):
     return normalize_rows(torch.cat(rows)) if rows else torch.empty(0, dim)
 
 
-class _AlltoallFeatures:
-    """The features exchange of kernels.NormalizedExchange across the ranks, for one step.
+class RankCollectives:
+    """The collectives of the kernels (kernels.topk_xent) across the ranks of `group`, for one step.
 
-    forward: this rank's packed block [P, b, W] (one copy per rank) -> the global block [B, W] in rank
-    order, in ONE alltoall whose received splits are every rank's b; backward: the partial dE_n [B, D]
-    of this rank -> [P, b, D], the partials of this rank's samples from every rank, by the alltoall back.
+    features: this rank's packed block [P, b, W] (one copy per rank) -> the global block [B, W] in rank order,
+    in ONE alltoall whose received splits are every rank's b; grad_features: the partial dE_n [B, D] of this
+    rank -> [P, b, D], the partials of this rank's samples from every rank, by the alltoall back; stats: the
+    statistics [B, S] of this shard -> [P, B, S] of every shard, rank order, in ONE allgather.
     """
 
     def __init__(self, group, name):
         self.group, self.name, self.copies, self.sizes, self.batch = group, name, group.size, None, None
 
-    def forward(self, packed):
+    def features(self, packed):
         copies, batch, width = packed.shape
         self.batch = batch  # the backward receives this many rows from every rank
         received, self.sizes = self.group.alltoall(packed.view(copies * batch, width), splits=[batch] * copies,
                                                    name=f"classifier.{self.name}")
         return received
 
-    def backward(self, grad_features_n):
+    def grad_features(self, grad_features_n):
         received, _ = self.group.alltoall(grad_features_n, splits=self.sizes, name=f"classifier.grad_{self.name}",
                                           received=[self.batch] * self.copies)
         return received.view(self.copies, -1, grad_features_n.shape[1])
+
+    def stats(self, packed):
+        # Every rank scores the same global batch: the blocks have one shape.
+        return self.group.allgather(packed, name="classifier.stats", same_shape=True).view(self.copies, *packed.shape)
+
+
+class Classified(NamedTuple):
+    """What one forward of the classifier gives: the loss and, per sample of the GLOBAL batch (rank order, on the
+    device, no host sync), what the trainer monitors (run/diagnostics.py) and `check_input` judges."""
+    loss: torch.Tensor  # the global-batch mean loss, scalar, bit-identical on every rank
+    ids: torch.Tensor  # [B] instance ids
+    own_probability: torch.Tensor  # [B] exp(z_{i,y_i} - lse_i)
+    own_is_top1: torch.Tensor  # [B] bool: the own class is the top-1, ties to the lower id as in an argmax
+    hardest: torch.Tensor  # [B, K] merged top-K ids
+    features_n: torch.Tensor  # [B, D] normalized features, detached
 
 
 class ShardedInstanceClassifier(torch.nn.Module):
     """Cosine-softmax classifier over num_instances classes, sharded over the ranks of `group` by classes.
 
-    forward(features [b, dim], ids [b]) -> global-batch mean loss (scalar, identical on every rank).
+    forward(features [b, dim], ids [b]) -> Classified: the global-batch mean loss (scalar, identical on every
+    rank) and the per-sample numbers of the global batch.
     smooth_k / smooth_alpha: top-K hardest-class label smoothing (K clamped to N - 1).
     backend: 'auto' (Triton on CUDA, chunked torch on CPU), 'chunked', 'triton' or 'reference'.
     compute_dtype: the dtype the kernels round the products' operands to (normalized features and the
     shard; the trainer's --precision); None means bf16 on a GPU with bf16 tensor cores (model/precision.py;
     statistics and accumulation stay fp32) and the inputs' own dtypes elsewhere. The shard itself, its gradient and its optimizer state stay in the
     parameters' dtype. group: the run.distributed Engine whose collectives it uses (default: the started one).
-
-    After a forward, `last_diagnostics` holds per sample of the GLOBAL batch (tensors on the device, no
-    host sync; rank order): ids, own_probability = exp(z_{i,y_i} - lse_i), own_is_top1 (bool: the
-    image's own class is the classifier's top-1, ties to the lower id as in an argmax), hardest (the
-    merged top-K ids [B, K], also `last_hardest`).
     """
 
     def __init__(self, num_instances, dim, *, temperature=0.15, smooth_k=0, smooth_alpha=0.0,
@@ -114,50 +127,36 @@ class ShardedInstanceClassifier(torch.nn.Module):
         self.backend, self.compute_dtype = backend, compute_dtype
         self.start, self.stop = shard_rows(num_instances, self.group.size, self.group.rank)
         self.weight = torch.nn.Parameter(random_unit_rows(self.start, self.stop, dim, seed))
-        self.last_diagnostics = None
-        self.last_hardest = None  # merged top-K ids [B, K] of the last forward, for monitoring/tests
-        self.last_global_rows = 0  # B of the last forward: the samples of all ranks together
-        self._last_input = None  # (features_n, ids) of the global batch, for check_input
 
     def extra_repr(self):
         return (f"instances={self.num_instances}, classes=[{self.start}, {self.stop}), dim={self.dim}, "
                 f"temperature={self.temperature}, smooth_k={self.smooth_k}, smooth_alpha={self.smooth_alpha}")
 
-    def _gather(self, features, ids, name):
+    def _gather(self, features, ids, collectives):
         """Normalized features [B, D] and ids [B] of the global batch (differentiable w.r.t. features)."""
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"features must be [batch, {self.dim}], got {list(features.shape)}")
         if ids.shape != features.shape[:1]:
             raise ValueError(f"ids must be [{features.shape[0]}], got {list(ids.shape)}")
         ops = shard_ops(self.backend, self.weight.device)
-        return NormalizedExchange.apply(features, ids.to(features.device, non_blocking=True), ops,
-                                        _AlltoallFeatures(self.group, name))
-
-    def _exchange_stats(self, packed):  # [B, S] -> [P, B, S], rank order
-        # Every rank scores the same global batch: the blocks have one shape.
-        return self.group.allgather(packed, name="classifier.stats", same_shape=True).view(self.group.size,
-                                                                                           *packed.shape)
+        return NormalizedExchange.apply(features, ids.to(features.device, non_blocking=True), ops, collectives)
 
     def forward(self, features, ids):
-        features_n, ids = self._gather(features, ids, "features")
+        collectives = RankCollectives(self.group, "features")
+        features_n, ids = self._gather(features, ids, collectives)
         compute_dtype = self.compute_dtype or (torch.bfloat16 if has_bf16_tensor_cores(self.weight.device) else None)
         loss, merged = sharded_topk_xent_and_stats(
             features_n, self.weight, ids, self.start, self.num_instances, temperature=self.temperature,
-            k=self.smooth_k, alpha=self.smooth_alpha, compute_dtype=compute_dtype, exchange_stats=self._exchange_stats,
+            k=self.smooth_k, alpha=self.smooth_alpha, compute_dtype=compute_dtype, collectives=collectives,
             backend=self.backend)
-        self.last_diagnostics = SimpleNamespace(ids=ids, own_probability=merged.own_probability,
-                                                own_is_top1=merged.own_is_top1, hardest=merged.hardest)
-        self.last_hardest, self.last_global_rows = merged.hardest, len(ids)
-        self._last_input = (features_n.detach(), ids)
-        return loss
+        return Classified(loss, ids, merged.own_probability, merged.own_is_top1, merged.hardest, features_n.detach())
 
-    def check_input(self):
-        """Raise the one-line error for bad input to the last forward, if it had any: ValueError for ids
-        outside [0, num_instances), FloatingPointError for NaN/Inf features (on any rank). Every rank
-        raises the same, as it reads the global batch. Reads the device (one host sync): call it where
-        the loss was found non-finite, which bad input guarantees."""
-        if self._last_input is not None:
-            self._validate(*self._last_input)
+    def check_input(self, classified):
+        """Raise the one-line error for bad input to the forward that gave `classified`, if it had any: ValueError
+        for ids outside [0, num_instances), FloatingPointError for NaN/Inf features (on any rank). Every rank
+        raises the same, as it reads the global batch. Reads the device (one host sync): call it where the loss
+        was found non-finite, which bad input guarantees."""
+        self._validate(classified.features_n, classified.ids)
 
     def _validate(self, features_n, ids):
         if ids.numel() and bool(((ids < 0) | (ids >= self.num_instances)).any()):
@@ -170,7 +169,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
     def seed_(self, features, ids):
         """Raw-feature init: the rows of this shard's classes whose ids are in the global batch := normalized
         features. Bad input raises here (seeding is not the training step: the host check is cheap)."""
-        features_n, ids = self._gather(features, ids, "seed_features")
+        features_n, ids = self._gather(features, ids, RankCollectives(self.group, "seed_features"))
         self._validate(features_n, ids)
         # Seeding has Triton and torch versions only: the chunked loss backend seeds with torch.
         backend = self.backend if self.backend in ("auto", "triton") else "reference"

@@ -44,6 +44,7 @@ import pickle
 import shutil
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -117,30 +118,41 @@ def resumable_at(found, size, say):
     return found[:found.index(fallback) + 1]
 
 
+@dataclass
+class TrainingState:
+    """The objects of a run that a checkpoint saves and restores: the data-parallel encoder (backbone + head) and
+    its optimizer, this rank's classifier shard and its local optimizer."""
+    backbone: torch.nn.Module
+    head: torch.nn.Module
+    encoder_optimizer: torch.optim.Optimizer
+    classifier: torch.nn.Module
+    classifier_optimizer: torch.optim.Optimizer
+
+
 def batchnorm_buffers(backbone, head):
     """The floating-point buffers of the encoder (BatchNorm running statistics), by name."""
     return {f"{prefix}.{name}": buffer for prefix, module in (("backbone", backbone), ("head", head))
             for name, buffer in module.named_buffers() if buffer.is_floating_point()}
 
 
-def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, classifier, classifier_optimizer, *,
-                    step_losses=(), diagnostics=None, metrics_lines=0):
+def save_checkpoint(out_dir, epoch, config, training, *, step_losses=(), diagnostics=None, metrics_lines=0):
     """Collective: every rank writes its shard, rank 0 the state, then the directory appears at once; returns
-    its path. epoch: complete epochs; step_losses: the losses of the steps done since (a stop inside an epoch),
+    its path. training: the run's TrainingState; epoch: complete epochs; step_losses: the losses of the steps done since (a stop inside an epoch),
     and diagnostics the classifier's totals over them (run.diagnostics.EpochDiagnostics.totals, a list).
     A checkpoint that does not fit, or a write that fails, raises the same UsageError on every rank and leaves
     nothing of itself (module docstring)."""
     rank, out_dir = engine().rank, Path(out_dir)
     final = out_dir / checkpoint_name(epoch, len(step_losses))
     partial = partial_checkpoint(final)
-    momentum = classifier_optimizer.state.get(classifier.weight, {}).get("momentum_buffer")
+    backbone, head, classifier = training.backbone, training.head, training.classifier
+    momentum = training.classifier_optimizer.state.get(classifier.weight, {}).get("momentum_buffer")
     shard = on_host({"start": classifier.start, "stop": classifier.stop, "num_instances": classifier.num_instances,
                      "weight": classifier.weight, "momentum": momentum,
                      "batchnorm": batchnorm_buffers(backbone, head)})
     state, previous = None, None
     if rank == 0:
         state = on_host({"backbone": backbone.state_dict(), "head": head.state_dict(), "epoch": epoch,
-                         "encoder_optimizer": encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
+                         "encoder_optimizer": training.encoder_optimizer.state_dict(), "rng": torch.get_rng_state(),
                          "config": vars(config), "num_shards": engine().size, "step_losses": list(step_losses),
                          "diagnostics": diagnostics, "metrics_lines": metrics_lines})
         found = complete_checkpoints(out_dir)
@@ -174,13 +186,12 @@ def save_checkpoint(out_dir, epoch, config, backbone, head, encoder_optimizer, c
     return final
 
 
-def save_and_prune(out_dir, epoch, config, run, log, **progress):
-    """Collective: save_checkpoint of the run's objects (run: backbone, head, encoder optimizer, classifier,
-    classifier optimizer; progress: the step_losses and diagnostics of a stop inside an epoch), then rank 0
+def save_and_prune(out_dir, epoch, config, training, log, **progress):
+    """Collective: save_checkpoint of the run's TrainingState (progress: the step_losses and diagnostics of a stop inside an epoch), then rank 0
     deletes what config.keep_checkpoints leaves out and prints what it wrote, its size and time, and what it
     deleted (log: the run's RunLog, active on rank 0). Returns the checkpoint."""
     started = time.perf_counter()
-    written = save_checkpoint(out_dir, epoch, config, *run, metrics_lines=log.lines, **progress)
+    written = save_checkpoint(out_dir, epoch, config, training, metrics_lines=log.lines, **progress)
     seconds = time.perf_counter() - started
     if engine().rank == 0:
         deleted = prune_checkpoints(out_dir, config.keep_checkpoints, written)
@@ -311,12 +322,13 @@ def prune_checkpoints(out_dir, keep, written):
     return deleted
 
 
-def restore_checkpoint(checkpoint, backbone, head, encoder_optimizer, classifier, classifier_optimizer):
-    """Collective: everything save_checkpoint wrote, loaded into the run's objects (this rank's rows of the
+def restore_checkpoint(checkpoint, training):
+    """Collective: everything save_checkpoint wrote, loaded into the run's TrainingState (this rank's rows of the
     classifier and of its momentum, from the shards that hold them) and the RNG; returns the state (epoch,
     num_shards, step_losses, ...). A rank that cannot read or apply what it needs stops every rank with one line
     (a rank that applied part of it stops too)."""
     state, error, size = None, None, engine().size
+    backbone, head, classifier = training.backbone, training.head, training.classifier
     try:
         state = load_state(checkpoint)
         inside_epoch = bool(state["step_losses"])
@@ -328,10 +340,10 @@ def restore_checkpoint(checkpoint, backbone, head, encoder_optimizer, classifier
                                                     engine().rank if inside_epoch else None)
         backbone.load_state_dict(state["backbone"])
         head.load_state_dict(state["head"])
-        encoder_optimizer.load_state_dict(state["encoder_optimizer"])
+        training.encoder_optimizer.load_state_dict(state["encoder_optimizer"])
         classifier.weight.data.copy_(weight)
         if momentum is not None:
-            classifier_optimizer.state[classifier.weight]["momentum_buffer"] = momentum.to(classifier.weight.device)
+            training.classifier_optimizer.state[classifier.weight]["momentum_buffer"] = momentum.to(classifier.weight.device)
         if inside_epoch:  # this rank's own running statistics, not rank 0's
             with torch.no_grad():
                 for name, buffer in batchnorm_buffers(backbone, head).items():

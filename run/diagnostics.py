@@ -4,7 +4,7 @@ targets are.
 After each forward the classifier reports, for every sample i of the global batch (the same on every rank):
 its instance id y_i, the softmax probability of its own class p_i = exp(z_{i,y_i} - lse_i), whether its own
 class is the top-1, and the ids h_{i,1..K} of its K hardest other classes (the ones that receive the smoothing
-mass alpha / K; model/classifier.py, `last_diagnostics`). Over an epoch of B_total samples:
+mass alpha / K; model/classifier.py, `Classified`). Over an epoch of B_total samples:
 
   instance_accuracy   = 100 / B_total * sum_i [argmax_j z_ij = y_i]           (%, the pretext task's top-1)
   own_probability     = 1 / B_total * sum_i p_i

@@ -35,3 +35,8 @@ def batch_slice(batch, rank, size):
 def tiny_backbone():
     """No batch norm, so the distributed step must equal the single-process step exactly."""
     return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 8)).double()
+
+
+def diagnostics(classified):
+    """The per-sample numbers of a model.classifier.Classified that the workers save, by name."""
+    return {key: getattr(classified, key) for key in ("ids", "own_probability", "own_is_top1", "hardest")}

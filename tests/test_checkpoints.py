@@ -47,7 +47,7 @@ def needed_bytes(message):
 
 @pytest.fixture(scope="module")
 def tiny_run():
-    """(config, run) of one rank after one training step, so that both optimizers hold momentum; the
+    """(config, TrainingState) of one rank after one training step, so that both optimizers hold momentum; the
     single-process engine is this module's process group (as tests/conftest.py's single_engine, for a module)."""
     from model.classifier import ShardedInstanceClassifier
     from model.encoder import build_encoder
@@ -64,7 +64,7 @@ def tiny_run():
         images = torch.randn(5, 3, 32, 32)
         train_step(backbone, head, classifier, (encoder_optimizer, classifier_optimizer), [images, images],
                    torch.arange(5))
-        yield config, (backbone, head, encoder_optimizer, classifier, classifier_optimizer)
+        yield config, checkpoints.TrainingState(backbone, head, encoder_optimizer, classifier, classifier_optimizer)
 
 
 class SmallFileSystem:
@@ -100,12 +100,13 @@ def small_file_system(tmp_path):
 
 # -------------------------------------------------------------------------------- the estimate
 @pytest.mark.parametrize("make", [
-    lambda run: {"weight": torch.randn(1001, 13), "momentum": torch.randn(1001, 13), "start": 0},  # a shard
-    lambda run: {"view": torch.randn(1000, 10)[:3]},  # torch.save writes the view's whole storage
-    lambda run: {"a": (shared := torch.randn(257, 3)), "b": shared[1:]},  # a storage shared: written once
-    lambda run: {"backbone": run[0].state_dict(), "head": run[1].state_dict(), "rng": torch.get_rng_state(),
-                 "encoder_optimizer": run[2].state_dict(), "step_losses": [0.5] * 3000},  # a state.pt
-    lambda run: {},
+    lambda training: {"weight": torch.randn(1001, 13), "momentum": torch.randn(1001, 13), "start": 0},  # a shard
+    lambda training: {"view": torch.randn(1000, 10)[:3]},  # torch.save writes the view's whole storage
+    lambda training: {"a": (shared := torch.randn(257, 3)), "b": shared[1:]},  # a storage shared: written once
+    lambda training: {"backbone": training.backbone.state_dict(), "head": training.head.state_dict(),
+                      "rng": torch.get_rng_state(), "encoder_optimizer": training.encoder_optimizer.state_dict(),
+                      "step_losses": [0.5] * 3000},  # a state.pt
+    lambda training: {},
 ], ids=["shard", "view", "shared-storage", "state", "empty"])
 def test_the_estimate_bounds_what_torch_save_writes_and_is_close(make, tiny_run, tmp_path):
     obj = make(tiny_run[1])
@@ -127,8 +128,8 @@ def test_plan_sizes_the_checkpoint_a_save_writes(tiny_run, tmp_path):
     """model.plan's checkpoint rows (2 C D 4 per shard file, + 2 |theta| 4 for state.pt) against the files; the
     BatchNorm buffers and the files' records are what the formula leaves aside."""
     from model.plan import plan
-    config, run = tiny_run
-    written = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    config, training = tiny_run
+    written = checkpoints.save_checkpoint(tmp_path, 1, config, training)
     rows = {name: hybrid for name, hybrid, _ in plan(instances=37, gpus=1, batch_size=10, feat_dim=16, k=2,
                                                       image_size=32, **{k: v for k, v in ENCODER.items()
                                                                         if k not in ("feat_dim", "data")})}
@@ -143,11 +144,11 @@ def test_a_resume_copies_its_rows_once(tiny_run, tmp_path):
     momentum: at a resume the rank holds its parameter, the rows read and their momentum, no fourth copy."""
     from run.checkpoint import load_rows, load_state
     from tests.allocations import NewStorages
-    config, run = tiny_run
-    written = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    config, training = tiny_run
+    written = checkpoints.save_checkpoint(tmp_path, 1, config, training)
     with NewStorages() as new:
         weight, momentum, _ = load_rows(written, 5, 30, 37, load_state(written))
-    classifier, optimizer = run[3], run[4]
+    classifier, optimizer = training.classifier, training.classifier_optimizer
     assert torch.equal(weight, classifier.weight.detach()[5:30])
     assert torch.equal(momentum, optimizer.state[classifier.weight]["momentum_buffer"][5:30])
     assert [entry for entry in new.allocated if entry[1] >= 25 * 16 * 4] == [((25, 16), 25 * 16 * 4)] * 2
@@ -192,14 +193,14 @@ def test_keep_checkpoints_is_documented_with_its_default_and_judged():
 
 # -------------------------------------------------------------------------------- a full disk, one rank
 def test_a_checkpoint_that_does_not_fit_is_refused_before_any_write(tiny_run, tmp_path, monkeypatch):
-    config, run = tiny_run
-    first = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    config, training = tiny_run
+    first = checkpoints.save_checkpoint(tmp_path, 1, config, training)
     before = digest(first)
     writes = []
     monkeypatch.setattr(checkpoints.torch, "save", lambda *args, **kwargs: writes.append(args[1]))
     monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=0, free=4096))
     with pytest.raises(UsageError) as refused:
-        checkpoints.save_checkpoint(tmp_path, 2, config, *run)
+        checkpoints.save_checkpoint(tmp_path, 2, config, training)
     message = str(refused.value)
     size = checkpoints.checkpoint_bytes(first)  # checkpoint 2 is as large as checkpoint 1
     assert message.startswith("cannot write checkpoint-0002: it needs ") and size <= needed_bytes(message) < 1.1 * size
@@ -210,7 +211,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_write(tiny_run, tm
 
 
 def test_a_write_that_fails_leaves_nothing_of_the_checkpoint(tiny_run, tmp_path, monkeypatch):
-    config, run = tiny_run
+    config, training = tiny_run
     real_save = torch.save
 
     def state_cut_short(obj, path, *args, **kwargs):
@@ -222,7 +223,7 @@ def test_a_write_that_fails_leaves_nothing_of_the_checkpoint(tiny_run, tmp_path,
 
     monkeypatch.setattr(checkpoints.torch, "save", state_cut_short)
     with pytest.raises(UsageError) as failed:
-        checkpoints.save_checkpoint(tmp_path, 1, config, *run, step_losses=[1.0, 2.0])
+        checkpoints.save_checkpoint(tmp_path, 1, config, training, step_losses=[1.0, 2.0])
     assert str(failed.value).startswith("cannot write checkpoint-0001-step-000002: rank 0 failed writing state.pt "
                                         "(RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos "
                                         "10496 vs 10390); it needs ")
@@ -232,11 +233,11 @@ def test_a_write_that_fails_leaves_nothing_of_the_checkpoint(tiny_run, tmp_path,
 
 
 def test_what_a_killed_save_or_deletion_left_goes_at_the_next_save(tiny_run, tmp_path):
-    config, run = tiny_run
+    config, training = tiny_run
     for leftover in (partial_checkpoint(tmp_path / "checkpoint-0003"), tmp_path / ".checkpoint-0001.deleting"):
         leftover.mkdir()
         (leftover / "shard-0.pt").write_bytes(b"x" * 1000)
-    checkpoints.save_checkpoint(tmp_path, 2, config, *run)
+    checkpoints.save_checkpoint(tmp_path, 2, config, training)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-0002"]
 
 
@@ -244,22 +245,22 @@ def test_a_real_full_file_system_is_one_line_and_the_previous_checkpoint_stays(t
                                                                                  monkeypatch):
     """On a real tmpfs: the refusal reports the file system's real free space; with the estimate made wrong on
     purpose the write itself fails with the real writer's error, and the partial checkpoint goes."""
-    config, run = tiny_run
+    config, training = tiny_run
     out = small_file_system.path
-    first = checkpoints.save_checkpoint(out, 1, config, *run)
+    first = checkpoints.save_checkpoint(out, 1, config, training)
     size = checkpoints.checkpoint_bytes(first)
     small_file_system.resize(f"{(size + size // 2) // 1024}k")  # room for 1.5 checkpoints
     before = digest(first)
     with pytest.raises(UsageError, match=f"cannot write checkpoint-0002: it needs .* and "
                                          f"{human_bytes(small_file_system.free())} were free") as refused:
-        checkpoints.save_checkpoint(out, 2, config, *run)
+        checkpoints.save_checkpoint(out, 2, config, training)
     assert "checkpoint-0001 is intact" in str(refused.value)
     monkeypatch.setattr(checkpoints, "estimated_file_bytes", lambda obj: 0)  # the check passes, the disk fills
     with pytest.raises(UsageError, match=r"cannot write checkpoint-0002: rank 0 failed writing (shard-0|state)\.pt "
                                          r"\((RuntimeError|OSError): .*\); it needs 0 B and .* were free on the file "
                                          r"system of .* when it started; nothing of it was kept, checkpoint-0001 is "
                                          r"intact") as failed:
-        checkpoints.save_checkpoint(out, 2, config, *run)
+        checkpoints.save_checkpoint(out, 2, config, training)
     assert "\n" not in str(failed.value)
     assert sorted(path.name for path in out.iterdir()) == ["checkpoint-0001"] and digest(first) == before
     with pytest.raises(UsageError, match=f"cannot write {out / 'backbone.pth'}: (RuntimeError|OSError): .*; it "
@@ -370,21 +371,21 @@ def host_of(value):
     return value.host if isinstance(value, DeviceTensor) else value
 
 
-def on_stand_in_device(run):
-    """A copy of the run's objects with every parameter, buffer and optimizer state on the stand-in device, as
+def on_stand_in_device(training):
+    """A copy of the run's TrainingState with every parameter, buffer and optimizer state on the stand-in device, as
     module.to("cuda") and the optimizer steps after it leave them."""
-    run = copy.deepcopy(run)
+    training = copy.deepcopy(training)
     swapping = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)  # a tensor subclass is swapped in, not assigned
     try:
-        for module in (run[0], run[1], run[3]):
+        for module in (training.backbone, training.head, training.classifier):
             module._apply(DeviceTensor)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swapping)
-    for optimizer in (run[2], run[4]):
+    for optimizer in (training.encoder_optimizer, training.classifier_optimizer):
         for state in optimizer.state.values():
             state.update({key: DeviceTensor(value) for key, value in state.items() if isinstance(value, torch.Tensor)})
-    return run
+    return training
 
 
 def plain_load(path):
@@ -407,11 +408,11 @@ def test_the_stand_in_fails_a_plain_load_as_a_cuda_tensor_does(tmp_path):
 def test_a_checkpoint_of_a_run_on_the_device_loads_on_a_machine_without_one(tiny_run, tmp_path):
     """Every file save_checkpoint writes from objects on the device holds host tensors only, the same as from the
     objects on the host."""
-    config, run = tiny_run
-    on_device = checkpoints.save_checkpoint(tmp_path / "device", 1, config, *on_stand_in_device(run))
+    config, training = tiny_run
+    on_device = checkpoints.save_checkpoint(tmp_path / "device", 1, config, on_stand_in_device(training))
     for name in ("state.pt", "shard-0.pt"):
         plain_load(on_device / name)
-    assert_checkpoints_bitwise_equal(checkpoints.save_checkpoint(tmp_path / "host", 1, config, *run), on_device)
+    assert_checkpoints_bitwise_equal(checkpoints.save_checkpoint(tmp_path / "host", 1, config, training), on_device)
 
 
 @pytest.mark.parametrize("small_stem, width", [(False, 64), (True, 8)], ids=["torchvision", "own-layout"])
@@ -421,8 +422,9 @@ def test_the_backbone_of_a_run_on_the_device_loads_on_a_machine_without_one(smal
     from model.export import export_backbone
     from model.resnet import build_backbone
     backbone = build_backbone("resnet18", small_stem=small_stem, width=width)
-    on_device = on_stand_in_device((backbone, torch.nn.Identity(), torch.optim.SGD(backbone.parameters()),
-                                    torch.nn.Identity(), torch.optim.SGD(backbone.parameters())))[0].state_dict()
+    on_device = on_stand_in_device(checkpoints.TrainingState(
+        backbone, torch.nn.Identity(), torch.optim.SGD(backbone.parameters()), torch.nn.Identity(),
+        torch.optim.SGD(backbone.parameters()))).backbone.state_dict()
     exported = on_device if small_stem else export_backbone(on_device)
     checkpoints.write_file(exported, tmp_path / "backbone.pth")
     loaded = plain_load(tmp_path / "backbone.pth")
@@ -500,12 +502,12 @@ def plain_pickle(marker):
         "epoch-type", "negative-lines", "losses-type", "shards-absent", "shard-weight-type", "rng-size"])
 def test_a_file_that_is_not_such_a_checkpoint_stops_a_resume_in_one_line_naming_it(name, write, message, tiny_run,
                                                                                  tmp_path):
-    config, run = tiny_run
-    written = checkpoints.save_checkpoint(tmp_path, 1, config, *run)
+    config, training = tiny_run
+    written = checkpoints.save_checkpoint(tmp_path, 1, config, training)
     marker = tmp_path / "marker"
     write(marker)(written / name)
     with pytest.raises(UsageError) as refused:
-        checkpoints.restore_checkpoint(written, *copy.deepcopy(run))
+        checkpoints.restore_checkpoint(written, copy.deepcopy(training))
     assert str(refused.value).startswith(f"cannot resume from {written}: ") and "\n" not in str(refused.value)
     assert message.format(file=written / name, checkpoint=written) in str(refused.value)
     assert not marker.exists()

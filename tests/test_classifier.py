@@ -200,13 +200,13 @@ def test_bad_input_makes_the_loss_nan_and_check_input_names_it(features, ids, er
     and check_input raises the one-line error. Good input passes check_input."""
     from model.classifier import ShardedInstanceClassifier
     classifier = ShardedInstanceClassifier(1001, 16, smooth_k=5, smooth_alpha=0.2, backend=backend)
-    loss = classifier(features, ids)
-    assert torch.isnan(loss)
+    bad = classifier(features, ids)
+    assert torch.isnan(bad.loss)
     with pytest.raises(error, match=re.escape(message)):
-        classifier.check_input()
+        classifier.check_input(bad)
     good = classifier(torch.randn(4, 16), torch.tensor([0, 1, 2, 1000]))
-    assert torch.isfinite(good)
-    classifier.check_input()
+    assert torch.isfinite(good.loss)
+    classifier.check_input(good)
 
 
 def test_seed_rejects_bad_ids_at_once(single_engine):
@@ -227,7 +227,7 @@ def test_bf16_compute_dtype_keeps_fp32_parameters_and_gradients(single_engine):
     with torch.no_grad():
         classifier.weight.copy_(weight)
     local_features = features.float().requires_grad_(True)
-    loss = classifier(local_features, labels)
+    loss = classifier(local_features, labels).loss
     loss.backward()
     expected_loss, expected_features_grad, expected_weight_grad = oracle(case)
     assert loss.dtype == classifier.weight.grad.dtype == local_features.grad.dtype == torch.float32

@@ -57,8 +57,8 @@ def pretraining(network, index, config, device):
     from data.loaders import pretrain_loader
     from run.run_log import RunLog
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    trainer.train_one_epoch(0, pretrain_loader(index, config, 0), (network, network, optimizer, None, optimizer),
-                            config, RunLog(None, False), diagnostics=None)
+    training = trainer.TrainingState(network, network, optimizer, None, optimizer)
+    trainer.train_one_epoch(0, pretrain_loader(index, config, 0), training, config, RunLog(None, False), diagnostics=None)
 
 
 def raw_feature_init(network, index, config, device):

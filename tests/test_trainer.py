@@ -168,6 +168,8 @@ def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path, sin
     (["linear", "--ckpt", "/no/such/run"], "no complete checkpoint"),
     (["knn", "--ckpt", "/no/such/run"], "no complete checkpoint"),
     (["plan", "--gpus", "0"], "must be positive"),
+    (["--smooth-k", "4000"], "--smooth-k 4000: the K hardest classes are among an image's 3,999 other instances"),
+    (["plan", "--instances", "5", "--smooth-k", "5"], "K must be below 5"),
 ])
 @pytest.mark.slow
 def test_bad_flags_and_paths_are_one_line_errors(args, message, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
 from run.distributed import start
 from run.faults import exit_now
-from tests.classifier_problems import CASES, batch_slice, make_problem, tiny_backbone, SGD_STEP
+from tests.classifier_problems import CASES, SGD_STEP, batch_slice, diagnostics, make_problem, tiny_backbone
 
 world = start(announce=False)
 rank, size = world.rank, world.size
@@ -27,12 +27,12 @@ for backend in backends:
         with torch.no_grad():
             classifier.weight.copy_(weight[classifier.start:classifier.stop])
         local_features = features[mine].clone().requires_grad_(True)
-        loss = classifier(local_features, labels[mine])
-        loss.backward()
+        classified = classifier(local_features, labels[mine])
+        classified.loss.backward()
         results[(backend, name)] = {
-            "start": classifier.start, "stop": classifier.stop, "loss": loss.detach(),
+            "start": classifier.start, "stop": classifier.stop, "loss": classified.loss.detach(),
             "features_grad": local_features.grad, "weight_grad": classifier.weight.grad,
-            "hardest": classifier.last_hardest, "diagnostics": vars(classifier.last_diagnostics)}
+            "hardest": classified.hardest, "diagnostics": diagnostics(classified)}
 
 # seed_: a batch with one duplicated id; rows not in the batch must stay untouched.
 case = CASES["smooth"]
@@ -54,7 +54,7 @@ backbone_optimizer = distributed_backbone_optimizer(torch.optim.SGD(backbone.par
                                                     backbone.named_parameters())
 classifier_optimizer = torch.optim.SGD(classifier.parameters(), lr=SGD_STEP["lr"], momentum=0.9)
 mine = batch_slice(len(labels), rank, size)
-loss = classifier(backbone(inputs[mine]), labels[mine])
+loss = classifier(backbone(inputs[mine]), labels[mine]).loss
 backbone_optimizer.zero_grad()
 classifier_optimizer.zero_grad()
 loss.backward()

@@ -42,7 +42,7 @@ batch = 3 + world.rank  # uneven batches
 features = torch.randn(batch, 8, generator=torch.Generator().manual_seed(world.rank), requires_grad=True)
 ids = torch.arange(batch) + 10 * world.rank
 with StepCounter() as counted:
-    loss = classifier(features, ids)
+    loss = classifier(features, ids).loss
     loss.backward()
 with open(f"{sys.argv[1]}/rank{world.rank}.json", "w") as stream:
     json.dump({"engine": world.name, "collectives": counted.collectives, "syncs": counted.syncs,

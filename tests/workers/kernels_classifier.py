@@ -13,7 +13,7 @@ import torch
 from model.classifier import ShardedInstanceClassifier
 from run.distributed import start
 from run.step_counter import StepCounter
-from tests.classifier_problems import CASES, batch_slice, make_problem
+from tests.classifier_problems import CASES, batch_slice, diagnostics, make_problem
 
 start("horovod", announce=False)
 out_dir, backends = sys.argv[1], sys.argv[2:]
@@ -26,16 +26,16 @@ for backend in backends:
         with torch.no_grad():
             classifier.weight.copy_(weight[classifier.start:classifier.stop])  # float64 -> float32
         local_features = features[batch_slice(case["batch"], hvd.rank(), hvd.size())].float().requires_grad_(True)
-        loss = classifier(local_features, labels[batch_slice(case["batch"], hvd.rank(), hvd.size())])
-        loss.backward()
-        results[(backend, name)] = {"loss": loss.detach(), "features_grad": local_features.grad,
-                                    "weight_grad": classifier.weight.grad, "hardest": classifier.last_hardest,
-                                    "diagnostics": vars(classifier.last_diagnostics)}
+        classified = classifier(local_features, labels[batch_slice(case["batch"], hvd.rank(), hvd.size())])
+        classified.loss.backward()
+        results[(backend, name)] = {"loss": classified.loss.detach(), "features_grad": local_features.grad,
+                                    "weight_grad": classifier.weight.grad, "hardest": classified.hardest,
+                                    "diagnostics": diagnostics(classified)}
 
 # One more step of the last Triton classifier, with fresh gradients as after optimizer.zero_grad().
 classifier.weight.grad = local_features.grad = None
 with StepCounter() as counted:
-    classifier(local_features, labels[batch_slice(case["batch"], hvd.rank(), hvd.size())]).backward()
+    classifier(local_features, labels[batch_slice(case["batch"], hvd.rank(), hvd.size())]).loss.backward()
 results["counted"] = {"launches": counted.launches, "collectives": counted.collectives, "syncs": counted.syncs}
 
 print("unnamed control", file=sys.stderr, flush=True)

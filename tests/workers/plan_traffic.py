@@ -33,7 +33,7 @@ world.allgather, world.alltoall = counting_allgather, counting_alltoall  # this 
 classifier = ShardedInstanceClassifier(instances, dim, smooth_k=k, smooth_alpha=0.2)
 optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9)
 features = torch.randn(batch, dim, requires_grad=True)
-classifier(features, torch.randint(0, instances, (batch,))).backward()
+classifier(features, torch.randint(0, instances, (batch,))).loss.backward()
 optimizer.step()
 state = optimizer.state[classifier.weight]["momentum_buffer"]
 result = {"received": received["bytes"],
