@@ -1,10 +1,12 @@
-"""A pretraining run's settings judged before any data is touched: the first impossible value or combination
-is one UsageError naming the flags. `check_settings` needs nothing but the flags (`plan` uses it too);
-`check_machine_and_paths` also looks at this machine (CUDA, the GPU's precisions) and at the paths given, and
-resolves `--precision auto` for this machine; `check_fits_data` judges what only the data's size decides; `check_saved_flags` gives settings read back from a checkpoint the
-types and choices that parsing gives the flags. It sits beside trainer.py, above data/, model/ and run/, because
-it judges the flags of all of them.
+"""A pretraining run's settings: the defaults of the flags left unset (`resolve_config`), judged before any data is
+touched; the first impossible value or combination is one UsageError naming the flags. `check_settings` needs
+nothing but the flags (`plan` uses it too); `check_machine_and_paths` also looks at this machine (CUDA, the GPU's
+precisions) and at the paths given, and resolves `--precision auto` for this machine; `check_fits_data` judges
+what only the data's size decides, in `complete_config`, which adds what a run derives from its data and ranks;
+`check_saved_flags` gives settings read back from a checkpoint the types and choices that parsing gives the flags.
+It sits beside trainer.py, above data/, model/ and run/, because it judges the flags of all of them.
 """
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -17,10 +19,36 @@ from run.errors import UsageError
 
 POSITIVE = ["image_size", "width", "feat_dim", "hidden_dim", "epochs", "batch_size", "threads", "save_every",
             "log_every"]
+SYNTHETIC_ONLY = ("instances", "steps_per_epoch")  # the flags of --data synthetic, ignored with image files
+
+# Flags left unset take the built-in demo's values without --data, the ImageNet-scale ones with it.
+# The built-in ones were chosen from measured runs on the digits (bench/RESULTS.md, "Built-in defaults"); the
+# dataset ones are the paper's (tau, K, alpha) and MoCo's (lr, batch, augmentation).
+BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=12,
+                        batch_size=32, warmup_epochs=1, classifier_lr_mult=10.0, lr=0.24, min_scale=0.5,
+                        crop_ratio=1.0, flip=False, temperature=0.1, smooth_k=10, smooth_alpha=0.1)
+DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=False, hidden_dim=2048, epochs=200,
+                        batch_size=64, warmup_epochs=10, classifier_lr_mult=1.0, lr=0.03, min_scale=0.2,
+                        crop_ratio=0.875, flip=True, temperature=0.15, smooth_k=5, smooth_alpha=0.2)
+# --data synthetic measures the step: its runs are a few hundred steps, where a 10-epoch warm-up cannot fit.
+SYNTHETIC_DEFAULTS = {**DATASET_DEFAULTS, "warmup_epochs": 0}
 
 
 def flag(name):
     return "--" + name.replace("_", "-")
+
+
+def resolve_config(args, defaults=None):
+    """The flags with the unset ones filled in (BUILTIN_DEFAULTS without --data, SYNTHETIC_DEFAULTS with --data
+    synthetic, else DATASET_DEFAULTS),
+    judged before anything else runs: a UsageError names the first bad one."""
+    defaults = defaults or (BUILTIN_DEFAULTS if args.data is None else
+                            SYNTHETIC_DEFAULTS if is_synthetic(args) else DATASET_DEFAULTS)
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    check_settings(args)
+    return args
 
 
 def check_settings(config):
@@ -54,6 +82,21 @@ def check_fits_data(config, num_instances):
     are some of an image's other num_instances - 1 classes."""
     require(config.smooth_k < num_instances, f"--smooth-k {config.smooth_k}: the K hardest classes are among an "
             f"image's {num_instances - 1:,} other instances here, so K must be below {num_instances:,}")
+
+
+def complete_config(config, num_instances, world_size):
+    """config := the resolved flags and what the run derives from its data and its ranks (saved as config.json
+    and in every checkpoint), once the data has passed check_fits_data (the same on every rank)."""
+    check_fits_data(config, num_instances)
+    config.num_instances, config.world_size = num_instances, world_size
+    config.global_batch = config.batch_size * world_size
+    config.base_lr = config.lr * config.global_batch / 256
+    config.versions = package_versions()
+
+
+def package_versions():  # None for a package that is not installed
+    return {name: next((found.version for found in importlib.metadata.distributions(name=name)), None)
+            for name in ("torch", "horovod", "nvidia-dali-cuda120", "triton", "numpy")}
 
 
 def check_machine_and_paths(config):

@@ -25,7 +25,6 @@ Other subcommands: `knn --ckpt RUN`, `export --ckpt RUN --to backbone.pth`, `pac
 `python trainer.py SUBCOMMAND -h` explain every flag.
 """
 import argparse
-import importlib.metadata
 import json
 import math
 import sys
@@ -55,7 +54,8 @@ from run.errors import UsageError
 from run.faults import Preempted, default_signals, end_of_step, exit_now, exit_preempted, stop_on_signals
 from run.run_log import WARMUP_STEPS, RunLog, Throughput
 from run.schedule import set_learning_rate, warmup_cosine
-from settings import check_dali_device, check_fits_data, check_machine_and_paths, check_saved_flags, check_settings
+from settings import (BUILTIN_DEFAULTS, DATASET_DEFAULTS, SYNTHETIC_ONLY, check_dali_device, check_fits_data,
+                      check_machine_and_paths, check_saved_flags, complete_config, resolve_config)
 
 # -------------------------------------------------------------------------------- flags: pretraining
 # The flags of a run, shared by pretraining and `plan` (which sizes the same run).
@@ -145,25 +145,10 @@ group.add_argument("--seed", type=int, default=0, help="seed of the initialisati
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  parents=[flags])
 
-SYNTHETIC_ONLY = ("instances", "steps_per_epoch")  # the flags of --data synthetic, ignored with image files
-
-# Flags left unset take the built-in demo's values without --data, the ImageNet-scale ones with it.
-# The built-in ones were chosen from measured runs on the digits (bench/RESULTS.md, "Built-in defaults"); the
-# dataset ones are the paper's (tau, K, alpha) and MoCo's (lr, batch, augmentation).
-BUILTIN_DEFAULTS = dict(image_size=32, arch="resnet18", width=16, small_stem=True, hidden_dim=512, epochs=12,
-                        batch_size=32, warmup_epochs=1, classifier_lr_mult=10.0, lr=0.24, min_scale=0.5,
-                        crop_ratio=1.0, flip=False, temperature=0.1, smooth_k=10, smooth_alpha=0.1)
-DATASET_DEFAULTS = dict(image_size=224, arch="resnet50", width=64, small_stem=False, hidden_dim=2048, epochs=200,
-                        batch_size=64, warmup_epochs=10, classifier_lr_mult=1.0, lr=0.03, min_scale=0.2,
-                        crop_ratio=0.875, flip=True, temperature=0.15, smooth_k=5, smooth_alpha=0.2)
-# --data synthetic measures the step: its runs are a few hundred steps, where a 10-epoch warm-up cannot fit.
-SYNTHETIC_DEFAULTS = {**DATASET_DEFAULTS, "warmup_epochs": 0}
-
-
 # -------------------------------------------------------------------------------- pretraining
 def pretrain(config):
-    """config: the resolved flags (resolve_config); completed here with what the run derives, saved as
-    config.json and in every checkpoint."""
+    """config: the resolved flags (settings.resolve_config); completed with what the run derives
+    (settings.complete_config), saved as config.json and in every checkpoint."""
     world = start(config.engine, compute=f"precision {config.precision}")  # prints the start-up line
     master, device = world.rank == 0, world.device
     config.engine, config.torch_threads = world.name, world.threads
@@ -176,12 +161,7 @@ def pretrain(config):
     # Data: instance ids come from the indexes persisted in the run directory (synthetic data has none). The kNN
     # bank is the train split; with --twins, the built-in train split without the twins (data/run_index.py).
     train_index, val_index, bank_index = run_indexes(config.data, out, config.strict, log.print, config.twins)
-    config.num_instances = config.instances if train_index is None else train_index.num_instances
-    check_fits_data(config, config.num_instances)  # on every rank alike: the same data
-    config.world_size = world.size
-    config.global_batch = config.batch_size * config.world_size
-    config.base_lr = config.lr * config.global_batch / 256
-    config.versions = package_versions()
+    complete_config(config, config.instances if train_index is None else train_index.num_instances, world.size)
     if master:
         (out / layout.CONFIG).write_text(json.dumps(vars(config), indent=1) + "\n")
     unused = {"versions"} if is_synthetic(config) else {"versions", *SYNTHETIC_ONLY}  # flags this run ignores
@@ -312,24 +292,6 @@ def train_one_epoch(epoch, loader, training, config, log, diagnostics, done_loss
     log.record(epoch=epoch + 1, epoch_loss=mean_loss, images_per_s=images_per_s,
                seconds=time.perf_counter() - started, **summary)
     return mean_loss
-
-
-def resolve_config(args, defaults=None):
-    """The flags with the unset ones filled in (BUILTIN_DEFAULTS without --data, SYNTHETIC_DEFAULTS with --data
-    synthetic, else DATASET_DEFAULTS),
-    judged before anything else runs: a UsageError names the first bad one (settings.py)."""
-    defaults = defaults or (BUILTIN_DEFAULTS if args.data is None else
-                            SYNTHETIC_DEFAULTS if is_synthetic(args) else DATASET_DEFAULTS)
-    for name, value in defaults.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-    check_settings(args)
-    return args
-
-
-def package_versions():  # None for a package that is not installed
-    return {name: next((found.version for found in importlib.metadata.distributions(name=name)), None)
-            for name in ("torch", "horovod", "nvidia-dali-cuda120", "triton", "numpy")}
 
 
 # -------------------------------------------------------------------------------- subcommands
