@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 
 from data.loaders import is_synthetic
+from kernels.reference import check_options
 from model.precision import fastest_precision, has_bf16_tensor_cores
 from run.checkpoint import resolve_checkpoint
 from run.errors import UsageError
 
 POSITIVE = ["image_size", "width", "feat_dim", "hidden_dim", "epochs", "batch_size", "threads", "save_every",
             "log_every"]
+LOSS_FLAGS = {"temperature": "--temperature", "k": "--smooth-k", "alpha": "--smooth-alpha"}  # kernels.reference's names
 SYNTHETIC_ONLY = ("instances", "steps_per_epoch")  # the flags of --data synthetic, ignored with image files
 
 # Flags left unset take the built-in demo's values without --data, the ImageNet-scale ones with it.
@@ -65,9 +67,10 @@ def check_settings(config):
     require(config.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 keeps every one), got "
             f"{config.keep_checkpoints}")
     require(config.seed >= 0, f"--seed must be >= 0 (it seeds DALI), got {config.seed}")
-    require(config.smooth_k >= 0, f"--smooth-k must be >= 0, got {config.smooth_k}")
-    require(0 <= config.smooth_alpha < 1, f"--smooth-alpha must be in [0, 1), got {config.smooth_alpha}")
-    require(config.temperature > 0, f"--temperature must be > 0, got {config.temperature}")
+    try:
+        check_options(LOSS_FLAGS, temperature=config.temperature, k=config.smooth_k, alpha=config.smooth_alpha)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     require(config.lr > 0, f"--lr must be > 0, got {config.lr}")
     require(config.classifier_lr_mult > 0, f"--classifier-lr-mult must be > 0, got {config.classifier_lr_mult}")
     require(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}")

@@ -31,6 +31,19 @@ import torch
 import torch.nn.functional as F
 
 NORM_EPS = 1e-12  # as F.normalize: rows are divided by max(|x|, eps)
+# The loss's options and the range each must be in, said once: the kernels, the classifier and the trainer's flags
+# judge them here, each naming the option as its caller knows it.
+OPTION_RANGES = {"temperature": ("> 0", lambda value: value > 0), "k": (">= 0", lambda value: value >= 0),
+                 "alpha": ("in [0, 1)", lambda value: 0 <= value < 1)}
+
+
+def check_options(names=None, **options):
+    """ValueError naming the first of the loss's options (temperature, k, alpha) out of its range; names: what
+    the caller calls them, {option: name}."""
+    for option, value in options.items():
+        wanted, holds = OPTION_RANGES[option]
+        if not holds(value):
+            raise ValueError(f"{(names or {}).get(option, option)} must be {wanted}, got {value}")
 
 
 def effective_k(k, num_classes):

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import NORM_EPS, stats_ids
+from kernels.reference import NORM_EPS, check_options, stats_ids
 from kernels.triton_exchange import merge_splits
 
 # K of the top-K smoothing: the running top-K of a batch block lives in registers ([BLOCK_B, K_PAD]
@@ -413,8 +413,7 @@ def _check_inputs(features_n, weight, labels, temperature, compute_dtype):
         raise ValueError(f"feature dim must be in [1, {MAX_FEATURE_DIM}], got {dim}")
     if batch < 1 or not 1 <= weight.shape[0] < 2**31:
         raise ValueError(f"need B >= 1 and 1 <= C < 2^31 (int32 local ids), got B = {batch}, C = {weight.shape[0]}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_options(temperature=temperature)
 
 
 def _rows_contiguous(x):

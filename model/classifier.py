@@ -36,11 +36,12 @@ from typing import NamedTuple
 import torch
 
 from kernels import NormalizedExchange, seed_rows_, shard_ops, sharded_topk_xent_and_stats
-from kernels.reference import normalize_rows
+from kernels.reference import check_options, normalize_rows
 from model.precision import has_bf16_tensor_cores
 from run.distributed import engine, shard_rows
 
 INIT_BLOCK_ROWS = 65536  # random init is drawn per block of rows of W, so it does not depend on P
+NAMES = {"k": "smooth_k", "alpha": "smooth_alpha"}  # the loss's options (kernels.reference) as the classifier names them
 
 
 def random_unit_rows(start, stop, dim, seed):
@@ -117,10 +118,7 @@ class ShardedInstanceClassifier(torch.nn.Module):
         super().__init__()
         if num_instances < 2:
             raise ValueError(f"an instance classifier needs at least 2 instances, got {num_instances}")
-        if not 0.0 <= smooth_alpha < 1.0:
-            raise ValueError(f"smooth_alpha must be in [0, 1), got {smooth_alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_options(NAMES, temperature=temperature, k=smooth_k, alpha=smooth_alpha)
         self.group = group or engine()
         self.num_instances, self.dim = num_instances, dim
         self.temperature, self.smooth_k, self.smooth_alpha = temperature, smooth_k, smooth_alpha

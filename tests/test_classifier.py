@@ -209,6 +209,18 @@ def test_bad_input_makes_the_loss_nan_and_check_input_names_it(features, ids, er
     classifier.check_input(good)
 
 
+@pytest.mark.parametrize("options,message", [
+    (dict(temperature=0.0), "temperature must be > 0, got 0.0"), (dict(smooth_k=-1), "smooth_k must be >= 0, got -1"),
+    (dict(smooth_alpha=1.0), "smooth_alpha must be in [0, 1), got 1.0"),
+])
+def test_bad_loss_options_are_refused_when_the_classifier_is_built(options, message, single_engine):
+    """The ranges of kernels.reference.OPTION_RANGES, under the classifier's names (the flags' are tested with
+    the trainer's one-line errors)."""
+    from model.classifier import ShardedInstanceClassifier
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShardedInstanceClassifier(1001, 16, **options)
+
+
 def test_seed_rejects_bad_ids_at_once(single_engine):
     from model.classifier import ShardedInstanceClassifier
     classifier = ShardedInstanceClassifier(1001, 16)
