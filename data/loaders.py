@@ -32,9 +32,9 @@ def is_synthetic(config):
 
 
 def pretrain_loader(index, config, epoch, group=None):
-    """One epoch of (views: config.views x [b, 3, S, S] float32, ids: [b] int64) of this rank: shuffled, each view
-    an independent augmentation of one decode (random resized crop down to config.min_scale of the area, colour
-    jitter, grey, config.blur, config.flip)."""
+    """One epoch of (views: config.views x [b, 3, S, S] float32, ids: [b] int64) of this rank, shuffled: each view
+    an independent MoCo v2 augmentation of one decode (data/augment.py: a random resized crop of at least
+    config.min_scale of the area, colour jitter, grey, a blur if config.blur, a flip if config.flip)."""
     if is_synthetic(config):
         return synthetic_loader(config, epoch, config.views, group)
     from data.pipelines import InstanceLoader, pretrain_pipeline  # DALI: see the module docstring
@@ -68,7 +68,7 @@ def eval_loader(index, config, batch_size=None, shuffle=False, group=None):
         **dali_settings(config, group), crop_ratio=config.crop_ratio)
 
 
-def synthetic_loader(config, epoch, views, group=None):
+def synthetic_loader(config, epoch, views, group):
     """Random images (data/synthetic.py) of this rank: views x [b, 3, S, S] per batch, or [b, 3, S, S] when views is
     None (the evaluation pass)."""
     group = group or engine()

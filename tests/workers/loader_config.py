@@ -1,6 +1,6 @@
 """A run's config as the loaders read it (data/loaders.py), for the data tests and workers: the settings a test
-varies given, the others at the dataset defaults of trainer.py, on DALI's CPU path; and a rank of a process group
-of the test's own making."""
+varies given, the others small and fixed (DALI on the CPU; the augmentations and crop of trainer.py's dataset
+defaults); and a rank of a process group of the test's own making, for tests and workers that start no engine."""
 from types import SimpleNamespace
 
 import torch
