@@ -76,6 +76,8 @@ def check_settings(config):
     require(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}")
     require(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}")
     require(0 < config.min_scale <= 1, f"--min-scale is an area fraction in (0, 1], got {config.min_scale}")
+    require(0 < config.crop_ratio <= 1, f"crop_ratio is the evaluation crop's side over the resized image's, in "
+            f"(0, 1], got {config.crop_ratio}")  # no flag sets it: a saved config's (the defaults' otherwise)
     require(0 <= config.warmup_epochs < config.epochs, f"--warmup-epochs {config.warmup_epochs} must be in "
             f"[0, --epochs {config.epochs}): the learning rate would never reach its cosine decay")
 

@@ -47,7 +47,8 @@ from data.augment import IMAGENET_STD  # noqa: E402  (needs the path above)
 from data.builtin import builtin_dataset  # noqa: E402
 from data.decoder import decoder_arguments  # noqa: E402
 from data.index import InstanceIndex, build_index  # noqa: E402
-from data.pipelines import eval_loader, pretrain_loader  # noqa: E402
+from data.loaders import eval_loader, pretrain_loader  # noqa: E402
+import trainer  # noqa: E402
 
 PHOTO_SHAPES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500)]  # width, height
 LARGE_PHOTO_SHAPES = [(1024, 768), (1600, 1200), (2048, 1536)]  # one photo in LARGE_PHOTO_EVERY
@@ -57,6 +58,15 @@ BUILDS = 3  # loader builds timed per configuration
 COMPARED_IMAGES = 256  # images compared between the CPU and the GPU decoder
 MIB = 2**20
 DALI_DEFAULT_PADDING = dict(device_memory_padding=16 * MIB, host_memory_padding=8 * MIB)  # per decoder thread
+ONE_RANK = argparse.Namespace(rank=0, size=1, device=None)  # the loaders' group: one rank, batches left where made
+
+
+def run_config(index, image_size, device, batch_size, threads, seed=0):
+    """The config of a run over `index` with these settings (trainer.py's dataset defaults otherwise), as the
+    loaders read it."""
+    return trainer.resolve_config(trainer.parser.parse_args([
+        "--data", str(index.root), "--image-size", str(image_size), "--dali-device", device,
+        "--batch-size", str(batch_size), "--threads", str(threads), "--seed", str(seed)]))
 
 
 def write_photos(folder, count):
@@ -83,15 +93,15 @@ def measure_loader(index_path, image_size, device, batch_size, threads, seconds)
     if on_gpu:
         gpu_baseline = gpu_bytes_in_use()  # after creating the CUDA context
     host_baseline = memory_in_use("cpu")
-    arguments = dict(batch_size=batch_size, image_size=image_size, views=2, device=device, threads=threads)
+    arguments = (image_size, device, batch_size, threads)
     build_seconds = []
     for seed in range(BUILDS):
         started = time.perf_counter()
-        with pretrain_loader(index, seed=seed, **arguments) as loader:
+        with pretrain_loader(index, run_config(index, *arguments, seed), 0, ONE_RANK) as loader:
             next(iter(loader))
             build_seconds.append(time.perf_counter() - started)
     gpu_peak = 0
-    with pretrain_loader(index, seed=BUILDS, **arguments) as loader:
+    with pretrain_loader(index, run_config(index, *arguments, BUILDS), 0, ONE_RANK) as loader:
         images, started = 0, None
         while started is None or time.perf_counter() - started < seconds:
             for views, ids in loader:
@@ -147,7 +157,7 @@ def eval_view_difference(index, image_size, batch_size, threads, device):
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     views = {}
     for device in ("cpu", device):
-        with eval_loader(index, batch_size=batch_size, image_size=image_size, device=device, threads=threads) as loader:
+        with eval_loader(index, run_config(index, image_size, device, batch_size, threads), group=ONE_RANK) as loader:
             batches = []
             for images, ids in loader:
                 batches.append((images.cpu() * std, ids.cpu()))  # normalized -> levels; the mean cancels
@@ -187,7 +197,7 @@ def gpu_checks(indexes, batch_size, threads, device):
                   f"|cpu - {device}|"] = f"max {largest:.0f}, mean {mean:.4f} levels"
     index = InstanceIndex.load(next(iter(indexes.values())))
     lines[f"ids left as a CPU output of a {device} pipeline"] = ids_as_cpu_output(index, decoder, batch_size, threads)
-    with eval_loader(index, batch_size=batch_size, image_size=32, device=device, threads=threads) as loader:
+    with eval_loader(index, run_config(index, 32, device, batch_size, threads), group=ONE_RANK) as loader:
         _, ids = next(iter(loader))
         lines[f"ids from the loaders on the {device} path"] = f"{ids.device}, {ids.dtype}"
     return lines

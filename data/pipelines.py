@@ -1,4 +1,6 @@
 """DALI input pipelines over an instance index, sharded over the ranks; the label they yield is the instance id.
+The DALI half of the loaders: data/loaders.py builds each kind from a run's config (and alone imports this
+module, so that only a DALI loader needs DALI); here are the pipeline graphs and `InstanceLoader`, which runs one.
 
 Reading. A folder's index (data/index.py) is read by `fn.readers.file`, a shard index (data/shards.py) by
 `fn.readers.webdataset` (data/shard_reader.py, which reads each id back from the image's source info), both with
@@ -7,12 +9,12 @@ PARTIAL)`: padding gives every rank the same number of batches and the iterator 
 every instance comes exactly once per epoch over all ranks. Training loaders reshuffle the whole dataset each
 epoch with a seed all ranks share, since they cut the same permutation into disjoint shards (`random_shuffle`
 would only mix a 1024-image window of the class-sorted list); the shard reader shuffles the shards and a buffer
-of samples instead. Evaluation loaders read their shard in id order, or shuffled when given a shuffle_seed
-(BatchNorm statistics need batches that mix the classes).
+of samples instead. Evaluation loaders read their shard in id order, or shuffled (BatchNorm statistics need
+batches that mix the classes).
 
 Devices and seeds. "gpu" decodes with nvJPEG on the current CUDA device (`run.distributed.start()` makes it
 current) and augments there; "cpu" runs without a driver; "auto" is "gpu" when torch sees CUDA; the decoder's
-arguments come from data/decoder.py. Given an `output_device` (the rank's: data/loaders.py), a loader delivers
+arguments come from data/decoder.py. Given an `output_device` (the rank's), a loader delivers
 its batches there whichever device made them (`to_device`: no copy where they are already). The shuffle seed is
 `seed` on every rank, the augmentation seed derives from (seed, rank). A new loader starts from its first
 epoch's order: to resume at epoch e, pass a seed that depends on e.
@@ -43,47 +45,9 @@ from data.shard_reader import read_shards, source_name
 from run.errors import UsageError
 
 READER_NAME = "instances"
-DEVICES = ("auto", "cpu", "gpu")
 DECODE_FAILURE = re.compile(r"Failed to decode sample #\d+ : (.+)")
 # glibc's malloc_trim(pad) returns free heap pages to the system; None where the C library has no such call.
 MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
-
-
-def pretrain_loader(index, *, batch_size, image_size, views=2, rank=0, world_size=1, device="auto", threads=2,
-                    seed=0, min_scale=0.2, flip=True, blur=True, output_device=None):
-    """Epochs of (views: `views` x [b, 3, S, S] float32, ids: [b] int64), shuffled, augmented for pretraining.
-
-    The views of one image are independent augmentations of a single decode; `flip=False` never mirrors them and
-    `blur=False` never blurs them.
-    """
-    if views not in (1, 2):
-        raise ValueError(f"views must be 1 or 2, got {views!r}")
-    if not 0 < min_scale <= 1:
-        raise ValueError(f"min_scale must be in (0, 1], got {min_scale!r}")
-    view_names = [f"view{number}" for number in range(views)]
-    return InstanceLoader(
-        pretrain_pipeline, view_names, index, shuffle=True, group_views=True, batch_size=batch_size, rank=rank,
-        world_size=world_size, device=device, threads=threads, seed=seed, output_device=output_device,
-        image_size=image_size, views=views, min_scale=min_scale, flip=flip, blur=blur)
-
-
-def eval_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, crop_ratio=0.875,
-                shuffle_seed=None, output_device=None):
-    """One pass of (images [b, 3, S, S] float32, ids [b] int64) per `for`: center crops, id order per rank, or
-    with a shuffle_seed the whole dataset shuffled as for training (batches that mix the classes)."""
-    check_crop_ratio(crop_ratio)
-    return InstanceLoader(
-        eval_pipeline, ["images"], index, shuffle=shuffle_seed is not None, batch_size=batch_size, rank=rank,
-        world_size=world_size, device=device, threads=threads, seed=shuffle_seed or 0, output_device=output_device,
-        image_size=image_size, crop_ratio=crop_ratio)
-
-
-def linear_train_loader(index, *, batch_size, image_size, rank=0, world_size=1, device="auto", threads=2, seed=0,
-                        flip=True, output_device=None):
-    """Epochs of (images [b, 3, S, S] float32, ids [b] int64), shuffled, random-resized-crop + flip (if `flip`)."""
-    return InstanceLoader(
-        linear_train_pipeline, ["images"], index, shuffle=True, batch_size=batch_size, rank=rank, world_size=world_size,
-        device=device, threads=threads, seed=seed, output_device=output_device, image_size=image_size, flip=flip)
 
 
 @pipeline_def(enable_conditionals=True)
@@ -129,9 +93,6 @@ class InstanceLoader:
 
     def __init__(self, pipeline_function, output_names, index, *, shuffle, group_views=False, batch_size, rank,
                  world_size, device, threads, seed, output_device=None, **pipeline_arguments):
-        check_positive(batch_size=batch_size, image_size=pipeline_arguments["image_size"], threads=threads)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         if index.path is None:
             raise ValueError("the instance index is not saved yet: save it (build_index does) first")
         device = resolve_device(device)
@@ -233,27 +194,12 @@ def to_device(tensor, device):
 
 
 def resolve_device(device):
-    """'cpu' or 'gpu' for a device flag of auto|cpu|gpu."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    """'cpu' or 'gpu' for a --dali-device of auto|cpu|gpu (settings.py has refused gpu where torch sees no CUDA)."""
     if device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
-    if device == "gpu" and not torch.cuda.is_available():
-        raise ValueError("device gpu was asked for, but torch sees no CUDA device")
     return device
 
 
 def augmentation_seed(seed, rank):
     """A 31-bit DALI seed, different per rank, the same for the same (seed, rank)."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]) & 0x7FFFFFFF
-
-
-def check_positive(**values):
-    for name, value in values.items():
-        if not (isinstance(value, int) and value > 0):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_crop_ratio(crop_ratio):
-    if not 0 < crop_ratio <= 1:
-        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio!r}")

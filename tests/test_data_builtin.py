@@ -8,8 +8,9 @@ from PIL import Image
 
 from data.builtin import builtin_dataset, load_mnist_5k
 from data.index import build_index
-from data.pipelines import eval_loader
+from data.loaders import eval_loader
 from tests.conftest import ROOT
+from tests.workers.loader_config import ONE_RANK, loader_config
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_images_are_32px_rgb_jpeg_with_the_digit_in_the_middle(dataset_root):
 
 def test_dali_decodes_every_file(dataset_root):
     index = build_index(dataset_root / "val", out_dir=dataset_root.parent / "indexes", log=quiet)
-    loader = eval_loader(index, batch_size=256, image_size=32, device="cpu", crop_ratio=1.0)
+    loader = eval_loader(index, loader_config(batch_size=256, image_size=32, crop_ratio=1.0), group=ONE_RANK)
     ids = []
     for images, batch_ids in loader:
         assert images.shape[1:] == (3, 32, 32) and images.std() > 0.5

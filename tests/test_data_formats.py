@@ -12,10 +12,11 @@ from PIL import Image
 from data.augment import IMAGENET_MEAN, IMAGENET_STD
 from data.formats import image_problem
 from data.index import build_index
+from data.loaders import eval_loader
 from data.pack import pack
-from data.pipelines import eval_loader
 from data.shards import build_shard_index
 from tests.workers.data_shards import write_tar
+from tests.workers.loader_config import ONE_RANK, loader_config
 
 SIDE = 24
 # name: (PIL format, save options, PIL mode, lossy); PIL writes PPM as P4, P5 or P6 after the mode
@@ -82,7 +83,7 @@ def format_folder(tmp_path_factory):
 def pixels_seen(index, image_size):
     """{instance: [S, S, 3] uint8 as the evaluation loader decodes it}, crops of the whole image."""
     seen = {}
-    for images, ids in eval_loader(index, batch_size=4, image_size=image_size, device="cpu", crop_ratio=1.0):
+    for images, ids in eval_loader(index, loader_config(image_size=image_size, crop_ratio=1.0), group=ONE_RANK):
         pixels = images.permute(0, 2, 3, 1) * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)
         seen.update(zip(ids.tolist(), pixels.round().to(torch.uint8).numpy()))
     return seen

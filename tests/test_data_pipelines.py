@@ -15,11 +15,13 @@ from PIL import Image
 from data.augment import IMAGENET_MEAN, IMAGENET_STD
 from data.index import build_index
 from data.pack import pack
-from data.pipelines import UndecodableImage, augmentation_seed, eval_loader, linear_train_loader, pretrain_loader
+from data.loaders import eval_loader, linear_train_loader, pretrain_loader
+from data.pipelines import UndecodableImage, augmentation_seed
 from data.shards import build_shard_index
 from tests.conftest import WORKERS, run_horovod
 from tests.workers import data_batches
 from tests.workers.data_images import image_bytes, write_images
+from tests.workers.loader_config import ONE_RANK, loader_config
 
 NUM_IMAGES = 53  # not a multiple of ranks x batch size, so shards and last batches are uneven
 NUM_RANKS = 2
@@ -110,9 +112,8 @@ def one_epoch(loader):
 
 
 def test_same_seed_gives_the_same_epochs_and_another_seed_does_not(small_index):
-    arguments = dict(batch_size=4, image_size=16, device="cpu", threads=2)
-    first, again = (pretrain_loader(small_index, seed=7, **arguments) for _ in range(2))
-    other = pretrain_loader(small_index, seed=8, **arguments)
+    first, again = (pretrain_loader(small_index, loader_config(seed=7), 0, ONE_RANK) for _ in range(2))
+    other = pretrain_loader(small_index, loader_config(seed=8), 0, ONE_RANK)
     for _ in range(2):
         expected = one_epoch(first)
         for (views, ids), (same_views, same_ids) in zip(expected, one_epoch(again)):
@@ -137,7 +138,7 @@ def test_a_fresh_process_draws_the_same_epoch_for_the_same_seed_and_rank(layout,
     image folder and for tar shards."""
     index = request.getfixturevalue(layout)
     seed, rank, world_size = 11, 1, 2
-    for _ in pretrain_loader(index, batch_size=4, image_size=16, device="cpu", seed=seed):  # must not matter
+    for _ in pretrain_loader(index, loader_config(seed=seed), 0, ONE_RANK):  # must not matter
         pass
     run_horovod(None, WORKERS / "data_batches.py", index.path, tmp_path / "batches.pt", seed, rank, world_size,
                 timeout=120)
@@ -175,7 +176,7 @@ def thread_count():
 
 def started_loader(index):
     """A pretraining loader one batch into an epoch (so later batches are prefetched), the epoch, and that batch."""
-    loader = pretrain_loader(index, batch_size=4, image_size=16, device="cpu", threads=3)
+    loader = pretrain_loader(index, loader_config(threads=3), 0, ONE_RANK)
     epoch = iter(loader)
     return loader, epoch, next(epoch)
 
@@ -215,7 +216,7 @@ def test_close_frees_the_pipeline_while_references_remain(small_index, threads_w
 
 @LINUX_ONLY
 def test_leaving_a_with_block_frees_the_pipeline(small_index, threads_without_loaders):
-    with eval_loader(small_index, batch_size=4, image_size=16, device="cpu", threads=3) as loader:
+    with eval_loader(small_index, loader_config(threads=3), group=ONE_RANK) as loader:
         next(iter(loader))
         assert thread_count() > threads_without_loaders
     assert thread_count() == threads_without_loaders
@@ -226,7 +227,7 @@ def test_ranks_draw_different_augmentation_seeds():
 
 
 def test_an_epoch_left_early_is_finished_before_the_next(small_index):
-    loader = linear_train_loader(small_index, batch_size=4, image_size=16, device="cpu")
+    loader = linear_train_loader(small_index, loader_config(), 0, 4, ONE_RANK)
     assert len(loader) == 3
     for _ in loader:
         break
@@ -235,7 +236,7 @@ def test_an_epoch_left_early_is_finished_before_the_next(small_index):
 
 
 def test_one_view(small_index):
-    batches = list(pretrain_loader(small_index, batch_size=4, image_size=8, views=1, device="cpu"))
+    batches = list(pretrain_loader(small_index, loader_config(image_size=8, views=1), 0, ONE_RANK))
     views, ids = batches[0]
     assert len(batches) == 3 and len(views) == 1 and views[0].shape == (4, 3, 8, 8) and ids.shape == (4,)
 
@@ -262,11 +263,14 @@ def mirrored_fraction(loader, epochs=4):
     return sum(mirrored) / len(mirrored)
 
 
-@pytest.mark.parametrize("make_loader", [pretrain_loader, linear_train_loader])
+@pytest.mark.parametrize("make_loader", [
+    lambda index, config: pretrain_loader(index, config, 0, ONE_RANK),
+    lambda index, config: linear_train_loader(index, config, 0, config.batch_size, ONE_RANK),
+], ids=["pretrain", "linear"])
 def test_flip_false_never_mirrors_and_flip_true_sometimes_does(ramp_index, make_loader):
-    arguments = dict(batch_size=8, image_size=16, device="cpu", threads=2, seed=5)
-    assert mirrored_fraction(make_loader(ramp_index, flip=False, **arguments)) == 0
-    assert 0.2 < mirrored_fraction(make_loader(ramp_index, flip=True, **arguments)) < 0.8  # p = 0.5 over 32-64 views
+    assert mirrored_fraction(make_loader(ramp_index, loader_config(batch_size=8, seed=5, flip=False))) == 0
+    flipped = mirrored_fraction(make_loader(ramp_index, loader_config(batch_size=8, seed=5, flip=True)))
+    assert 0.2 < flipped < 0.8  # p = 0.5 over 32-64 views
 
 
 def test_blur_false_never_blurs_and_blur_true_blurs_about_half(tmp_path):
@@ -277,9 +281,9 @@ def test_blur_false_never_blurs_and_blur_true_blurs_about_half(tmp_path):
     for number in range(16):
         Image.fromarray(noise).save(tmp_path / f"noise{number}.png")
     index = build_index(tmp_path, out_dir=tmp_path / "out", log=quiet)
-    arguments = dict(batch_size=16, image_size=32, views=1, device="cpu", threads=1, seed=7)
-    (sharp,), _ = next(iter(pretrain_loader(index, blur=False, **arguments)))
-    (maybe_blurred,), _ = next(iter(pretrain_loader(index, blur=True, **arguments)))
+    settings = dict(batch_size=16, image_size=32, views=1, threads=1, seed=7)
+    (sharp,), _ = next(iter(pretrain_loader(index, loader_config(blur=False, **settings), 0, ONE_RANK)))
+    (maybe_blurred,), _ = next(iter(pretrain_loader(index, loader_config(blur=True, **settings), 0, ONE_RANK)))
     def total_variation(views):
         return (views.diff(dim=-1).abs().mean(dim=(1, 2, 3)) + views.diff(dim=-2).abs().mean(dim=(1, 2, 3)))
     changed = (sharp != maybe_blurred).flatten(1).any(dim=1)
@@ -292,33 +296,14 @@ def test_blur_false_never_blurs_and_blur_true_blurs_about_half(tmp_path):
 def test_eval_resizes_the_shorter_side_and_crops_the_center(tmp_path):
     (tmp_path / "wide.png").write_bytes(image_bytes(np.random.default_rng(0), "PNG", height=32, width=48))
     index = build_index(tmp_path, out_dir=tmp_path / "out", log=quiet)
-    (images, ids), = list(eval_loader(index, batch_size=2, image_size=32, device="cpu", crop_ratio=1.0))
+    (images, ids), = list(eval_loader(index, loader_config(batch_size=2, image_size=32, crop_ratio=1.0),
+                                      group=ONE_RANK))
     pixels = torch.from_numpy(np.array(Image.open(tmp_path / "wide.png"))[:, 8:40]).float()  # [32, 32, 3]
     expected = ((pixels - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).permute(2, 0, 1)
     torch.testing.assert_close(images[0], expected, atol=1e-4, rtol=0)
-    (half_size, _), = list(eval_loader(index, batch_size=2, image_size=8, device="cpu", crop_ratio=0.5))
+    (half_size, _), = list(eval_loader(index, loader_config(batch_size=2, image_size=8, crop_ratio=0.5),
+                                       group=ONE_RANK))
     assert half_size.shape == (1, 3, 8, 8)  # shorter side to 16, then the central 8 x 8
-
-
-@pytest.mark.parametrize("arguments, message", [
-    (dict(views=3), "views must be 1 or 2"),
-    (dict(min_scale=0.0), "min_scale must be in"),
-    (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(threads=1.5), "threads must be a positive integer"),
-    (dict(rank=2, world_size=2), "rank must be in"),
-    (dict(device="tpu"), "device must be one of auto, cpu, gpu"),
-])
-def test_bad_arguments_are_one_line_errors(small_index, arguments, message):
-    with pytest.raises(ValueError, match=message):
-        pretrain_loader(small_index, **{"batch_size": 4, "image_size": 16, **arguments})
-
-
-def test_bad_crop_ratio_and_missing_gpu_are_errors(small_index):
-    with pytest.raises(ValueError, match="crop_ratio must be in"):
-        eval_loader(small_index, batch_size=4, image_size=16, crop_ratio=1.5)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="torch sees no CUDA device"):
-            eval_loader(small_index, batch_size=4, image_size=16, device="gpu")
 
 
 @pytest.fixture
@@ -335,7 +320,7 @@ def damaged_index(tmp_path):
 
 def test_a_damaged_image_is_a_one_line_error_naming_it(damaged_index):
     with pytest.raises(UndecodableImage, match=r"DALI cannot decode .*image15.jpg in .* \(truncated or corrupt\)"):
-        for _ in eval_loader(damaged_index, batch_size=4, image_size=16, device="cpu"):
+        for _ in eval_loader(damaged_index, loader_config(), group=ONE_RANK):
             pass
 
 

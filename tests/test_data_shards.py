@@ -15,12 +15,14 @@ import torch
 
 from data.index import build_index
 from data.pack import pack
-from data.pipelines import UndecodableImage, eval_loader, pretrain_loader
+from data.loaders import eval_loader, pretrain_loader
+from data.pipelines import UndecodableImage
 from data.run_index import load_index
 from data.shards import ShardIndex, build_shard_index, is_shard_folder
 from tests.conftest import WORKERS, run_horovod
 from tests.workers.data_images import image_bytes, write_images
 from tests.workers.data_shards import flat_png, numbers_shown, write_numbered_shards, write_tar
+from tests.workers.loader_config import ONE_RANK, loader_config, rank_of
 
 SIZES = [5, 1, 9, 3, 7, 2]  # uneven on purpose: shards end in the middle of ranks and batches
 BATCH_SIZE = 4  # as in tests/workers/data_shard_epochs.py
@@ -184,7 +186,7 @@ def test_damaged_shards_keep_the_samples_before_the_damage_and_are_named(tmp_pat
         index_of(folder, tmp_path, strict=True)
     # what is kept reads back: every kept sample once, each image the sample its id names
     ids, shown = [], []
-    for images, batch_ids in eval_loader(index, batch_size=4, image_size=8, device="cpu", crop_ratio=1.0):
+    for images, batch_ids in eval_loader(index, loader_config(image_size=8, crop_ratio=1.0), group=ONE_RANK):
         ids += batch_ids.tolist()
         shown += numbers_shown(images)
     assert ids == list(range(index.num_instances))
@@ -206,8 +208,9 @@ def one_epoch(loader):
 def test_an_epoch_is_a_function_of_its_seed(tmp_path):
     write_numbered_shards(tmp_path / "shards", SIZES)
     index = index_of(tmp_path / "shards", tmp_path)
-    arguments = dict(batch_size=BATCH_SIZE, image_size=8, views=1, rank=1, world_size=2, device="cpu", threads=1)
-    first, again, other = (one_epoch(pretrain_loader(index, seed=seed, **arguments)) for seed in (7, 7, 8))
+    first, again, other = (one_epoch(pretrain_loader(index, loader_config(batch_size=BATCH_SIZE, image_size=8, views=1,
+                                                                          threads=1, seed=seed), 0, rank_of(1, 2)))
+                           for seed in (7, 7, 8))
     assert len(first) == len(again) and all(torch.equal(ids, same) and torch.equal(views, same_views)
                                             for (views, ids), (same_views, same) in zip(first, again))
     assert [ids.tolist() for _, ids in first] != [ids.tolist() for _, ids in other]
@@ -215,7 +218,7 @@ def test_an_epoch_is_a_function_of_its_seed(tmp_path):
 
 def mean_distinct_labels(index, labels, epochs=2):
     """Mean number of distinct labels in a batch of 16 over a few epochs of one pretraining loader."""
-    loader = pretrain_loader(index, batch_size=16, image_size=8, views=1, device="cpu", threads=1, seed=1)
+    loader = pretrain_loader(index, loader_config(batch_size=16, image_size=8, views=1, threads=1, seed=1), 0, ONE_RANK)
     counts = [len(set(labels[ids.numpy()].tolist())) for _ in range(epochs) for _, ids in loader]
     return sum(counts) / len(counts)
 
@@ -316,5 +319,5 @@ def test_an_image_damaged_after_indexing_is_a_one_line_error_naming_its_sample(t
         shard.write(bytes(int(index.sizes[7]) - 60))
     with pytest.raises(UndecodableImage, match=rf"DALI cannot decode 002.tar/{index.keys[7]} \(instance 7\) in "
                                                rf"{tmp_path / 'shards'} \(truncated or corrupt\)"):
-        for _ in eval_loader(index, batch_size=4, image_size=8, device="cpu"):
+        for _ in eval_loader(index, loader_config(image_size=8), group=ONE_RANK):
             pass

@@ -52,10 +52,12 @@ def test_raw_pixels_are_the_image_files_in_0_1(tmp_path):
     from data.augment import IMAGENET_MEAN, IMAGENET_STD
     from data.builtin import builtin_dataset
     from data.index import build_index
-    from data.pipelines import eval_loader
+    from data.loaders import eval_loader
     from model.evaluation import RawPixels
+    from tests.workers.loader_config import ONE_RANK, loader_config
     index = build_index(builtin_dataset() / "val", out_dir=tmp_path, log=lambda *_: None)
-    images, ids = next(iter(eval_loader(index, batch_size=16, image_size=32, device="cpu", crop_ratio=1.0)))
+    config = loader_config(batch_size=16, image_size=32, crop_ratio=1.0)
+    images, ids = next(iter(eval_loader(index, config, group=ONE_RANK)))
     features = RawPixels(32, IMAGENET_MEAN, IMAGENET_STD)(images)
     assert features.shape == (16, 3 * 32 * 32)
     for row, instance in zip(features, ids.tolist()):

@@ -63,7 +63,6 @@ LEDGER = {
     "data/pipelines.py::InstanceLoader.__init__": [
         "tests/test_data_device.py::test_a_gpu_loader_builds_its_pipeline_on_the_current_device", "session: data"],
     "data/pipelines.py::resolve_device": [
-        "tests/test_data_pipelines.py::test_bad_crop_ratio_and_missing_gpu_are_errors",
         "tests/test_data_device.py::test_auto_decodes_on_the_gpu_where_torch_sees_cuda", "session: data"],
     # the build of Horovod with NCCL
     ".ci/horovod_build_plan.py::probe": ["session: horovod_setup"],

@@ -24,14 +24,16 @@ def digits(tmp_path_factory):
     """(index, pixels [N, 3 S S] float64 in id order) of a 300-image slice of the built-in train split."""
     from data.builtin import builtin_dataset
     from data.index import build_index
-    from data.pipelines import eval_loader
+    from data.loaders import eval_loader
+    from tests.workers.loader_config import ONE_RANK, loader_config
     root = tmp_path_factory.mktemp("digits")
     for class_folder in sorted((builtin_dataset() / "train").iterdir()):
         (root / class_folder.name).mkdir()
         for image in sorted(class_folder.iterdir())[:IMAGES_PER_CLASS]:
             shutil.copy(image, root / class_folder.name / image.name)
     index = build_index(root, out_dir=root.parent / "index", log=lambda *_: None)
-    batches = list(eval_loader(index, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device="cpu", crop_ratio=1.0))
+    batches = list(eval_loader(index, loader_config(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, crop_ratio=1.0),
+                               group=ONE_RANK))
     assert torch.equal(torch.cat([ids for _, ids in batches]), torch.arange(index.num_instances))
     return index, torch.cat([images.flatten(1) for images, _ in batches]).double()
 

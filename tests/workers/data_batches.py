@@ -7,8 +7,9 @@ import sys
 
 import torch
 
-from data.pipelines import linear_train_loader, pretrain_loader
+from data.loaders import linear_train_loader, pretrain_loader
 from data.run_index import load_index
+from tests.workers.loader_config import loader_config, rank_of
 
 BATCH_SIZE = 4
 IMAGE_SIZE = 16
@@ -16,10 +17,9 @@ IMAGE_SIZE = 16
 
 def epochs(index, seed, rank, world_size):
     """One epoch of each training loader, as lists of (images, ids) batches."""
-    arguments = dict(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, seed=seed, rank=rank, world_size=world_size,
-                     device="cpu", threads=2)
-    return {"pretrain": [(torch.stack(views), ids) for views, ids in pretrain_loader(index, **arguments)],
-            "linear": list(linear_train_loader(index, **arguments))}
+    config, group = loader_config(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, seed=seed), rank_of(rank, world_size)
+    return {"pretrain": [(torch.stack(views), ids) for views, ids in pretrain_loader(index, config, 0, group)],
+            "linear": list(linear_train_loader(index, config, 0, BATCH_SIZE, group))}
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ import sys
 import horovod.torch as hvd
 
 from data.index import InstanceIndex
-from data.pipelines import eval_loader
+from data.loaders import eval_loader
+from tests.workers.loader_config import loader_config, rank_of
 
 hvd.init()
 try:
-    loader = eval_loader(InstanceIndex.load(sys.argv[1]), batch_size=4, image_size=16, rank=hvd.rank(),
-                         world_size=hvd.size(), device="cpu", threads=1)
+    loader = eval_loader(InstanceIndex.load(sys.argv[1]), loader_config(threads=1),
+                         group=rank_of(hvd.rank(), hvd.size()))
     for epoch in range(2):
         for images, ids in loader:
             hvd.allreduce(images.mean(), name="step")  # the synchronization a training step imposes

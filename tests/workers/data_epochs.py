@@ -11,7 +11,8 @@ import horovod.torch as hvd
 import torch
 
 from data.index import build_index
-from data.pipelines import eval_loader, linear_train_loader, pretrain_loader
+from data.loaders import eval_loader, linear_train_loader, pretrain_loader
+from tests.workers.loader_config import loader_config, rank_of
 
 BATCH_SIZE = 4
 IMAGE_SIZE = 16
@@ -33,12 +34,12 @@ def summarize(views, ids):
 def main(folder, out, epochs):
     hvd.init()
     index = build_index(folder, out_dir=out, log=lambda message: None)
-    shard = dict(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, rank=hvd.rank(), world_size=hvd.size(),
-                 device="cpu", threads=1)
+    config = loader_config(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, views=2, threads=1, seed=3)
+    group = rank_of(hvd.rank(), hvd.size())
     loaders = {
-        "pretrain": pretrain_loader(index, views=2, seed=3, **shard),
-        "linear": linear_train_loader(index, seed=3, **shard),
-        "eval": eval_loader(index, **shard),
+        "pretrain": pretrain_loader(index, config, 0, group),
+        "linear": linear_train_loader(index, config, 0, BATCH_SIZE, group),
+        "eval": eval_loader(index, config, group=group),
     }
     record = {"files": index.files}
     for name, loader in loaders.items():

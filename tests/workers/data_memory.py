@@ -8,7 +8,8 @@ import os
 import sys
 
 from data.index import InstanceIndex
-from data.pipelines import eval_loader, linear_train_loader, pretrain_loader
+from data.loaders import eval_loader, linear_train_loader, pretrain_loader
+from tests.workers.loader_config import ONE_RANK, loader_config
 
 BATCH_SIZE = 128  # 2 batches of the test's 256 images a pass, to keep it quick
 IMAGE_SIZE = 32
@@ -20,10 +21,11 @@ def resident_mib():
 
 def main(index_json, loaders):
     index = InstanceIndex.load(index_json)
-    shard = dict(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, device="cpu", threads=2)
-    builders = [lambda number: pretrain_loader(index, views=2, seed=number, **shard),
-                lambda number: linear_train_loader(index, seed=number, **shard),
-                lambda number: eval_loader(index, **shard)]
+    def config(number):
+        return loader_config(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, views=2, threads=2, seed=number)
+    builders = [lambda number: pretrain_loader(index, config(number), 0, ONE_RANK),
+                lambda number: linear_train_loader(index, config(number), 0, BATCH_SIZE, ONE_RANK),
+                lambda number: eval_loader(index, config(number), group=ONE_RANK)]
     resident = []
     for number in range(loaders):
         for batch in builders[number % len(builders)](number):  # the loader is dropped when the loop ends

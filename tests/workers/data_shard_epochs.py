@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 
-from data.loaders import epoch_seed
-from data.pipelines import eval_loader, linear_train_loader, pretrain_loader
+from data.loaders import eval_loader, linear_train_loader, pretrain_loader
 from data.run_index import run_indexes
 from run.distributed import start
 from tests.workers.data_shards import numbers_shown
+from tests.workers.loader_config import loader_config
 
 BATCH_SIZE = 4
 IMAGE_SIZE = 8
@@ -36,16 +36,14 @@ def main(data, out, epochs):
     world = start(announce=False)
     messages = []
     index, val_index, _ = run_indexes(data, out, strict=False, log=messages.append)
-    shard = dict(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, rank=world.rank, world_size=world.size, device="cpu",
-                 threads=1)
+    config = loader_config(batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, views=1, crop_ratio=1.0, threads=1, seed=SEED)
     record = {"keys": index.keys, "num_instances": index.num_instances, "messages": messages,
               "val_instances": val_index and val_index.num_instances}
-    record["pretrain"] = epochs_of(pretrain_loader(index, views=1, seed=SEED, **shard), epochs, False)
-    record["linear"] = epochs_of(linear_train_loader(index, seed=SEED, **shard), epochs, False)
-    record["eval"] = epochs_of(eval_loader(index, crop_ratio=1.0, **shard), epochs, True)
-    record["eval_shuffled"] = epochs_of(eval_loader(index, crop_ratio=1.0, shuffle_seed=SEED, **shard), epochs, True)
-    per_epoch = [epochs_of(pretrain_loader(index, views=1, seed=epoch_seed(SEED, epoch), **shard), 1, False)
-                 for epoch in range(epochs)]
+    record["pretrain"] = epochs_of(pretrain_loader(index, config, 0), epochs, False)  # the started engine's rank
+    record["linear"] = epochs_of(linear_train_loader(index, config, 0, BATCH_SIZE), epochs, False)
+    record["eval"] = epochs_of(eval_loader(index, config), epochs, True)
+    record["eval_shuffled"] = epochs_of(eval_loader(index, config, shuffle=True), epochs, True)
+    per_epoch = [epochs_of(pretrain_loader(index, config, epoch), 1, False) for epoch in range(epochs)]
     record["pretrain_per_epoch"] = {"ids": [run["ids"][0] for run in per_epoch], "shown": [],
                                     "batches_per_epoch": per_epoch[0]["batches_per_epoch"]}
     (Path(out) / f"rank{world.rank}.json").write_text(json.dumps(record))
