@@ -68,7 +68,7 @@ LEDGER = {
     # the build of Horovod with NCCL
     ".ci/horovod_build_plan.py::probe": ["session: horovod_setup"],
     # the benchmarks' harness
-    "bench/harness.py::time_ms": [
+    "bench/harness.py::times_ms": [
         "tests/test_bench_harness.py::test_time_ms_on_cuda_times_with_the_gpus_events", "session: kernels"],
     **{f"bench/harness.py::{function}": [
         "tests/test_bench_harness.py::test_on_cuda_memory_is_torchs_allocator_and_the_reset_waits_for_the_gpu",
@@ -91,7 +91,9 @@ LEDGER = {
     "bench/kernel.py::peak_extra_mib": ["session: kernels"],
     "bench/kernel.py::rotated_inputs": ["session: kernels"],
     "bench/data.py::main": ["session: data"],
-    "bench/data.py::measure_loader": ["session: data"],
+    "bench/data.py::measure_loader": [
+        "tests/test_bench_harness.py::test_the_data_bench_rate_is_the_timed_images_over_their_total_time_and_builds_"
+        "close_off_the_clock", "session: data"],
     "bench/data.py::gpu_bytes_in_use": ["session: data"],
     "bench/data.py::device_id": ["session: data"],
     "bench/data.py::decoded_images": ["session: data"],
