@@ -1,6 +1,6 @@
 """The ledger of the branches that only a GPU runs, and what holds each: a CPU test through a faithful stand-in
 (NCCL's contract, the device a tensor must be on, stubbed CUDA queries, Triton compiled for the target or run
-under its interpreter), or a named step of the GPU session (bench/gpu_session.sh). No test here can execute
+under its interpreter), or a named step of the GPU session (bench/gpu/gpu_session.sh). No test here can execute
 such a branch for real, so each one is listed, and a branch the ledger does not list fails this file: a new
 `torch.cuda`, `is_cuda`, `device.type == "cuda"` or DALI GPU branch comes with its test or session step.
 
@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 # What marks a GPU-only branch: CUDA queries and device tests, DALI's GPU decoder and its GPU outputs.
 GPU_BRANCH = re.compile(r"torch\.cuda\b|\bis_cuda\b|\.type\s*[=!]=\s*[\"']cuda[\"']|[\"']mixed[\"']|==\s*[\"']gpu[\"']"
                         r"|\.gpu\(\)")
-SESSION = ROOT / "bench" / "gpu_session.sh"
+SESSION = ROOT / "bench" / "gpu" / "gpu_session.sh"
 
 LEDGER = {
     # the process group and the rank's device
@@ -77,7 +77,7 @@ LEDGER = {
         "tests/test_bench_harness.py::test_provenance_is_one_line_naming_machine_gpu_date_commit_and_versions",
         "session: classifier_step"],
     # the benchmarks' CUDA modes
-    "bench/triton_smoke.py::main": ["session: smoke"],
+    "bench/gpu/triton_smoke.py::main": ["session: smoke"],
     "bench/classifier_step.py::cuda": ["session: classifier_step"],
     "bench/classifier_step.py::launch": ["session: classifier_step"],
     "bench/collectives.py::main": ["session: collectives"],
