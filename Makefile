@@ -24,21 +24,20 @@ test: setup
 
 # Pretrain on the built-in MNIST-5k at P = $(NP), then kNN + linear evaluation of the pretrained backbone
 # next to the same architecture at random initialisation. A finished runs/demo is re-evaluated, not retrained
-# (`make clean` starts over).
+# (`make clean` starts over). run/launch.py starts both jobs: horovodrun --gloo -np $(NP) -H localhost:$(NP).
 demo: setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(PY) trainer.py --out runs/demo
-	OMP_NUM_THREADS=1 $(VENV)/bin/horovodrun --gloo -np $(NP) -H localhost:$(NP) $(PY) trainer.py linear \
-		--ckpt runs/demo --baseline
+	OMP_NUM_THREADS=1 $(PY) -m run.launch horovod $(NP) trainer.py --out runs/demo
+	OMP_NUM_THREADS=1 $(PY) -m run.launch horovod $(NP) trainer.py linear --ckpt runs/demo --baseline
 
 # The paper's ablations (raw init, K, alpha, tau) on the built-in data: resumable, writes runs/ablations/results.md,
-# knn.png and loss.png (bench/ablations.py says what each variant is and what it costs).
+# knn.png and loss.png (bench/experiments/ablations.py says what each variant is and what it costs).
 ablations: setup
-	$(PY) bench/ablations.py --np $(NP)
+	$(PY) bench/experiments/ablations.py --np $(NP)
 
-# Top-K smoothing with near-duplicates: K 10 and K 0 with and without 30% twins, 3 seeds (bench/ablations.py --study
+# Top-K smoothing with near-duplicates: K 10 and K 0 with and without 30% twins, 3 seeds (bench/experiments/ablations.py --study
 # twins): resumable, writes runs/twins/results.md (with the twins' mechanism numbers), knn.png and loss.png.
 twins: setup
-	$(PY) bench/ablations.py --study twins --np $(NP)
+	$(PY) bench/experiments/ablations.py --study twins --np $(NP)
 
 clean:
 	rm -rf $(VENV) runs

@@ -9,7 +9,7 @@
 #
 # Usage: .ci/build-horovod.sh [--dry-run] PYTHON [SDIST_DIR]
 #   SDIST_DIR (or $HOROVOD_SDIST_DIR): build without network from the sdist and the cffi/pycparser wheels
-#   there (bench/fetch_gpu_wheels.sh fills one). --dry-run: print the plan and the cache entry, build nothing.
+#   there (bench/gpu/fetch_gpu_wheels.sh fills one). --dry-run: print the plan and the cache entry, build nothing.
 #   BUILD_NCCL=auto|1|0 and HOROVOD_BUILD_CUDA_CC_LIST override the plan's choices.
 set -euo pipefail
 dry_run=0
@@ -54,7 +54,7 @@ if [[ -n $sdist ]]; then
   cp "$sdist" "$work/"
 else
   "$python" -m pip download -q --no-deps --no-binary :all: -d "$work" horovod==0.28.1 \
-    || die "no sdist: pip download horovod==0.28.1 failed (no network?); put horovod-0.28.1.tar.gz and the cffi/pycparser wheels in a folder (bench/fetch_gpu_wheels.sh) and pass it as SDIST_DIR"
+    || die "no sdist: pip download horovod==0.28.1 failed (no network?); put horovod-0.28.1.tar.gz and the cffi/pycparser wheels in a folder (bench/gpu/fetch_gpu_wheels.sh) and pass it as SDIST_DIR"
 fi
 echo "$sdist_sha256  $work/horovod-0.28.1.tar.gz" | sha256sum -c --quiet \
   || die "horovod-0.28.1.tar.gz does not have sha256 $sdist_sha256: a corrupt or different download"

@@ -254,7 +254,7 @@ def wheel_fits(wheel, name, python_version):
 def check_offline_dir(sdist_sha256, wheel_names, sdist_dir, needed, python_version=None):
     """The one-line error for a local build folder that lacks the sdist, has a wrong one, or lacks a wheel."""
     if sdist_sha256 is None:
-        raise PlanError(f"no {SDIST_NAME} in '{sdist_dir}' (offline build): run bench/fetch_gpu_wheels.sh where "
+        raise PlanError(f"no {SDIST_NAME} in '{sdist_dir}' (offline build): run bench/gpu/fetch_gpu_wheels.sh where "
                         "there is network and copy the folder here")
     if sdist_sha256 != SDIST_SHA256:
         raise PlanError(f"{sdist_dir}/{SDIST_NAME} has sha256 {sdist_sha256}, expected {SDIST_SHA256}: "
@@ -263,7 +263,7 @@ def check_offline_dir(sdist_sha256, wheel_names, sdist_dir, needed, python_versi
     if missing:
         for_python = f" for Python {python_version}" if python_version else ""
         raise PlanError(f"{' and '.join(missing)} not installed and no {'/'.join(missing)} wheel{for_python} in "
-                        f"'{sdist_dir}': Horovod's setup.py needs cffi to build (bench/fetch_gpu_wheels.sh fetches "
+                        f"'{sdist_dir}': Horovod's setup.py needs cffi to build (bench/gpu/fetch_gpu_wheels.sh fetches "
                         "them for Python 3.12)")
 
 

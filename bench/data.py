@@ -6,9 +6,11 @@
 
 Per (output size, device), each in a fresh process (DALI's memory pools live until their process exits, so one
 configuration's pools must not count in the next), one rank's `pretrain_loader(views=2)`:
-- images/s (an image = one decode + two augmented views, counted as tensors reach torch) and images per CPU
-  second (this process's CPU time, DALI's threads included: steadier than wall time on a shared machine);
+- images/s (an image = one decode + two augmented views, counted as tensors reach torch) over --seconds of
+  batches after the first, and images per CPU second over the same batches (this process's CPU time, DALI's
+  threads included: steadier than wall time on a shared machine);
 - build: seconds from `pretrain_loader(...)` to its first batch, what the trainer pays every epoch (median of 3);
+  bench/harness.py times both (the batches' times summed, the builds' median) and build_index below;
 - peak GPU memory above the process's CUDA baseline (cudaMemGetInfo, so DALI's pools count as well as torch's),
   peak host RSS above the baseline (DALI's pinned pools are resident, so they count), and the decoder's pools
   that the rule of data/decoder.py reserves (threads x device padding / 2 x threads x host padding).
@@ -24,7 +26,6 @@ Indexing writes --index-files tiny JPEGs into 100 class folders and times `build
 """
 import argparse
 import multiprocessing
-import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ import nvidia.dali  # noqa: E402  (after torch, as in data/)
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
 
-from bench.harness import memory_in_use, peak_memory, provenance  # noqa: E402
+from bench.harness import memory_in_use, peak_memory, provenance, time_ms, times_ms  # noqa: E402
 from data.augment import IMAGENET_STD  # noqa: E402  (needs the path above)
 from data.builtin import builtin_dataset  # noqa: E402
 from data.decoder import decoder_arguments  # noqa: E402
@@ -55,6 +56,7 @@ LARGE_PHOTO_SHAPES = [(1024, 768), (1600, 1200), (2048, 1536)]  # one photo in L
 LARGE_PHOTO_EVERY = 16
 GRAIN_SIGMA = 20  # grey levels; makes the quality-90 files ~100 KB at 500x375, near ImageNet's ~110 KB average
 BUILDS = 3  # loader builds timed per configuration
+PILOT_BATCHES = 3  # timed batches that size a configuration's run to --seconds
 COMPARED_IMAGES = 256  # images compared between the CPU and the GPU decoder
 MIB = 2**20
 DALI_DEFAULT_PADDING = dict(device_memory_padding=16 * MIB, host_memory_padding=8 * MIB)  # per decoder thread
@@ -86,6 +88,12 @@ def gpu_bytes_in_use():
     return total - free
 
 
+def batches_without_end(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
 def measure_loader(index_path, image_size, device, batch_size, threads, seconds):
     """One configuration, run in a fresh process: rates, build time, peak memory (see the module docstring)."""
     index = InstanceIndex.load(index_path)
@@ -94,31 +102,34 @@ def measure_loader(index_path, image_size, device, batch_size, threads, seconds)
         gpu_baseline = gpu_bytes_in_use()  # after creating the CUDA context
     host_baseline = memory_in_use("cpu")
     arguments = (image_size, device, batch_size, threads)
-    build_seconds = []
-    for seed in range(BUILDS):
-        started = time.perf_counter()
-        with pretrain_loader(index, run_config(index, *arguments, seed), 0, ONE_RANK) as loader:
-            next(iter(loader))
-            build_seconds.append(time.perf_counter() - started)
-    gpu_peak = 0
+
+    def build(seed):  # what the trainer pays every epoch; the loader is closed off the clock
+        loader = pretrain_loader(index, run_config(index, *arguments, seed), 0, ONE_RANK)
+        next(iter(loader))
+        return loader
+    seeds = iter(range(BUILDS))
+    build_ms = time_ms(build, BUILDS, inputs=lambda: (next(seeds),), finish=lambda loader: loader.close())
+    gpu_peaks, images = [0], []
     with pretrain_loader(index, run_config(index, *arguments, BUILDS), 0, ONE_RANK) as loader:
-        images, started = 0, None
-        while started is None or time.perf_counter() - started < seconds:
-            for views, ids in loader:
-                if on_gpu:
-                    torch.cuda.synchronize()  # count only views that are ready
-                    gpu_peak = max(gpu_peak, gpu_bytes_in_use() - gpu_baseline)
-                if started is None:  # after the first batch: pipeline built and warm
-                    started, cpu_started = time.perf_counter(), time.process_time()
-                    continue
-                images += len(ids)
-                if time.perf_counter() - started >= seconds:
-                    break
-        elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
+        batches = batches_without_end(loader)
+
+        def fetch():
+            _, ids = next(batches)
+            images.append(len(ids))
+        # Only views that are ready count; the memory is read off the clock.
+        timing = dict(stop=torch.cuda.synchronize if on_gpu else None,
+                      finish=(lambda _: gpu_peaks.append(gpu_bytes_in_use() - gpu_baseline)) if on_gpu else None)
+        # The first batch (pipeline built and warm) is dropped; PILOT_BATCHES size the run to `seconds`.
+        pilot_ms = time_ms(fetch, PILOT_BATCHES, warmup=1, **timing)
+        repeats = max(PILOT_BATCHES, round(seconds * 1e3 / pilot_ms))
+        cpu_started = time.process_time()
+        batch_ms = times_ms(fetch, repeats, **timing)  # a rate: the total over the total, slow batches included
+        cpu_seconds = time.process_time() - cpu_started
+    timed_images = sum(images[-repeats:])
     host_peak = peak_memory("cpu") - host_baseline
     padding = {**DALI_DEFAULT_PADDING, **decoder_arguments(index, device, training=True)}
-    return dict(rate=images / elapsed, cpu_rate=images / cpu_elapsed, build=statistics.median(build_seconds),
-                gpu_peak=gpu_peak if on_gpu else None, host_peak=host_peak,
+    return dict(rate=timed_images * 1e3 / sum(batch_ms), cpu_rate=timed_images / cpu_seconds,
+                build=build_ms / 1e3, gpu_peak=max(gpu_peaks) if on_gpu else None, host_peak=host_peak,
                 pools=(threads * padding["device_memory_padding"], 2 * threads * padding["host_memory_padding"])
                 if on_gpu else None)
 
@@ -216,9 +227,8 @@ def index_files_per_second(folder, count):
         path = folder / f"class{number % 100:03d}" / f"image{number:07d}.jpg"
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(payload)
-    started = time.perf_counter()
-    build_index(folder, out_dir=folder.parent / "index", log=lambda message: None)
-    return count / (time.perf_counter() - started)
+    milliseconds = time_ms(lambda: build_index(folder, out_dir=folder.parent / "index", log=lambda message: None), 1)
+    return count * 1e3 / milliseconds
 
 
 def main():
@@ -231,7 +241,8 @@ def main():
                         help="image folder for the sizes > 64 (default: synthetic photos, see --photos)")
     parser.add_argument("--batch-size", type=int, default=128, help="images PER RANK per batch (default: 128)")
     parser.add_argument("--threads", type=int, default=4, help="DALI threads per rank, the trainer's (default: 4)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per configuration (default: 10)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="about this many timed seconds per configuration (default: 10)")
     parser.add_argument("--photos", type=int, default=512, help="synthetic JPEGs for sizes > 64 (default: 512)")
     parser.add_argument("--index-files", type=int, default=100_000, help="files to index, 0 skips (default: 100000)")
     parser.add_argument("--dry-run", action="store_true",

@@ -15,23 +15,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # absolute but not resolved: the venv's python
-BIN=$(dirname "$PY")
 before=${1:-}
 repeats=${2:-3}
 export OMP_NUM_THREADS=1
 
 "$PY" -c 'from bench.harness import provenance; print(provenance())'
 echo
-# A bench script under an engine at P ranks: alone at P = 1, under the engine's launcher otherwise.
+# A bench script under an engine at P ranks, through the one launcher (run/launch.py): at P = 1 one plain process
+# whose --engine names the process group, under the engine's launcher otherwise.
 launch() {
     local engine=$1 ranks=$2
     shift 2
     if [[ $ranks == 1 ]]; then
-        "$PY" "$@" --engine "$engine"
-    elif [[ $engine == horovod ]]; then
-        "$BIN/horovodrun" --gloo -np "$ranks" -H "localhost:$ranks" "$PY" "$@"
+        "$PY" -m run.launch single 1 "$@" --engine "$engine"
     else
-        "$BIN/torchrun" --standalone --nproc_per_node "$ranks" "$@"
+        "$PY" -m run.launch "$engine" "$ranks" "$@"
     fi
 }
 
@@ -54,7 +52,7 @@ if [[ -n $before ]]; then
         echo
         echo "### Run $run of $repeats, P = 2, Horovod, HOROVOD_CYCLE_TIME=$HOROVOD_CYCLE_TIME: before the seam ($(git -C "$before" rev-parse --short HEAD)), then after"
         (cd "$before" && "$PY" bench/classifier_step.py overhead --np 2)
-        (cd "$before" && launch horovod 2 bench/train_step.py cpu)
+        launch horovod 2 "$before/bench/train_step.py" cpu  # its own tree's modules: it runs from anywhere
         "$PY" bench/classifier_step.py overhead --np 2 --engine horovod
         launch horovod 2 bench/train_step.py cpu
     done

@@ -1,11 +1,14 @@
 """What every benchmark of bench/ measures with: one timing loop, one peak-memory reader, one provenance line.
 
-    from bench.harness import time_ms, reset_peak_memory, peak_memory, provenance
+    from bench.harness import time_ms, times_ms, reset_peak_memory, peak_memory, provenance
 
 time_ms: the median wall time of a step over `repeats` calls after `warmup` calls that run the same way and are
-dropped; `start` runs before the clock starts (a barrier: the ranks start together), `stop` before it stops
-(waiting for the GPU: its queue, not the host's launches, is the step's end), `inputs` draws each call's
-arguments off the clock. On a CUDA `device` the GPU's own events time the step instead of the host's clock.
+dropped; times_ms: each timed call's time (a throughput is the total work over their sum, slow calls included).
+`start` runs before the clock starts (a barrier: the ranks start together), `stop` before it stops (waiting for
+the GPU: its queue, not the host's launches, is the step's end), `inputs` draws each call's arguments off the
+clock, and `finish` gets what the step returned once the clock has stopped (to close what the step opened, such
+as a loader whose build is timed but not its teardown). On a CUDA `device` the GPU's own events time the step
+instead of the host's clock.
 
 Memory, in bytes: on CUDA what torch's allocator holds (allocated tensors); on the CPU the process's resident
 set (VmRSS, and its high-water mark VmHWM, which /proc/self/clear_refs resets, Linux >= 4.0).
@@ -26,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def time_ms(step, repeats, warmup=0, *, start=None, stop=None, inputs=None, device=None):
-    """Median ms of step(*inputs()) over `repeats` timed calls after `warmup` untimed ones (see the docstring)."""
+def times_ms(step, repeats, warmup=0, *, start=None, stop=None, inputs=None, finish=None, device=None):
+    """The ms of each of `repeats` timed calls of step(*inputs()) after `warmup` untimed ones (see the docstring)."""
     cuda_events = device is not None and torch.device(device).type == "cuda"
     times = []
     for _ in range(warmup + repeats):
@@ -37,17 +40,24 @@ def time_ms(step, repeats, warmup=0, *, start=None, stop=None, inputs=None, devi
         if cuda_events:
             began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             began.record()
-            step(*arguments)
+            result = step(*arguments)
             ended.record()
             torch.cuda.synchronize(device)
             times.append(began.elapsed_time(ended))
-            continue
-        began = time.perf_counter()
-        step(*arguments)
-        if stop:
-            stop()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times[warmup:])
+        else:
+            began = time.perf_counter()
+            result = step(*arguments)
+            if stop:
+                stop()
+            times.append((time.perf_counter() - began) * 1e3)
+        if finish:
+            finish(result)
+    return times[warmup:]
+
+
+def time_ms(step, repeats, warmup=0, **hooks):
+    """The median of times_ms(step, repeats, warmup, **hooks): a step's time, robust to a busy machine's outliers."""
+    return statistics.median(times_ms(step, repeats, warmup, **hooks))
 
 
 def process_status(field):

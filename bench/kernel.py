@@ -15,7 +15,7 @@ Work of one step (forward + backward) at B rows, C classes, D dims: the useful m
 5 such products (1 forward, and the logits are recomputed in each of its two backward kernels instead
 of storing the [B, C] slab). Memory is the peak of allocated memory during the step minus what was
 allocated before it (inputs; the gradients are freed before each step, so dW [C, D] is part of it for
-every variant). bench/gpu_check.sh runs `gpu` with a time budget, and its --dry-run `gpu --dry-run`.
+every variant). bench/gpu/gpu_check.sh runs `gpu` with a time budget, and its --dry-run `gpu --dry-run`.
 """
 import argparse
 import importlib

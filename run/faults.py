@@ -30,7 +30,7 @@ known step), or wait a minute whatever comes (WHAT=hold, so that a test can deli
 merges a signal sent while the same one is still pending), or SIGKILL itself (WHAT=kill: a rank lost without a
 trace, as on a dead node) in the first attempt of the job only: not in the workers torchrun restarts
 (TORCHELASTIC_RESTART_COUNT > 0), so that the restart can finish. Read only in `end_of_step`;
-tests/test_reliability.py, tests/test_clusters.py and bench/restarts.py use it. Never set it in a real run.
+tests/test_reliability.py, tests/test_clusters.py and bench/experiments/restarts.py use it. Never set it in a real run.
 """
 import os
 import signal

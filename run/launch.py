@@ -7,9 +7,13 @@ start `script argv` under an engine at a number of ranks.
   single   python script argv: one process, no launcher (ranks must be 1)
 
 The launchers are the ones beside the interpreter (a virtual environment's bin/), so no PATH is needed. Command
-line, for the Makefile and shell scripts (it replaces itself with the job, whose exit status is its own):
+line, for the Makefile and shell scripts: the launcher's options, then ENGINE RANKS SCRIPT and the script's own
+arguments, passed on untouched (an option after SCRIPT is the script's). It replaces itself with the job, whose
+exit status is its own:
 
-    python -m run.launch --engine horovod --ranks 2 -- trainer.py --out runs/demo
+    python -m run.launch horovod 2 trainer.py --out runs/demo
+    python -m run.launch --max-restarts 3 torch 2 trainer.py --engine torch
+    python -m run.launch single 1 bench/train_step.py cpu --engine horovod
 
 It imports nothing beyond the standard library: starting a job costs no torch import."""
 import argparse
@@ -55,28 +59,55 @@ def launch(engine, ranks, script, *argv, hosts=None, nodes=None, rendezvous=None
     return command, {name: value for name, value in environment.items() if value is not None}
 
 
-def main(arguments=None):
-    parser = argparse.ArgumentParser(prog="python -m run.launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", required=True, choices=ENGINES, help="the launcher: horovodrun, torchrun, none")
-    parser.add_argument("--ranks", type=int, default=1, help="ranks (torch with --nodes: this agent's) (default: 1)")
-    parser.add_argument("--hosts", help="horovodrun's -H (default: localhost:RANKS)")
-    parser.add_argument("--nodes", help="torchrun's --nnodes, with --rendezvous (default: one standalone agent)")
-    parser.add_argument("--rendezvous", help="the c10d rendezvous endpoint host:port of a job of --nodes agents")
-    parser.add_argument("--max-restarts", type=int, default=0, help="torchrun's --max-restarts (default: 0)")
-    parser.add_argument("--tee", action="store_true", help="torchrun --tee 3: workers' output prefixed by rank")
-    parser.add_argument("job", nargs=argparse.REMAINDER, help="-- script [argv ...]")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage is a --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (--help for the usage)\n")
+
+
+parser = OneLineParser(prog="python -m run.launch", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--hosts", help="horovod: horovodrun's -H, host:slots,... (default: localhost:RANKS)")
+parser.add_argument("--nodes", help="torch: torchrun's --nnodes, N or MIN:MAX, with --rendezvous (default: one "
+                    "standalone agent)")
+parser.add_argument("--rendezvous", help="torch: the c10d rendezvous endpoint host:port of a job of --nodes agents")
+parser.add_argument("--max-restarts", type=int, default=0, help="torch: torchrun's --max-restarts (default: 0)")
+parser.add_argument("--tee", action="store_true", help="torch: every worker's output prefixed by its local rank "
+                    "(default: off)")
+parser.add_argument("engine", choices=ENGINES, metavar="ENGINE", help="horovod (horovodrun), torch (torchrun) or "
+                    "single (one plain process)")
+parser.add_argument("ranks", type=int, metavar="RANKS", help="processes (torch with --nodes: this agent's); 1 for "
+                    "single")
+parser.add_argument("script", metavar="SCRIPT", help="the Python script every rank runs")
+parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="...", help="the script's arguments")
+
+TORCH_ONLY = {"nodes": "--nodes", "rendezvous": "--rendezvous", "max_restarts": "--max-restarts", "tee": "--tee"}
+
+
+def command_line(arguments):
+    """(command, environment) of the launcher's command line `arguments`; a one-line error on bad input."""
     args = parser.parse_args(arguments)
-    job = args.job[1:] if args.job[:1] == ["--"] else args.job
-    if not job:
-        parser.error("no script: python -m run.launch --engine ENGINE --ranks N -- script [argv ...]")
+    given = [flag for name, flag in TORCH_ONLY.items() if getattr(args, name)]
+    if args.engine != "torch" and given:
+        parser.error(f"{', '.join(given)}: torchrun's, not engine {args.engine}'s")
+    if args.engine != "horovod" and args.hosts is not None:
+        parser.error(f"--hosts: horovodrun's, not engine {args.engine}'s")
     if (args.nodes is None) != (args.rendezvous is None):
         parser.error("--nodes and --rendezvous go together (one agent of a multi-node torchrun job)")
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts {args.max_restarts}: must be 0 or more")
+    if not Path(args.script).is_file():
+        parser.error(f"no script {args.script}")
     try:
-        command, environment = launch(args.engine, args.ranks, *job, hosts=args.hosts, nodes=args.nodes,
-                                      rendezvous=args.rendezvous, max_restarts=args.max_restarts, tee=args.tee)
+        return launch(args.engine, args.ranks, args.script, *args.argv, hosts=args.hosts, nodes=args.nodes,
+                      rendezvous=args.rendezvous, max_restarts=args.max_restarts, tee=args.tee)
     except ValueError as error:
         parser.error(str(error))
+
+
+def main(arguments=None):
+    command, environment = command_line(arguments)
     sys.stdout.flush()
     os.execve(command[0], command, environment)
 

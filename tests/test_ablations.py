@@ -1,4 +1,4 @@
-"""bench/ablations.py: what it reads from the runs' metrics.jsonl, the table and plots it writes, and the skip
+"""bench/experiments/ablations.py: what it reads from the runs' metrics.jsonl, the table and plots it writes, and the skip
 of finished variants (the training itself is the trainer's, tested in tests/test_trainer.py); the twin study end to
 end at tiny sizes."""
 import argparse
@@ -16,7 +16,7 @@ from tests.trainer_runs import SMALL, copy_tiny_dataset
 
 @pytest.fixture(scope="module")
 def ablations():
-    return load_bench_script("ablations")
+    return load_bench_script("experiments/ablations")
 
 
 def write_run(folder, records):
@@ -99,7 +99,7 @@ def test_the_twin_study_runs_end_to_end_at_tiny_sizes_and_resumes(tmp_path):
     cache = tmp_path / "cache"
     copy_tiny_dataset(cache / "instance-classifier" / DATASET_NAME)
     out = tmp_path / "study"
-    command = [sys.executable, ROOT / "bench" / "ablations.py", "--study", "twins", "--np", "1", "--epochs", "2",
+    command = [sys.executable, ROOT / "bench" / "experiments" / "ablations.py", "--study", "twins", "--np", "1", "--epochs", "2",
                "--knn-every", "1", "--seeds", "1", "--out", out, "--trainer-flags=" + " ".join(SMALL)]
     environment = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     first = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)

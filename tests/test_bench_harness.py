@@ -12,7 +12,8 @@ from bench import harness
 from tests.conftest import ROOT
 
 
-def test_time_ms_is_the_median_of_the_timed_calls_with_the_hooks_around_the_clock(monkeypatch):
+@pytest.mark.parametrize("measure, expected", [("times_ms", [3_000, 1_000, 2_000]), ("time_ms", 2_000)])
+def test_the_timed_calls_with_the_hooks_around_the_clock_and_their_median(measure, expected, monkeypatch):
     clock, calls = iter(range(0, 1000, 1)), []
     monkeypatch.setattr(harness.time, "perf_counter", lambda: next(clock))
     durations = iter([50, 50, 3, 1, 2])  # seconds per call, as perf_counter counts: two warm-up calls first
@@ -21,11 +22,18 @@ def test_time_ms_is_the_median_of_the_timed_calls_with_the_hooks_around_the_cloc
         calls.append(("step", value))
         for _ in range(next(durations) - 1):
             next(clock)
+        return f"opened {value}"
+
+    def finish(opened):
+        calls.append(("finish", opened))
+        for _ in range(100):  # 100 s of teardown, off the clock
+            next(clock)
     inputs = iter(range(5))
-    milliseconds = harness.time_ms(step, repeats=3, warmup=2, inputs=lambda: (next(inputs),),
-                                   start=lambda: calls.append("start"), stop=lambda: calls.append("stop"))
-    assert milliseconds == 2_000  # the median of 3, 1 and 2 s, the warm-up calls left out
-    assert calls == [item for value in range(5) for item in ("start", ("step", value), "stop")]
+    milliseconds = getattr(harness, measure)(step, repeats=3, warmup=2, inputs=lambda: (next(inputs),), finish=finish,
+                                             start=lambda: calls.append("start"), stop=lambda: calls.append("stop"))
+    assert milliseconds == expected  # 3, 1 and 2 s, or their median: the warm-up calls left out
+    assert calls == [item for value in range(5)
+                     for item in ("start", ("step", value), "stop", ("finish", f"opened {value}"))]
 
 
 def test_time_ms_on_cuda_times_with_the_gpus_events(monkeypatch):
@@ -46,8 +54,11 @@ def test_time_ms_on_cuda_times_with_the_gpus_events(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronized.append(device))
     steps = []
-    milliseconds = harness.time_ms(lambda: steps.append(len(recorded)), repeats=2, warmup=1, device="cuda:0")
+    finished = []
+    milliseconds = harness.time_ms(lambda: steps.append(len(recorded)) or len(steps), repeats=2, warmup=1,
+                                   finish=lambda result: finished.append((result, len(recorded))), device="cuda:0")
     assert milliseconds == 10.0 and len(steps) == 3 and steps == [1, 3, 5]  # each step between its two events
+    assert finished == [(1, 2), (2, 4), (3, 6)]  # what each step returned, after its end event
     assert synchronized == ["cuda:0"] * 3  # the events are read once the GPU reached the end one
 
 
@@ -104,3 +115,51 @@ def test_every_name_a_bench_script_imports_from_bench_is_defined_there():
                             if isinstance(statement, (ast.FunctionDef, ast.ClassDef))}
                 missing = [alias.name for alias in node.names if alias.name not in defined]
                 assert not missing, f"{script.relative_to(ROOT)}: {node.module} defines no {missing}"
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_the_data_bench_rate_is_the_timed_images_over_their_total_time_and_builds_close_off_the_clock(
+        device, monkeypatch):
+    """bench/data.py's measure_loader on the harness, with a stand-in loader on a stand-in clock: every third batch
+    takes 4 s instead of 1 (a median would hide it), a build costs 2 s and its first batch 1 s, a close 5 s (off
+    the clock); on the GPU path each batch is waited for and the GPU's memory read after it."""
+    from bench import data as bench
+    now, events, synchronized = [0.0], [], []
+
+    class StandInLoader:
+        def __init__(self, index, seed, **arguments):
+            assert arguments["device"] == device
+            now[0] += 2
+            self.seed = seed
+            events.append(("built", seed))
+
+        def __iter__(self):
+            for position in range(3):  # one epoch: 3 batches of 10 images
+                now[0] += 4 if position == 2 else 1
+                yield [torch.zeros(10, 3, 8, 8)] * 2, torch.arange(10)
+
+        def close(self):
+            now[0] += 5
+            events.append(("closed", self.seed))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            self.close()
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(bench.time, "process_time", lambda: now[0] / 2)  # CPU seconds: half the wall time
+    monkeypatch.setattr(bench, "pretrain_loader", StandInLoader)
+    monkeypatch.setattr(bench.InstanceIndex, "load", staticmethod(lambda path: path))
+    monkeypatch.setattr(bench, "decoder_arguments", lambda index, device, training: {})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronized.append(now[0]))
+    monkeypatch.setattr(bench, "gpu_bytes_in_use", lambda: 100 + 7 * len(synchronized))
+    result = bench.measure_loader("index", 32, device, batch_size=10, threads=2, seconds=6)
+    # Batches after the build: 1 warm-up, 3 pilot (1, 4, 1 s: median 1 s, so 6 timed), 6 timed of 1, 4, 1, 1, 4, 1 s.
+    assert result["rate"] == 60 / 12 and result["cpu_rate"] == 60 / 6 and result["build"] == 3
+    assert events == [("built", 0), ("closed", 0), ("built", 1), ("closed", 1), ("built", 2), ("closed", 2),
+                      ("built", 3), ("closed", 3)]
+    if device == "gpu":
+        assert len(synchronized) == 10 and result["gpu_peak"] == 70 and result["pools"] is not None
+    else:
+        assert synchronized == [] and result["gpu_peak"] is None and result["pools"] is None

@@ -3,7 +3,7 @@
 Made-up machines (`Facts`) go through the pure `plan`; made-up CUDA toolkits and torch installs (folders in tmp_path)
 go through the probes that find them; the real machine goes through the script and through
 `build-horovod.sh --dry-run`, whose cache key must stay the one the CPU build has always used. The real NCCL build
-is bench/nccl_build.sh (minutes, not part of the suite).
+is bench/gpu/nccl_build.sh (minutes, not part of the suite).
 """
 import dataclasses
 import hashlib

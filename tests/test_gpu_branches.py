@@ -1,6 +1,6 @@
 """The ledger of the branches that only a GPU runs, and what holds each: a CPU test through a faithful stand-in
 (NCCL's contract, the device a tensor must be on, stubbed CUDA queries, Triton compiled for the target or run
-under its interpreter), or a named step of the GPU session (bench/gpu_session.sh). No test here can execute
+under its interpreter), or a named step of the GPU session (bench/gpu/gpu_session.sh). No test here can execute
 such a branch for real, so each one is listed, and a branch the ledger does not list fails this file: a new
 `torch.cuda`, `is_cuda`, `device.type == "cuda"` or DALI GPU branch comes with its test or session step.
 
@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 # What marks a GPU-only branch: CUDA queries and device tests, DALI's GPU decoder and its GPU outputs.
 GPU_BRANCH = re.compile(r"torch\.cuda\b|\bis_cuda\b|\.type\s*[=!]=\s*[\"']cuda[\"']|[\"']mixed[\"']|==\s*[\"']gpu[\"']"
                         r"|\.gpu\(\)")
-SESSION = ROOT / "bench" / "gpu_session.sh"
+SESSION = ROOT / "bench" / "gpu" / "gpu_session.sh"
 
 LEDGER = {
     # the process group and the rank's device
@@ -67,7 +67,7 @@ LEDGER = {
     # the build of Horovod with NCCL
     ".ci/horovod_build_plan.py::probe": ["session: horovod_setup"],
     # the benchmarks' harness
-    "bench/harness.py::time_ms": [
+    "bench/harness.py::times_ms": [
         "tests/test_bench_harness.py::test_time_ms_on_cuda_times_with_the_gpus_events", "session: kernels"],
     **{f"bench/harness.py::{function}": [
         "tests/test_bench_harness.py::test_on_cuda_memory_is_torchs_allocator_and_the_reset_waits_for_the_gpu",
@@ -76,7 +76,7 @@ LEDGER = {
         "tests/test_bench_harness.py::test_provenance_is_one_line_naming_machine_gpu_date_commit_and_versions",
         "session: classifier_step"],
     # the benchmarks' CUDA modes
-    "bench/triton_smoke.py::main": ["session: smoke"],
+    "bench/gpu/triton_smoke.py::main": ["session: smoke"],
     "bench/classifier_step.py::cuda": ["session: classifier_step"],
     "bench/classifier_step.py::launch": ["session: classifier_step"],
     "bench/collectives.py::main": ["session: collectives"],
@@ -90,7 +90,9 @@ LEDGER = {
     "bench/kernel.py::peak_extra_mib": ["session: kernels"],
     "bench/kernel.py::rotated_inputs": ["session: kernels"],
     "bench/data.py::main": ["session: data"],
-    "bench/data.py::measure_loader": ["session: data"],
+    "bench/data.py::measure_loader": [
+        "tests/test_bench_harness.py::test_the_data_bench_rate_is_the_timed_images_over_their_total_time_and_builds_"
+        "close_off_the_clock", "session: data"],
     "bench/data.py::gpu_bytes_in_use": ["session: data"],
     "bench/data.py::device_id": ["session: data"],
     "bench/data.py::decoded_images": ["session: data"],

@@ -1,4 +1,4 @@
-"""bench/gpu_session.sh, the one command of a GPU machine, checked where there is none: its dry run (every
+"""bench/gpu/gpu_session.sh, the one command of a GPU machine, checked where there is none: its dry run (every
 step on the CPU at tiny sizes, the Triton kernels under the interpreter: the same control flow, summary and
 files as on a GPU), and its bookkeeping with planted steps (a failing step does not stop the session, a step cut
 at its budget counts as failed and keeps what it printed, the session's budget cuts the last steps first).
@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SESSION = ROOT / "bench" / "gpu_session.sh"
+SESSION = ROOT / "bench" / "gpu" / "gpu_session.sh"
 DEFAULT_STEPS = ["smoke", "classifier_step", "train_step", "trainer", "kernels", "torchrun_trainer", "collectives",
                  "data"]
 MAX_FILES = 8  # the session leaves a few files to read (a summary, one log, the runs' metrics), not a tree
@@ -84,7 +84,7 @@ def test_the_horovod_steps_run_dry_with_the_build_plan(tmp_path):
 
 PLANTED_PYTHON = """#!/bin/bash
 case "$1" in
-    bench/triton_smoke.py) echo "| check | ok |"; echo "|---|---|"; echo "| planted | no |"; exit 3 ;;
+    bench/gpu/triton_smoke.py) echo "| check | ok |"; echo "|---|---|"; echo "| planted | no |"; exit 3 ;;
     bench/classifier_step.py) echo "caption of the partial table"; echo "| C | ms |"; echo "| 1 | 2 |"; exec sleep 60 ;;
     *) echo "ran $*" ;;
 esac

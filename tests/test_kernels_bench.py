@@ -1,8 +1,8 @@
-"""bench/gpu_check.sh and bench/kernel.py: the argument handling, and the GPU check's correctness
+"""bench/gpu/gpu_check.sh and bench/kernel.py: the argument handling, and the GPU check's correctness
 criterion (bench/kernel.py judge) on CPU under TRITON_INTERPRET=1: a legitimate bf16 near-tie reorder
 passes, planted bugs (a wrong pick at a clear gap, invalid ids, a wrong gradient or loss) fail.
 
-`bench/gpu_check.sh --dry-run` (the GPU check on the CPU) runs in the GPU session's dry run
+`bench/gpu/gpu_check.sh --dry-run` (the GPU check on the CPU) runs in the GPU session's dry run
 (tests/test_gpu_session.py); the compile check (`bench/kernel.py compile`) in tests/test_kernels_compile.py.
 """
 import subprocess
@@ -27,7 +27,7 @@ GRADIENT_CHECKS = ("dE row", "dE norm", "dW row", "dW norm")
 @pytest.mark.parametrize("args,message", [(["--bogus"], "usage:"), (["a", "b"], "usage:"),
                                           (["/no/such/wheels"], "wheels folder '/no/such/wheels' does not exist")])
 def test_gpu_check_rejects_bad_arguments(args, message):
-    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *args], capture_output=True, text=True,
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "gpu_check.sh"), *args], capture_output=True, text=True,
                             env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2 and message in result.stderr
 

@@ -1,5 +1,5 @@
 """--twins: the near-duplicate variant of the built-in data (data/builtin.py), the indexes of a run on it
-(data/run_index.py: val and the kNN bank without the twins), and bench/twins.py's measures."""
+(data/run_index.py: val and the kNN bank without the twins), and bench/experiments/twins.py's measures."""
 import json
 
 import numpy as np
@@ -27,7 +27,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def twins_bench():
-    return load_bench_script("twins")
+    return load_bench_script("experiments/twins")
 
 
 def quiet(message):

@@ -4,17 +4,17 @@
 # gradients fail), then forward + backward timings at the trainer's operand dtypes (bench/kernel.py gpu),
 # printed as markdown tables for bench/RESULTS.md. Exits non-zero when a case fails the criterion.
 #
-#   bench/gpu_check.sh [WHEELS_DIR]     on a CUDA machine; needs only its own python + torch + triton.
+#   bench/gpu/gpu_check.sh [WHEELS_DIR]     on a CUDA machine; needs only its own python + torch + triton.
 #                                       WHEELS_DIR (optional): liger-kernel / cut-cross-entropy wheels,
 #                                       installed without network into a temporary folder (--no-deps).
-#   bench/gpu_check.sh --dry-run        on a CPU machine: the same script under TRITON_INTERPRET=1 with
-#                                       tiny shapes (bench/gpu_session.sh --dry-run runs it).
+#   bench/gpu/gpu_check.sh --dry-run        on a CPU machine: the same script under TRITON_INTERPRET=1 with
+#                                       tiny shapes (bench/gpu/gpu_session.sh --dry-run runs it).
 #
 # The interpreter cannot tell whether the kernels compile for a GPU: `python bench/kernel.py compile` can,
 # without one (minutes of CPU). PYTHON selects the interpreter (default: python3). BUDGET_S (default 330)
 # cuts the run; the correctness table comes first, so a cut run still says whether it is right.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-330}
 

@@ -1,9 +1,9 @@
 """The paper's ablations on the built-in data, in one resumable command: a table and plots.
 
-    python bench/ablations.py                    # or: make ablations
-    python bench/ablations.py --only defaults k0 # a subset (names as in VARIANTS)
-    python bench/ablations.py --only defaults random-init k0 k5 --seeds 3 --epochs 12 --knn-every 5  # the claims
-    python bench/ablations.py --study twins      # or: make twins; top-K smoothing with near-duplicates, below
+    python bench/experiments/ablations.py                    # or: make ablations
+    python bench/experiments/ablations.py --only defaults k0 # a subset (names as in VARIANTS)
+    python bench/experiments/ablations.py --only defaults random-init k0 k5 --seeds 3 --epochs 12 --knn-every 5  # the claims
+    python bench/experiments/ablations.py --study twins      # or: make twins; top-K smoothing with near-duplicates, below
 
 Liu et al. (AAAI 2021) ablate the raw-feature init, the number K of hardest classes that share the smoothing
 mass, the mass alpha and the temperature tau. Each variant here is the built-in demo's defaults (`trainer.py`
@@ -22,7 +22,7 @@ hardest classes because some are near-duplicates of the image, which the digits 
 defaults) and K 0 on the built-in data without and with 30% twins (`trainer.py --twins 0.3`, data/builtin.py: 1200
 of the 4000 train images a second time, lightly changed, as their own instances; val, the kNN bank and the linear
 evaluation stay the 4000 originals, so the numbers compare), 3 seeds, the demo's 12 epochs for every variant (a
-twin run has 30% more steps per epoch). Its twin runs keep every checkpoint, and bench/twins.py measures each
+twin run has 30% more steps per epoch). Its twin runs keep every checkpoint, and bench/experiments/twins.py measures each
 one (the twin's rank among the image's classes, within the MECHANISM_K hardest or not, its probability, the
 twins' cosines): results.md gets a third table of those numbers per kNN epoch, mean +- std over the seeds.
 
@@ -38,7 +38,7 @@ end, from the metrics.jsonl files:
   OUT/knn.png      kNN20 vs epoch, one panel per ablated setting (the defaults in every panel): each variant's mean
                    over the seeds with a +-1 standard deviation band;
   OUT/loss.png     mean training loss vs epoch, the same panels;
-  OUT/VARIANT/seed-S/twins-mechanism.json  a twin run's mechanism numbers (bench/twins.py).
+  OUT/VARIANT/seed-S/twins-mechanism.json  a twin run's mechanism numbers (bench/experiments/twins.py).
 --trainer-flags adds flags to every pretraining run (a smaller network for a quick check of the runner; the
 table's first line names them); --np 1 runs the trainer as one process, without horovodrun.
 """
@@ -52,10 +52,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from bench.harness import provenance  # noqa: E402
-from bench.twins import MECHANISM_FILE, SUMMARY  # noqa: E402
+from bench.experiments.twins import MECHANISM_FILE, SUMMARY  # noqa: E402
 from run.launch import launch  # noqa: E402
 
 # name: (the flags that differ from the defaults, the setting it ablates, its value in the plots' legends)
@@ -80,7 +80,7 @@ STUDIES = {
     "twins": dict(variants=["defaults", "k0", "twins-k10", "twins-k0"], panels=["K", "K, 30% twins"],
                   out="runs/twins", epochs=12, knn_every=5, seeds=3),
 }
-MECHANISM_K = 10  # "among the K hardest" of bench/twins.py: the K of the smoothed twin variant, for both
+MECHANISM_K = 10  # "among the K hardest" of bench/experiments/twins.py: the K of the smoothed twin variant, for both
 MECHANISM_DIGITS = {"twin_probability_median": 4, "own_probability_median": 4, "cosine_head_median": 3,
                     "cosine_pooled_median": 3, "nearest_other_median": 3}  # decimals; 1 for the others
 # The paper's claims as paired comparisons: (claim, the variant with the technique, the one without); a pair of
@@ -141,7 +141,7 @@ def has_twins(name):
 
 
 def read_mechanism(run):
-    """{epoch: bench/twins.py's summary} of a twin run at MECHANISM_K; {} before it was measured."""
+    """{epoch: bench/experiments/twins.py's summary} of a twin run at MECHANISM_K; {} before it was measured."""
     path = run / MECHANISM_FILE
     saved = json.loads(path.read_text()) if path.is_file() else {}
     return {int(epoch): summary for epoch, summary in saved.items() if summary.get("k") == MECHANISM_K}
@@ -163,7 +163,7 @@ def run_variant(name, seed, args):
     if not (out / f"checkpoint-{args.epochs:04d}").is_dir():
         print(f"{label}: pretraining {args.epochs} epochs ({' '.join(VARIANTS[name][0]) or 'the defaults'})",
               flush=True)
-        # A twin run keeps the checkpoint of every kNN epoch: bench/twins.py measures each.
+        # A twin run keeps the checkpoint of every kNN epoch: bench/experiments/twins.py measures each.
         keep = ["--keep-checkpoints", "0"] if has_twins(name) else []
         run(*trainer("--out", out, "--epochs", args.epochs, "--knn-every", args.knn_every, "--save-every",
                      args.knn_every, "--seed", seed, *keep, *shlex.split(args.trainer_flags), *VARIANTS[name][0]),
@@ -172,8 +172,8 @@ def run_variant(name, seed, args):
         print(f"{label}: linear evaluation", flush=True)
         run(*trainer("linear", "--ckpt", out), out / "ablation.log")
     if not measured:
-        print(f"{label}: twins' mechanism (bench/twins.py)", flush=True)
-        run(*launch("single", 1, ROOT / "bench" / "twins.py", out, "--k", MECHANISM_K,
+        print(f"{label}: twins' mechanism (bench/experiments/twins.py)", flush=True)
+        run(*launch("single", 1, ROOT / "bench" / "experiments" / "twins.py", out, "--k", MECHANISM_K,
                     env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}), out / "ablation.log")
     seconds = time.perf_counter() - started
     print(f"{label}: {seconds:.0f} s", flush=True)
@@ -273,7 +273,7 @@ def table(out, names, epochs, knn_every, seeds=1, trainer_flags=""):
 
 
 def mechanism_table(out, names, seeds, epochs, knn_every):
-    """The lines of the twin runs' mechanism table (bench/twins.py), per variant and kNN epoch: mean +- std over
+    """The lines of the twin runs' mechanism table (bench/experiments/twins.py), per variant and kNN epoch: mean +- std over
     the seeds measured; [] before any was."""
     rows, pairs = [], set()
     for name in names:
@@ -288,7 +288,7 @@ def mechanism_table(out, names, seeds, epochs, knn_every):
     if not rows:
         return []
     columns = [column.replace(" K ", f" {MECHANISM_K} ") for column in SUMMARY.values()]
-    return ["", f"Twins' mechanism (bench/twins.py), from each kNN epoch's checkpoint, over the "
+    return ["", f"Twins' mechanism (bench/experiments/twins.py), from each kNN epoch's checkpoint, over the "
             f"{'/'.join(map(str, sorted(pairs)))} pairs (image, its twin): the twin's rank among the image's other "
             f"classes by the image's head-feature logits (1 = the hardest), its softmax probability, the cosines of "
             f"the twins' normalized head outputs and pooled backbone features; medians and shares per run, then "

@@ -2,8 +2,8 @@
 its torch twin: the first seconds of a GPU session, so that a kernel that does not compile with that
 machine's Triton is named before anything that needs it runs.
 
-    python bench/triton_smoke.py                                # on CUDA
-    TRITON_INTERPRET=1 python bench/triton_smoke.py --dry-run   # the same on the CPU, Triton's interpreter
+    python bench/gpu/triton_smoke.py                                # on CUDA
+    TRITON_INTERPRET=1 python bench/gpu/triton_smoke.py --dry-run   # the same on the CPU, Triton's interpreter
 
 What runs is the trainer's classifier step on one rank (single engine): model.classifier's forward +
 backward with backend "triton" (the loss kernels of kernels/triton_topk_xent.py and the glue of
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 import triton  # noqa: E402
 import triton.runtime.jit  # noqa: E402
 
@@ -39,7 +39,7 @@ DRY_RUN_SHAPE = dict(batch=24, classes=300, dim=32, k=5)  # the interpreter runs
 TRITON_MODULES = (triton_topk_xent, triton_exchange, triton_seed)
 # Both sides round the same operands to bf16 and accumulate in fp32: what differs is the order of the sums and,
 # on a GPU, the bf16 rounding of G's two parts before the backward products (kernels/triton_topk_xent.py).
-# Generous next to those (bench/gpu_check.sh holds the kernels to the float64 oracle); garbage is far outside.
+# Generous next to those (bench/gpu/gpu_check.sh holds the kernels to the float64 oracle); garbage is far outside.
 TOLERANCE = {"loss": 1e-4, "dE": 2e-2, "dW": 2e-2, "seeded rows": 1e-6}
 MAX_ROWS_WITH_OTHER_IDS = 1  # a near-tie of two logits across the K-th place may swap one row's last pick
 
@@ -79,7 +79,7 @@ def main():
     world = start("single")
     device = world.device
     if not args.dry_run and device.type != "cuda":
-        sys.exit("bench/triton_smoke.py: no CUDA device (or --dry-run under TRITON_INTERPRET=1)")
+        sys.exit("bench/gpu/triton_smoke.py: no CUDA device (or --dry-run under TRITON_INTERPRET=1)")
     shape = DRY_RUN_SHAPE if args.dry_run else SHAPE
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
     print(f"Triton smoke test on {where}: triton {triton.__version__}, torch {torch.__version__}; "

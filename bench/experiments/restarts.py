@@ -1,8 +1,8 @@
 """Restarts under `torchrun --max-restarts`, repeated: workers SIGKILLed at random steps and ranks, each job run to
 its end and compared with an uninterrupted one.
 
-    python bench/restarts.py                          # 20 kills, at most 30 minutes
-    python bench/restarts.py --kills 3 --budget 300   # a short look
+    python bench/experiments/restarts.py                          # 20 kills, at most 30 minutes
+    python bench/experiments/restarts.py --kills 3 --budget 300   # a short look
 
 First one uninterrupted run: torchrun --nproc_per_node --np of the tests' small network (tests/trainer_runs.py
 SMALL) on their 120-image slice of the built-in data, --epochs epochs, a checkpoint after each. Then per kill the
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402

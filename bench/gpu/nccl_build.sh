@@ -2,16 +2,16 @@
 # The real NCCL build of Horovod 0.28.1, on any machine with a CUDA torch and a CUDA toolkit, GPU or not: the
 # project's own .ci/build-horovod.sh with BUILD_NCCL=1 into PYTHON, with a cache folder of its own (so no cached
 # wheel is reused and the user's cache is left alone), then hvd.nccl_built() and the wheel's size. NCCL cannot
-# run without a GPU: bench/gpu_setup.sh runs it where there is one. Too slow for the test suite.
+# run without a GPU: bench/gpu/gpu_setup.sh runs it where there is one. Too slow for the test suite.
 #
-#   bench/nccl_build.sh PYTHON [SDIST_DIR]     about 4 minutes on 2 idle cores (bench/RESULTS.md)
+#   bench/gpu/nccl_build.sh PYTHON [SDIST_DIR]     about 4 minutes on 2 idle cores (bench/RESULTS.md)
 #
 # PYTHON must not hold Horovod yet (a scratch venv: Horovod is installed into it), e.g.
 #   python3 -m venv /tmp/cu13 && /tmp/cu13/bin/pip install torch nvidia-nccl-cu13 cffi pycparser numpy setuptools wheel
 # SDIST_DIR as for build-horovod.sh (a folder with the sdist: no download). The wheel and the build log stay in
 # the cache folder it prints.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 if [[ $# -lt 1 || $# -gt 2 || "$1" == -* ]]; then
     echo "usage: $0 PYTHON [SDIST_DIR]" >&2
     exit 2

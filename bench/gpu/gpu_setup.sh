@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # One command that readies a GPU machine (CUDA torch preinstalled, no network) for this project: builds
-# Horovod 0.28.1 with NCCL from what bench/fetch_gpu_wheels.sh put in .whl/ (carried along), installs it into
+# Horovod 0.28.1 with NCCL from what bench/gpu/fetch_gpu_wheels.sh put in .whl/ (carried along), installs it into
 # the machine's Python, then checks it: hvd.nccl_built(), and a one-process hvd.init() with an allreduce and
 # an allgather of a CUDA tensor.
 #
-#   bench/gpu_setup.sh [WHEELS_DIR]            on the GPU machine (WHEELS_DIR default: .whl); the build takes
+#   bench/gpu/gpu_setup.sh [WHEELS_DIR]            on the GPU machine (WHEELS_DIR default: .whl); the build takes
 #                                              about 2 minutes on 16 cores
-#   bench/gpu_setup.sh --dry-run [WHEELS_DIR]  anywhere: check the folder, print the build plan for this machine
+#   bench/gpu/gpu_setup.sh --dry-run [WHEELS_DIR]  anywhere: check the folder, print the build plan for this machine
 #
 # PYTHON selects the interpreter (default: python3, the one holding CUDA torch there); Horovod, cffi and
 # pycparser are installed into it (the machine is given back afterwards). numpy, rich, pillow and pytest are
 # in that machine's image; NVIDIA DALI is not, so only what runs without it can run there.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 dry_run=()
 if [[ "${1:-}" == "--dry-run" ]]; then dry_run=(--dry-run); shift; fi
@@ -22,7 +22,7 @@ if [[ $# -gt 1 || "${1:-}" == -* ]]; then
 fi
 wheels=${1:-.whl}
 if [[ ! -d "$wheels" ]]; then
-    echo "$0: wheels folder '$wheels' does not exist: run bench/fetch_gpu_wheels.sh where there is network, and carry it" >&2
+    echo "$0: wheels folder '$wheels' does not exist: run bench/gpu/fetch_gpu_wheels.sh where there is network, and carry it" >&2
     exit 2
 fi
 "$PYTHON" .ci/horovod_build_plan.py --verify "$wheels"

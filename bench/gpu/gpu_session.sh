@@ -2,14 +2,14 @@
 # Everything a GPU machine (one GPU, CUDA torch + Triton, no Horovod, no DALI, no network) measures for this
 # project, in one command with a budget per step, short enough to leave time for a second try.
 #
-#   bench/gpu_session.sh [--with-horovod] [--commit SHA] [--steps NAME,...] [--budget SECONDS] [--dry-run]
+#   bench/gpu/gpu_session.sh [--with-horovod] [--commit SHA] [--steps NAME,...] [--budget SECONDS] [--dry-run]
 #
 # The default session runs at P = 1 with the single engine (run/distributed.py), so nothing is built before the
 # first number. Steps in order; budget = where `timeout` cuts the step, estimate = what it should take on the GPU
 # (a guess from the code, until a session measures it):
 #
 #   step             budget  estimate  what
-#   smoke              30 s   10-20 s  bench/triton_smoke.py: every Triton kernel of a training step (loss, glue,
+#   smoke              30 s   10-20 s  bench/gpu/triton_smoke.py: every Triton kernel of a training step (loss, glue,
 #                                      seeding) compiled and run at a small shape against its torch twin
 #   classifier_step    60 s   35-55 s  bench/classifier_step.py cuda: the classifier step alone, B = 128,
 #                                      C = 20,019 and 1,281,167 (rows drawn on the CPU), profiler kernel count
@@ -17,7 +17,7 @@
 #                                      linear-1000 vs the instance classifier with 20,019 and 1,281,167 rows
 #   trainer            55 s   25-45 s  trainer.py --data synthetic --engine single, all 1,281,167 rows, 30 steps:
 #                                      the real loop, raw init, checkpoint (1.3 GB) and metrics on a GPU
-#   kernels           135 s  90-130 s  bench/gpu_check.sh: correctness against the float64 oracle (~25 Triton
+#   kernels           135 s  90-130 s  bench/gpu/gpu_check.sh: correctness against the float64 oracle (~25 Triton
 #                                      specialisations from a cold cache), then timings at the trainer's dtypes
 #                                      (torch.compile last: its two builds are the part most likely cut); read
 #                                      the bf16 weight-gradient kernel's time against its GEMM floor: at 253
@@ -30,7 +30,7 @@
 #   data               40 s    20-30 s  bench/data.py: DALI's GPU decoding at 224 px against the CPU's, where DALI
 #                                      is installed (not on the lent machine: skipped there, and said so)
 # --with-horovod adds, last (they check the build; the speed was measured above):
-#   horovod_setup     180 s 165-185 s  bench/gpu_setup.sh: Horovod 0.28.1 + NCCL built from .whl/ (the build
+#   horovod_setup     180 s 165-185 s  bench/gpu/gpu_setup.sh: Horovod 0.28.1 + NCCL built from .whl/ (the build
 #                                      alone ~2 min on 16 cores), the wheel installed, a one-process NCCL
 #                                      allreduce and allgather
 #   horovod_trainer    30 s   20-30 s  horovodrun --gloo -np 1: the synthetic trainer, 100,000 rows, 10 steps
@@ -44,16 +44,16 @@
 # trainer runs' metrics.jsonl (trainer-metrics.jsonl, horovod-trainer-metrics.jsonl). Exit 0 when every step
 # that ran passed. The copied tree has no .git: pass the commit.
 #
-#   bench/gpu_session.sh --commit SHA                                # on the GPU machine, .whl/ copied beside it
-#   OUT=DIR PYTHON=.venv/bin/python bench/gpu_session.sh --dry-run   # anywhere: every step on the CPU, tiny sizes
+#   bench/gpu/gpu_session.sh --commit SHA                                # on the GPU machine, .whl/ copied beside it
+#   OUT=DIR PYTHON=.venv/bin/python bench/gpu/gpu_session.sh --dry-run   # anywhere: every step on the CPU, tiny sizes
 #
 # --dry-run runs the same steps and control flow on the CPU at tiny sizes, the Triton kernels under the
 # interpreter (TRITON_INTERPRET=1), one torch thread, every budget x DRY_RUN_BUDGET_SCALE; --with-horovod's
 # build becomes the build plan's dry run (.ci/build-horovod.sh --dry-run) and its trainer runs on the CPU
 # through the Horovod already installed.
-# tests/test_gpu_session.py runs it. .whl/ comes from bench/fetch_gpu_wheels.sh (where there is network).
+# tests/test_gpu_session.py runs it. .whl/ comes from bench/gpu/fetch_gpu_wheels.sh (where there is network).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-runs/gpu-session}
 WHEELS=${WHEELS:-.whl}
@@ -156,16 +156,16 @@ keep_metrics() {  # RUN NAME: the trainer run's metrics.jsonl into $OUT, also af
 }
 
 echo "commit $commit"
-run_step smoke 30 "$PYTHON" bench/triton_smoke.py $(dry --dry-run)
+run_step smoke 30 "$PYTHON" bench/gpu/triton_smoke.py $(dry --dry-run)
 run_step classifier_step 60 "$PYTHON" bench/classifier_step.py cuda $(dry --dry-run)
 run_step train_step 70 "$PYTHON" bench/train_step.py gpu $(dry --dry-run)
 run_step trainer 55 "$PYTHON" trainer.py --data synthetic --engine single --out "$RUN_DIR/single" --resume none \
     --epochs 1 --steps-per-epoch 30 --log-every 5 "${tiny[@]}"
 keep_metrics single trainer
 if [[ $dry_run == 1 ]]; then
-    run_step kernels 135 bash bench/gpu_check.sh --dry-run
+    run_step kernels 135 bash bench/gpu/gpu_check.sh --dry-run
 else
-    run_step kernels 135 bash bench/gpu_check.sh "${wheels[@]}"
+    run_step kernels 135 bash bench/gpu/gpu_check.sh "${wheels[@]}"
 fi
 torchrun=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1)  # no PATH to torchrun needed
 run_step torchrun_trainer 35 "${torchrun[@]}" trainer.py --data synthetic --engine torch --out "$RUN_DIR/torchrun" \
@@ -183,7 +183,7 @@ if [[ $with_horovod == 1 ]]; then
     if [[ $dry_run == 1 ]]; then
         run_step horovod_setup 180 bash .ci/build-horovod.sh --dry-run "$PYTHON"
     else
-        run_step horovod_setup 180 bash bench/gpu_setup.sh "$WHEELS"
+        run_step horovod_setup 180 bash bench/gpu/gpu_setup.sh "$WHEELS"
     fi
     built=$?
     if [[ $built -eq 0 ]]; then  # (also when --steps left the build out: Horovod is there already)

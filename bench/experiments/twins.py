@@ -1,12 +1,12 @@
 """What top-K smoothing does to near-duplicates, measured from the checkpoints of a run with --twins.
 
-    python bench/twins.py RUN            # every epoch checkpoint of RUN: RUN/twins-mechanism.json and a table
-    python bench/twins.py RUN --k 10     # the K of "among the K hardest" (default: 10, the built-in K)
+    python bench/experiments/twins.py RUN            # every epoch checkpoint of RUN: RUN/twins-mechanism.json and a table
+    python bench/experiments/twins.py RUN --k 10     # the K of "among the K hardest" (default: 10, the built-in K)
 
 Liu et al. (AAAI 2021) smooth the labels of the K hardest classes because some of them are near-duplicates of
 the image, which plain cross-entropy pushes away as hard as any negative. The trainer's --twins (data/builtin.py)
 plants such pairs: image a, and its twin b as its own instance (class b of the classifier). For each pair and each
-checkpoint-NNNN of the run (the trainer writes one every --save-every epochs; bench/ablations.py keeps those of
+checkpoint-NNNN of the run (the trainer writes one every --save-every epochs; bench/experiments/ablations.py keeps those of
 its kNN epochs), with the checkpoint's encoder in eval mode on each image's evaluation view (resize and center
 crop, as the raw-feature init and the kNN monitor see it) and its classifier rows W:
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from data.builtin import read_twins  # noqa: E402
 from data.loaders import eval_loader  # noqa: E402
 from data.run_index import load_index  # noqa: E402

@@ -1,7 +1,7 @@
 """Ten million classifier rows on this machine, measured: train, checkpoint, resume, reshard, against `plan`.
 
-    python bench/ten_million.py                                   # the measurement: N = 10,000,000 at P = 2, then 3
-    python bench/ten_million.py --instances 10000 --work /tmp/tm  # the same steps at a tiny N: a check of the flags
+    python bench/experiments/ten_million.py                                   # the measurement: N = 10,000,000 at P = 2, then 3
+    python bench/experiments/ten_million.py --instances 10000 --work /tmp/tm  # the same steps at a tiny N: a check of the flags
 
 Every run is trainer.py under horovodrun (gloo) on synthetic input with a small network, so that the classifier
 dominates (TRAIN_FLAGS: ResNet-18 of width 8 at 32 px, 32 images x 2 views per rank, 4 steps per epoch, random
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from bench.harness import provenance  # noqa: E402
 from model.plan import plan  # noqa: E402
@@ -290,7 +290,7 @@ def report(args, results, work):
         ("wall time: train / resume / reshard", " / ".join(duration(results[name]["seconds"])
                                                            for name in ("train", "resume", "reshard")), "-"),
     ]
-    command = " ".join(["python bench/ten_million.py", *sys.argv[1:]])
+    command = " ".join(["python bench/experiments/ten_million.py", *sys.argv[1:]])
     return "\n".join([f"### {N:,} rows at P = 2 and 3 (`{command}`)", "", f"{provenance()}; work folder {work}", "",
                       "| what | measured | plan / formula |", "|---|---|---|",
                       *(f"| {what} | {measured} | {planned} |" for what, measured, planned in rows), ""])
