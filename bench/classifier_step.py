@@ -149,7 +149,8 @@ def run_overhead_worker(instances):
             "syncs": counted.syncs}))
 
 
-def launch(worker, instances):
+def run_worker(worker, instances):
+    """The numbers one worker mode measured, from a job of args.np ranks under args.engine."""
     result = Path(tempfile.mkdtemp()) / "result.json"
     # Not --np under torchrun: it would take it for its own --nproc-per-node (argparse abbreviations).
     ranks = [] if args.engine == "torch" else ["--np", str(args.np)]
@@ -174,7 +175,7 @@ def layouts():
           "| hybrid peak RSS MiB/rank | replicated peak RSS MiB/rank |")
     print("|---|---|---|---|---|---|---|---|")
     for instances in args.instances:
-        hybrid, replicated = launch("hybrid", instances), launch("replicated", instances)
+        hybrid, replicated = run_worker("hybrid", instances), run_worker("replicated", instances)
         hybrid_bytes = hybrid_received_bytes(args.np, args.batch_size, args.dim, args.k)
         replicated_bytes = ring_allreduce_received_bytes(args.np, instances * args.dim * 4)
         print(f"| {instances:,} | {hybrid['step_ms']:.1f} | {replicated['step_ms']:.1f} | "
@@ -191,7 +192,7 @@ def overhead():
     print("| N | ms/step | launches/step | collectives/step | host syncs/step |")
     print("|---|---|---|---|---|")
     for instances in args.instances:
-        result = launch("overhead", instances)
+        result = run_worker("overhead", instances)
         print(f"| {instances:,} | {result['step_ms']:.2f} | {result['launches']} | "
               f"{len(result['collectives'])}: {', '.join(result['collectives'])} | "
               f"{len(result['syncs'])}{': ' + ', '.join(result['syncs']) if result['syncs'] else ''} |", flush=True)

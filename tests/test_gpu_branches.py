@@ -78,7 +78,7 @@ LEDGER = {
     # the benchmarks' CUDA modes
     "bench/gpu/triton_smoke.py::main": ["session: smoke"],
     "bench/classifier_step.py::cuda": ["session: classifier_step"],
-    "bench/classifier_step.py::launch": ["session: classifier_step"],
+    "bench/classifier_step.py::run_worker": ["session: classifier_step"],
     "bench/collectives.py::main": ["session: collectives"],
     "bench/train_step.py::main": ["session: train_step"],
     "bench/train_step.py::clean_state": ["session: train_step"],

@@ -174,3 +174,15 @@ def test_rows_rounded_in_the_kernels_are_the_oracles_operands():
     raw_rows = SimpleNamespace(**{**vars(oracle), "weight_operands": oracle.weight})
     wrong = bench.judge(outputs, raw_rows)
     assert not wrong.ok and wrong.errors["loss"] > 3 * wrong.tolerances["loss"] > 300 * verdict.errors["loss"]
+
+
+@pytest.mark.slow
+def test_classifier_step_overhead_runs_its_worker_and_counts_the_three_collectives():
+    """bench/classifier_step.py starts its measuring workers through run.launch and reads back what they wrote."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "classifier_step.py"), "overhead", "--np", "1",
+                             "--engine", "single", "--instances", "100", "--steps", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 100 |"))
+    assert ("alltoall classifier.features, allgather classifier.stats, alltoall classifier.grad_features" in row
+            and row.rstrip().endswith("| 0 |")), row  # three collectives and no host sync per step
