@@ -3,6 +3,7 @@ clock, the GPU's events on CUDA), the memory readers (the process's resident set
 CUDA through a stand-in) and the provenance line."""
 import ast
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -127,11 +128,11 @@ def test_the_data_bench_rate_is_the_timed_images_over_their_total_time_and_build
     now, events, synchronized = [0.0], [], []
 
     class StandInLoader:
-        def __init__(self, index, seed, **arguments):
-            assert arguments["device"] == device
+        def __init__(self, index, config, epoch, group):
+            assert config.dali_device == device and epoch == 0 and group.size == 1
             now[0] += 2
-            self.seed = seed
-            events.append(("built", seed))
+            self.seed = config.seed
+            events.append(("built", self.seed))
 
         def __iter__(self):
             for position in range(3):  # one epoch: 3 batches of 10 images
@@ -150,7 +151,7 @@ def test_the_data_bench_rate_is_the_timed_images_over_their_total_time_and_build
     monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(bench.time, "process_time", lambda: now[0] / 2)  # CPU seconds: half the wall time
     monkeypatch.setattr(bench, "pretrain_loader", StandInLoader)
-    monkeypatch.setattr(bench.InstanceIndex, "load", staticmethod(lambda path: path))
+    monkeypatch.setattr(bench.InstanceIndex, "load", staticmethod(lambda path: SimpleNamespace(root=path)))
     monkeypatch.setattr(bench, "decoder_arguments", lambda index, device, training: {})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronized.append(now[0]))
     monkeypatch.setattr(bench, "gpu_bytes_in_use", lambda: 100 + 7 * len(synchronized))
