@@ -2,14 +2,15 @@
 start `script argv` under an engine at a number of ranks.
 
   horovod  horovodrun --gloo -np RANKS -H HOSTS python script argv   (HOSTS: localhost:RANKS unless given)
-  torch    torchrun --standalone --nproc_per_node RANKS script argv, or with nodes= one agent of a c10d
-           rendezvous at rendezvous= (--nnodes NODES --rdzv-backend c10d --rdzv-endpoint ... --rdzv-id ...)
+  torch    python -m torch.distributed.run (torchrun) --standalone --nproc_per_node RANKS script argv, or with
+           nodes= one agent of a c10d rendezvous at rendezvous= (--nnodes NODES --rdzv-backend c10d
+           --rdzv-endpoint ... --rdzv-id ...)
   single   python script argv: one process, no launcher (ranks must be 1)
 
-The launchers are the ones beside the interpreter (a virtual environment's bin/), so no PATH is needed. Command
-line, for the Makefile and shell scripts: the launcher's options, then ENGINE RANKS SCRIPT and the script's own
-arguments, passed on untouched (an option after SCRIPT is the script's). It replaces itself with the job, whose
-exit status is its own:
+horovodrun is the one beside the interpreter (a virtual environment's bin/), torchrun the interpreter's module, so
+no PATH is needed. Command line, for the Makefile and shell scripts: the launcher's options, then ENGINE RANKS
+SCRIPT and the script's own arguments, passed on untouched (an option after SCRIPT is the script's). It replaces
+itself with the job, whose exit status is its own:
 
     python -m run.launch horovod 2 trainer.py --out runs/demo
     python -m run.launch --max-restarts 3 torch 2 trainer.py --engine torch
@@ -51,7 +52,8 @@ def launch(engine, ranks, script, *argv, hosts=None, nodes=None, rendezvous=None
             if rendezvous_conf:
                 placement += ["--rdzv-conf", ",".join(f"{key}={value}" for key, value in rendezvous_conf.items())]
         restarts = ["--max-restarts", str(max_restarts)] if max_restarts else []
-        command = [str(launchers / "torchrun"), *placement, "--nproc_per_node", str(ranks), *restarts,
+        # torchrun's own module: no `torchrun` script on PATH or beside the interpreter needed.
+        command = [str(python), "-m", "torch.distributed.run", *placement, "--nproc_per_node", str(ranks), *restarts,
                    *(["--tee", "3"] if tee else []), *job]
     else:
         command = [str(python), *job]

@@ -167,7 +167,7 @@ if [[ $dry_run == 1 ]]; then
 else
     run_step kernels 135 bash bench/gpu/gpu_check.sh "${wheels[@]}"
 fi
-torchrun=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1)  # no PATH to torchrun needed
+torchrun=("$PYTHON" -m run.launch torch 1)  # the project's launcher: torchrun's module, one rank
 run_step torchrun_trainer 35 "${torchrun[@]}" trainer.py --data synthetic --engine torch --out "$RUN_DIR/torchrun" \
     --resume none --instances 100000 --epochs 1 --steps-per-epoch 10 --log-every 5 "${tiny[@]}"
 keep_metrics torchrun torchrun-trainer
