@@ -49,9 +49,9 @@ from run import layout
 from run.checkpoint import (APPLY_ERRORS, TrainingState, checkpoint_to_resume, load_state, one_line,
                             resolve_checkpoint, restore_checkpoint, save_and_prune, write_file)
 from run.diagnostics import EpochDiagnostics
-from run.distributed import ENGINES, average_batchnorm_statistics, barrier, start
+from run.distributed import ENGINES, average_batchnorm_statistics, barrier, exit_now, start
 from run.errors import UsageError
-from run.faults import Preempted, default_signals, end_of_step, exit_now, exit_preempted, stop_on_signals
+from run.faults import Preempted, default_signals, end_of_step, exit_preempted, stop_on_signals
 from run.run_log import WARMUP_STEPS, RunLog, Throughput
 from run.schedule import set_learning_rate, warmup_cosine
 from settings import (BUILTIN_DEFAULTS, DATASET_DEFAULTS, SYNTHETIC_ONLY, check_dali_device, check_fits_data,

@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench.harness import provenance, time_ms  # noqa: E402
-from run.distributed import ENGINES, start  # noqa: E402
-from run.faults import exit_now  # noqa: E402
+from run.distributed import ENGINES, exit_now, start  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--batch-size", type=int, default=64, help="samples PER RANK (default: 64)")

@@ -39,8 +39,7 @@ from data.synthetic import SyntheticLoader  # noqa: E402
 from model.classifier import ShardedInstanceClassifier, ShardSGD, distributed_backbone_optimizer  # noqa: E402
 from model.encoder import build_encoder  # noqa: E402
 from model.step import train_step  # noqa: E402
-from run.distributed import ENGINES, engine, start  # noqa: E402
-from run.faults import exit_now  # noqa: E402
+from run.distributed import ENGINES, engine, exit_now, start  # noqa: E402
 
 SHAPES = {  # per mode: encoder config, images per rank, views, and the instance-classifier sizes N
     "cpu": dict(arch="resnet18", width=8, small_stem=True, hidden_dim=64, feat_dim=32, image_size=32,

@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from run.distributed import engine, exit_now  # noqa: F401  (exit_now: the trainer's, re-exported)
+from run.distributed import engine, exit_now
 from run.errors import UsageError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -41,9 +41,8 @@ from kernels.reference import normalize_rows  # noqa: E402
 from model.encoder import build_encoder  # noqa: E402
 from run import layout  # noqa: E402
 from run.checkpoint import load_rows, load_state  # noqa: E402
-from run.distributed import start  # noqa: E402
+from run.distributed import exit_now, start  # noqa: E402
 from run.errors import UsageError  # noqa: E402
-from run.faults import exit_now  # noqa: E402
 
 MECHANISM_FILE = "twins-mechanism.json"  # in the run directory
 # name in the file: the column the tables give it (with K for its value)

@@ -9,8 +9,7 @@ import sys
 import torch
 
 from model.classifier import ShardedInstanceClassifier, distributed_backbone_optimizer
-from run.distributed import start
-from run.faults import exit_now
+from run.distributed import exit_now, start
 from tests.classifier_problems import CASES, SGD_STEP, batch_slice, diagnostics, make_problem, tiny_backbone
 
 world = start(announce=False)

@@ -12,9 +12,8 @@ import torch
 import torch.distributed as dist
 
 from model.classifier import ShardedInstanceClassifier
-from run.distributed import start
+from run.distributed import exit_now, start
 from run.step_counter import StepCounter
-from run.faults import exit_now
 
 TORCH_COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather_single", "all_to_all_single", "broadcast",
                      "all_gather_object", "broadcast_object_list")

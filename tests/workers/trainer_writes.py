@@ -42,8 +42,7 @@ save, torch.save = torch.save, recording_save
 sys.addaudithook(audit)
 
 import trainer  # noqa: E402 (after torch.save is wrapped: run.checkpoint calls it through the module)
-from run.distributed import engine  # noqa: E402
-from run.faults import exit_now  # noqa: E402
+from run.distributed import engine, exit_now  # noqa: E402
 
 trainer.main()
 world = engine()
