@@ -62,7 +62,7 @@ class TorchEngine(Engine):
         # torch asks for the group to be destroyed before a normal exit, while the interpreter is whole: done
         # here for every script that starts the engine. The interpreter's teardown after it can still abort a
         # finished gloo worker now and then ("terminate called without an active exception", exit -6, and
-        # torchrun then fails the job), so the trainer ends without that teardown (run.faults.exit_now).
+        # torchrun then fails the job), so the trainer ends without that teardown (run.distributed.exit_now).
         atexit.register(self.shutdown)
 
     def _group(self, tensor):
