@@ -75,11 +75,29 @@ def single_engine(monkeypatch):
     return engine
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
-    """12 train and 4 val images per digit of the built-in data, one copy per test module (tests/trainer_runs.py)."""
+    """12 train and 4 val images per digit of the built-in data (tests/trainer_runs.py), one copy that every test
+    reads and none writes into: the run directories of reference_run index it."""
     from tests.trainer_runs import copy_tiny_dataset  # trainer_runs imports this module
     return copy_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_dataset, tmp_path_factory):
+    """reference_run(launcher) -> (run directory, its CompletedProcess): trainer.py's TWO_EPOCHS run on the
+    tiny_dataset at P = 2 under horovodrun ("horovod") or torchrun ("torchrun"), uninterrupted, trained once per
+    session when a test first asks for it: what interrupted, killed and resumed runs must reproduce. Tests copy
+    the directory; none writes into it."""
+    from tests.trainer_runs import TWO_EPOCHS, trainer
+    runs = {}
+
+    def run(launcher):
+        if launcher not in runs:
+            out = tmp_path_factory.mktemp(f"{launcher}-reference") / "run"
+            runs[launcher] = out, trainer("--data", tiny_dataset, "--out", out, *TWO_EPOCHS, launcher=launcher)
+        return runs[launcher]
+    return run
 
 
 def load_bench_script(name):

@@ -21,12 +21,9 @@ from run.errors import UsageError
 from run.faults import TEST_FAULT_VARIABLE
 from run.layout import shard_count
 from tests.conftest import ROOT, WORKERS, horovod_job, run_horovod
-from tests.trainer_runs import (SMALL, assert_checkpoints_bitwise_equal, rank_lines, read_metrics, step_losses,
-                                trainer, training_records)
+from tests.trainer_runs import (STEPS_PER_EPOCH, TWO_EPOCHS as RUN, assert_checkpoints_bitwise_equal, rank_lines,
+                                read_metrics, step_losses, trainer, training_records)
 
-# 2 epochs of 15 steps at P = 2 (30 at P = 1), every step logged, a checkpoint after each epoch.
-RUN = [*SMALL, "--epochs", "2", "--save-every", "1", "--log-every", "1", "--knn-every", "0"]
-STEPS_PER_EPOCH = 15
 # A fresh rendezvous store for every attempt of a torchrun job that restarts (run.distributed.restarts_reuse_the_store).
 FRESH_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 ONE_RANK_PER_NODE = {"local_rank": 0, "local_size": 1, "size": 2}
@@ -112,19 +109,15 @@ def assert_one_rank_per_node_and_rank_0_writes(records):
 
 
 @pytest.fixture(scope="module")
-def torch_reference(tiny_dataset, tmp_path_factory):
+def torch_reference(reference_run):
     """The uninterrupted run under torchrun --nproc_per_node 2 (one agent)."""
-    out = tmp_path_factory.mktemp("torch-reference") / "run"
-    torchrun("--data", tiny_dataset, "--out", out, *RUN)
-    return out
+    return reference_run("torchrun")[0]
 
 
 @pytest.fixture(scope="module")
-def horovod_reference(tiny_dataset, tmp_path_factory):
+def horovod_reference(reference_run):
     """The uninterrupted run under horovodrun -np 2 -H localhost:2."""
-    out = tmp_path_factory.mktemp("horovod-reference") / "run"
-    trainer("--data", tiny_dataset, "--out", out, *RUN)
-    return out
+    return reference_run("horovod")[0]
 
 
 @pytest.fixture(scope="module")
