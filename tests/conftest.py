@@ -71,6 +71,7 @@ def single_engine(monkeypatch):
     that ask for the started engine get, without start()'s process-wide hooks (excepthook, threads)."""
     from run import distributed
     engine = distributed.SingleProcess()
+    engine.threads = torch.get_num_threads()  # start() would share the cores out; this process keeps its own
     monkeypatch.setattr(distributed, "_started", engine)
     return engine
 

@@ -174,7 +174,6 @@ def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path, sin
 def test_bad_flags_and_paths_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys, single_engine):
     """main() in this process; the run that --smooth-k 4000 starts (the single engine) stops once the built-in
     index says how many instances there are."""
-    single_engine.threads = 1
     status, stderr = main_in_process(monkeypatch, capsys, *args, *(["--out", tmp_path] if args[0].startswith("--")
                                                                     else []))
     lines = stderr.strip().splitlines()
