@@ -66,6 +66,16 @@ def horovod():
 
 
 @pytest.fixture
+def no_launcher(monkeypatch):
+    """This process's environment as started without a launcher: none of the variables that horovodrun, mpirun
+    or torchrun set (run/distributed.py reads them to choose the engine)."""
+    from run import distributed
+    for name in (*distributed.TORCH_LAUNCH_VARIABLES, "TORCHELASTIC_RUN_ID",
+                 *(name for pair in distributed.HOROVOD_LAUNCH_VARIABLES for name in pair if name)):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
 def single_engine(monkeypatch):
     """The single-process engine as this test process's process group (run/distributed.py): what the modules
     that ask for the started engine get, without start()'s process-wide hooks (excepthook, threads)."""

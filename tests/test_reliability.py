@@ -242,7 +242,5 @@ def test_each_rank_takes_its_share_of_the_cores_unless_omp_num_threads_is_set(tm
         threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert threads["local_ranks"] == 2 and threads["threads"] == max(1, threads["cores"] // 2)
         assert threads["description"] == f"{threads['threads']} ({threads['cores']} cores / 2 ranks on this host)"
-    run_horovod(2, WORKERS / "trainer_threads.py", tmp_path)  # tests/conftest.py sets OMP_NUM_THREADS=1
-    for rank in (0, 1):
-        threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert threads["threads"] == 1 and threads["description"] == "1 (OMP_NUM_THREADS)"
+    # With OMP_NUM_THREADS set (tests/conftest.py sets 1) a rank keeps it: the runs of tests/test_trainer.py say
+    # "torch threads 1 (OMP_NUM_THREADS)".

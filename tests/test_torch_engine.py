@@ -1,6 +1,6 @@
 """The torch.distributed engine (run/torch_engine.py) under real torchrun jobs (gloo): the same run as under
 horovodrun, the collectives of a classifier step, checkpoints that move between engines, and the one-line
-errors of launches that cannot run. The guarantees of a multi-rank run (an agreed stop with a checkpoint,
+errors of launches that cannot run (through the trainer: tests/test_engines.py). The guarantees of a multi-rank run (an agreed stop with a checkpoint,
 Ctrl-C, a failing rank, rank 0's resume decision) hold under every launcher: tests/test_reliability.py. The
 float64 oracle of the classifier under torchrun at P = 1, 2, 3 is in tests/test_classifier.py."""
 import json
@@ -12,13 +12,10 @@ import pytest
 from run import distributed
 from run.errors import UsageError
 from tests.conftest import ROOT, WORKERS, run_horovod
-from tests.trainer_runs import (SMALL, STEPS_PER_EPOCH, TWO_EPOCHS, main_in_process, rank_lines, read_metrics,
-                                step_losses)
+from tests.trainer_runs import SMALL, STEPS_PER_EPOCH, TWO_EPOCHS, rank_lines, read_metrics, step_losses
 
 pytestmark = pytest.mark.torchrun
 TORCHRUN_VARIABLES = {"TORCHELASTIC_RUN_ID": "test", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
-LAUNCH_VARIABLES = [*distributed.TORCH_LAUNCH_VARIABLES, "TORCHELASTIC_RUN_ID",
-                    *(name for pair in distributed.HOROVOD_LAUNCH_VARIABLES for name in pair if name)]
 
 
 def torchrun(*args, num_ranks=2, **options):
@@ -26,12 +23,6 @@ def torchrun(*args, num_ranks=2, **options):
 
 
 # -------------------------------------------------------------------------------- choosing the engine
-@pytest.fixture
-def no_launcher(monkeypatch):
-    for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-
-
 def test_torchruns_environment_gives_the_torch_engine(no_launcher, monkeypatch):
     for name, value in TORCHRUN_VARIABLES.items():
         monkeypatch.setenv(name, value)
@@ -50,19 +41,6 @@ def test_torch_outside_torchrun_is_one_line(no_launcher, monkeypatch):
     monkeypatch.setenv("HOROVOD_RANK", "0")
     with pytest.raises(UsageError, match="--engine torch: this process was not started by torchrun"):
         distributed.resolve_engine("torch")
-
-
-@pytest.mark.parametrize("flags,environment,message", [
-    (["--engine", "torch"], {}, "error: --engine torch: this process was not started by torchrun"),
-    (["--engine", "horovod"], TORCHRUN_VARIABLES, "error: --engine horovod: this process was started by torchrun")])
-def test_bad_launches_stop_the_trainer_with_one_line(flags, environment, message, no_launcher, monkeypatch, capsys,
-                                                     tmp_path):
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(distributed, "_started", None)  # the engine is chosen, and refused, as the run starts
-    status, stderr = main_in_process(monkeypatch, capsys, *flags, "--out", tmp_path / "never")
-    assert status == 2 and stderr.startswith(message) and stderr.count("\n") == 1
-    assert not (tmp_path / "never").exists()
 
 
 # -------------------------------------------------------------------------------- the same run, the same step
