@@ -156,7 +156,9 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step_and_the_resume_is_b
         launcher, reference_run, tiny_dataset, tmp_path, monkeypatch, capsys, single_engine):
     """SIGTERM reaches rank 1 only, inside epoch 1: both ranks stop after step 5 with a checkpoint, which one
     process refuses to resume; the same command resumes there and ends bitwise equal to the uninterrupted run,
-    metrics.jsonl too (timings aside)."""
+    metrics.jsonl too (timings aside). The steps before the signal were a fresh run of the reference's flags and
+    seed: on one machine a run is a function of them (across machines it is not; bench/RESULTS.md, "What a seed
+    fixes")."""
     reference, _ = reference_run(launcher)
     out = tmp_path / "run"
     result = trainer("--data", tiny_dataset, "--out", out, *TWO_EPOCHS, check=False, launcher=launcher,
