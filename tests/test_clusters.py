@@ -21,8 +21,8 @@ from run.errors import UsageError
 from run.faults import TEST_FAULT_VARIABLE
 from run.layout import shard_count
 from tests.conftest import ROOT, WORKERS, horovod_job, run_horovod
-from tests.trainer_runs import (STEPS_PER_EPOCH, TWO_EPOCHS as RUN, assert_checkpoints_bitwise_equal, rank_lines,
-                                read_metrics, step_losses, trainer, training_records)
+from tests.trainer_runs import (STEPS_PER_EPOCH, TWO_EPOCHS as RUN, assert_checkpoints_bitwise_equal,
+                                main_in_process, rank_lines, read_metrics, step_losses, trainer, training_records)
 
 # A fresh rendezvous store for every attempt of a torchrun job that restarts (run.distributed.restarts_reuse_the_store).
 FRESH_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -211,13 +211,14 @@ def test_auto_passes_over_a_checkpoint_of_another_rank_count_taken_inside_an_epo
 @pytest.mark.torchrun
 @pytest.mark.horovod  # the resume at P = 1 is a plain process
 def test_a_checkpoint_taken_inside_an_epoch_resumes_at_another_rank_count_from_the_epoch_before(
-        one_rank_resume, tiny_dataset, tmp_path):
+        one_rank_resume, tiny_dataset, tmp_path, monkeypatch, capsys, single_engine):
     out = tmp_path / "run"
     torchrun("--data", tiny_dataset, "--out", out, *RUN, env={TEST_FAULT_VARIABLE: "1:2:3:SIGTERM"}, check=False)
     inside = out / "checkpoint-0001-step-000003"
     assert shard_count(inside) == 2
-    named = trainer("--data", tiny_dataset, "--out", out, *RUN, "--resume", inside, num_ranks=None, check=False)
-    assert named.returncode == 2 and named.stderr == (
+    status, stderr = main_in_process(monkeypatch, capsys, "--data", tiny_dataset, "--out", out, *RUN, "--resume",
+                                     inside)  # one process
+    assert status == 2 and stderr == (
         f"error: cannot resume from {inside}: {inside} was written inside an epoch by 2 ranks: resume it with 2 "
         f"ranks, or resume an epoch's checkpoint with --resume\n")  # the checkpoint the user named, or nothing
     result = trainer("--data", tiny_dataset, "--out", out, *RUN, num_ranks=None)
