@@ -575,28 +575,27 @@ READERS = {  # every command that reads a checkpoint back: argv of `trainer.py`,
 }
 
 
+def assert_one_line_error(result, message):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+
+
 @pytest.fixture
-def refused_in_process(monkeypatch, capsys, single_engine):
-    """refused_in_process(argv, message): trainer.py's main() on argv, in this process (the single engine where it
-    starts one), stops with status 2 and one line naming the problem; returns that line."""
-    def refused(argv, message):
-        status, stderr = main_in_process(monkeypatch, capsys, *argv)
-        lines = stderr.strip().splitlines()
-        assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
-        assert message in lines[0], lines[0]
-        return lines[0]
-    return refused
+def in_process(monkeypatch, capsys, single_engine):
+    """in_process(*argv): trainer.py's main() on argv in this process, the single engine its process group
+    (tests/trainer_runs.py's main_in_process)."""
+    return lambda *argv: main_in_process(monkeypatch, capsys, *argv)
 
 
 @pytest.mark.horovod
 @pytest.mark.parametrize("command", READERS)
 def test_a_checkpoint_carrying_a_payload_runs_nothing_under_every_command(command, finished_run, tiny_dataset,
-                                                                          tmp_path, refused_in_process):
+                                                                          tmp_path, in_process):
     marker = tmp_path / "marker"
     run = copied_run(finished_run, tmp_path, with_marker_in_config(marker))
-    refused_in_process(READERS[command](run, tiny_dataset), f"{run / 'checkpoint-0001' / 'state.pt'} is refused: it "
-                                                            f"holds io.open besides tensors and plain values; nothing "
-                                                            f"in it was run")
+    assert_one_line_error(in_process(*READERS[command](run, tiny_dataset)), f"{run / 'checkpoint-0001' / 'state.pt'} "
+                          f"is refused: it holds io.open besides tensors and plain values; nothing in it was run")
     assert not marker.exists() and not (run / "exported.pth").exists() and not (run / "checkpoint-0002").exists()
 
 
@@ -612,10 +611,11 @@ def test_a_checkpoint_carrying_a_payload_is_refused_on_every_rank(finished_run, 
 
 
 @pytest.mark.horovod
-def test_a_hostile_saved_config_is_the_command_lines_one_line(finished_run, tmp_path, refused_in_process):
+def test_a_hostile_saved_config_is_the_command_lines_one_line(finished_run, tmp_path, in_process):
     run = copied_run(finished_run, tmp_path, edited_config(width=0))
-    refused_in_process(["knn", "--ckpt", run], f"{run / 'checkpoint-0001' / 'state.pt'} holds a config that the flags "
-                                               f"refuse: --width must be positive, got 0")
+    assert_one_line_error(in_process("knn", "--ckpt", run),
+                          f"{run / 'checkpoint-0001' / 'state.pt'} holds a config that the flags refuse: --width must "
+                          f"be positive, got 0")
 
 
 def to_older_format(state):
@@ -627,15 +627,15 @@ def to_older_format(state):
 
 @pytest.mark.horovod
 def test_a_checkpoint_of_the_older_format_is_refused_naming_a_conversion_that_works(finished_run, tiny_dataset,
-                                                                                     tmp_path, refused_in_process):
+                                                                                     tmp_path, in_process):
     run = copied_run(finished_run, tmp_path, to_older_format)
     rewritten(run / "checkpoint-0001" / "shard-0.pt", without("batchnorm"))
     state = run / "checkpoint-0001" / "state.pt"
     for command in ("knn", "resume"):
-        line = refused_in_process(READERS[command](run, tiny_dataset), f"{state} is of the older checkpoint format "
-                                  f"(its config an argparse.Namespace), which is not read: if you trust the file, "
-                                  f"convert it once with python -c ")
-    conversion = line.split("convert it once with python ")[1]
+        result = in_process(*READERS[command](run, tiny_dataset))
+        assert_one_line_error(result, f"{state} is of the older checkpoint format (its config an argparse.Namespace)"
+                                      f", which is not read: if you trust the file, convert it once with python -c ")
+    conversion = result.stderr.strip().split("convert it once with python ")[1]
     assert conversion.endswith(f" {state}")
     subprocess.run(f"{sys.executable} {conversion}", shell=True, check=True)
     assert "kNN of" in trainer(*READERS["knn"](run, tiny_dataset), num_ranks=None).stdout

@@ -216,9 +216,8 @@ def test_a_checkpoint_taken_inside_an_epoch_resumes_at_another_rank_count_from_t
     torchrun("--data", tiny_dataset, "--out", out, *RUN, env={TEST_FAULT_VARIABLE: "1:2:3:SIGTERM"}, check=False)
     inside = out / "checkpoint-0001-step-000003"
     assert shard_count(inside) == 2
-    status, stderr = main_in_process(monkeypatch, capsys, "--data", tiny_dataset, "--out", out, *RUN, "--resume",
-                                     inside)  # one process
-    assert status == 2 and stderr == (
+    named = main_in_process(monkeypatch, capsys, "--data", tiny_dataset, "--out", out, *RUN, "--resume", inside)
+    assert named.returncode == 2 and named.stderr == (
         f"error: cannot resume from {inside}: {inside} was written inside an epoch by 2 ranks: resume it with 2 "
         f"ranks, or resume an epoch's checkpoint with --resume\n")  # the checkpoint the user named, or nothing
     result = trainer("--data", tiny_dataset, "--out", out, *RUN, num_ranks=None)

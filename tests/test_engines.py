@@ -100,8 +100,9 @@ def test_bad_engine_combinations_stop_the_trainer_with_one_line(engine, environm
         monkeypatch.setenv(name, value)
     monkeypatch.setitem(sys.modules, "run.horovod_engine", None)  # its import fails as without horovod
     monkeypatch.setattr(distributed, "_started", None)  # the engine is chosen, and refused, as the run starts
-    status, stderr = main_in_process(monkeypatch, capsys, "--engine", engine, "--out", tmp_path / "never")
-    assert status == 2 and stderr.startswith(f"error: {message}") and stderr.count("\n") == 1, stderr
+    result = main_in_process(monkeypatch, capsys, "--engine", engine, "--out", tmp_path / "never")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "never").exists()  # nothing was started, nothing written
 
 

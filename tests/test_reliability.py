@@ -168,8 +168,8 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step_and_the_resume_is_b
                                                       f"{checkpoint}; the same command resumes from it"], result.stderr
     assert rank_lines(result.stderr, 1, launcher) == [] and result.returncode != 0
     assert checkpoint_files(checkpoint) == ["shard-0.pt", "shard-1.pt", "state.pt"]
-    status, stderr = main_in_process(monkeypatch, capsys, "--data", tiny_dataset, "--out", out, *TWO_EPOCHS)
-    assert status == 2 and "was written inside an epoch by 2 ranks: resume it with 2 ranks" in stderr
+    result = main_in_process(monkeypatch, capsys, "--data", tiny_dataset, "--out", out, *TWO_EPOCHS)  # one process
+    assert result.returncode == 2 and "was written inside an epoch by 2 ranks: resume it with 2 ranks" in result.stderr
     result = trainer("--data", tiny_dataset, "--out", out, *TWO_EPOCHS, launcher=launcher)
     assert f"resumed from {checkpoint} (epoch 0, step 5 of the next" in result.stdout
     assert training_records(out) == training_records(reference)

@@ -162,10 +162,10 @@ def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path, sin
 def test_bad_flags_and_paths_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys, single_engine):
     """main() in this process; the run that --smooth-k 4000 starts (the single engine) stops once the built-in
     index says how many instances there are."""
-    status, stderr = main_in_process(monkeypatch, capsys, *args, *(["--out", tmp_path] if args[0].startswith("--")
-                                                                    else []))
-    lines = stderr.strip().splitlines()
-    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    result = main_in_process(monkeypatch, capsys, *args, *(["--out", tmp_path] if args[0].startswith("--") else []))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+        result.stderr
 
 
 @pytest.mark.slow
@@ -179,8 +179,9 @@ def test_a_bad_flag_ends_the_trainer_process_with_status_2_and_one_line(tmp_path
 def test_export_of_a_small_stem_backbone_is_a_one_line_error(reference_run, tmp_path, monkeypatch, capsys):
     small_stem_run, _ = reference_run("horovod")  # tests/trainer_runs.py's SMALL flags
     target = tmp_path / "x.pth"
-    status, stderr = main_in_process(monkeypatch, capsys, "export", "--ckpt", small_stem_run, "--to", target)
-    assert status == 2 and stderr.count("\n") == 1 and "small-image stem" in stderr and not target.exists()
+    result = main_in_process(monkeypatch, capsys, "export", "--ckpt", small_stem_run, "--to", target)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "small-image stem" in result.stderr
+    assert not target.exists()
 
 
 @pytest.mark.horovod

@@ -2,6 +2,7 @@
 main() in this process, and readers of what a run writes."""
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -42,15 +43,20 @@ def trainer(*args, num_ranks=2, **options):
 
 
 def main_in_process(monkeypatch, capsys, *argv):
-    """trainer.py's main() on argv in this process, for the errors it stops on: (exit status, what it wrote to
-    stderr). Its exit_now (os._exit, which would end pytest) becomes a SystemExit; main() returning is a failure."""
+    """trainer.py's main() on argv in this process, as `python trainer.py argv` but for the process start: a
+    CompletedProcess (returncode, stdout, stderr). Its exit_now (os._exit, which would end pytest) raises SystemExit
+    instead; a main() that returns exited 0. A run or evaluation it starts needs the single_engine fixture."""
     import trainer as trainer_module
     monkeypatch.setattr(sys, "argv", ["trainer.py", *map(str, argv)])
     monkeypatch.setattr(trainer_module, "exit_now", sys.exit)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
+    try:
         trainer_module.main()
-    return exited.value.code, capsys.readouterr().err
+        status = 0
+    except SystemExit as exited:
+        status = exited.code
+    written = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, status, written.out, written.err)
 
 
 def rank_lines(output, rank, launcher="horovod"):
