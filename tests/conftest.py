@@ -66,20 +66,49 @@ def horovod():
 
 
 @pytest.fixture
+def no_launcher(monkeypatch):
+    """This process's environment as started without a launcher: none of the variables that horovodrun, mpirun
+    or torchrun set (run/distributed.py reads them to choose the engine)."""
+    from run import distributed
+    for name in (*distributed.TORCH_LAUNCH_VARIABLES, "TORCHELASTIC_RUN_ID",
+                 *(name for pair in distributed.HOROVOD_LAUNCH_VARIABLES for name in pair if name)):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
 def single_engine(monkeypatch):
     """The single-process engine as this test process's process group (run/distributed.py): what the modules
     that ask for the started engine get, without start()'s process-wide hooks (excepthook, threads)."""
     from run import distributed
     engine = distributed.SingleProcess()
+    engine.threads = torch.get_num_threads()  # start() would share the cores out; this process keeps its own
     monkeypatch.setattr(distributed, "_started", engine)
     return engine
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
-    """12 train and 4 val images per digit of the built-in data, one copy per test module (tests/trainer_runs.py)."""
+    """12 train and 4 val images per digit of the built-in data (tests/trainer_runs.py), one copy that every test
+    reads and none writes into: the run directories of reference_run index it."""
     from tests.trainer_runs import copy_tiny_dataset  # trainer_runs imports this module
     return copy_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_dataset, tmp_path_factory):
+    """reference_run(launcher) -> (run directory, its CompletedProcess): trainer.py's TWO_EPOCHS run on the
+    tiny_dataset at P = 2 under horovodrun ("horovod") or torchrun ("torchrun"), uninterrupted, trained once per
+    session when a test first asks for it: what interrupted, killed and resumed runs must reproduce. Tests copy
+    the directory; none writes into it."""
+    from tests.trainer_runs import TWO_EPOCHS, trainer
+    runs = {}
+
+    def run(launcher):
+        if launcher not in runs:
+            out = tmp_path_factory.mktemp(f"{launcher}-reference") / "run"
+            runs[launcher] = out, trainer("--data", tiny_dataset, "--out", out, *TWO_EPOCHS, launcher=launcher)
+        return runs[launcher]
+    return run
 
 
 def load_bench_script(name):

@@ -25,7 +25,8 @@ from run.faults import TEST_FAULT_VARIABLE
 from run.layout import checkpoint_name, complete_checkpoints, hidden_checkpoints, partial_checkpoint
 from run.run_log import human_bytes
 from tests.conftest import WORKERS, run_horovod
-from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, rank_lines, read_metrics, trainer
+from tests.trainer_runs import (SMALL, assert_checkpoints_bitwise_equal, main_in_process, rank_lines, read_metrics,
+                                trainer)
 
 ENCODER = dict(arch="resnet18", small_stem=True, width=8, hidden_dim=32, feat_dim=16, data=None)
 
@@ -580,15 +581,21 @@ def assert_one_line_error(result, message):
     assert message in lines[0], lines[0]
 
 
+@pytest.fixture
+def in_process(monkeypatch, capsys, single_engine):
+    """in_process(*argv): trainer.py's main() on argv in this process, the single engine its process group
+    (tests/trainer_runs.py's main_in_process)."""
+    return lambda *argv: main_in_process(monkeypatch, capsys, *argv)
+
+
 @pytest.mark.horovod
 @pytest.mark.parametrize("command", READERS)
 def test_a_checkpoint_carrying_a_payload_runs_nothing_under_every_command(command, finished_run, tiny_dataset,
-                                                                          tmp_path):
+                                                                          tmp_path, in_process):
     marker = tmp_path / "marker"
     run = copied_run(finished_run, tmp_path, with_marker_in_config(marker))
-    result = trainer(*READERS[command](run, tiny_dataset), num_ranks=None, check=False)
-    assert_one_line_error(result, f"{run / 'checkpoint-0001' / 'state.pt'} is refused: it holds io.open besides "
-                                  f"tensors and plain values; nothing in it was run")
+    assert_one_line_error(in_process(*READERS[command](run, tiny_dataset)), f"{run / 'checkpoint-0001' / 'state.pt'} "
+                          f"is refused: it holds io.open besides tensors and plain values; nothing in it was run")
     assert not marker.exists() and not (run / "exported.pth").exists() and not (run / "checkpoint-0002").exists()
 
 
@@ -604,9 +611,9 @@ def test_a_checkpoint_carrying_a_payload_is_refused_on_every_rank(finished_run, 
 
 
 @pytest.mark.horovod
-def test_a_hostile_saved_config_is_the_command_lines_one_line(finished_run, tmp_path):
+def test_a_hostile_saved_config_is_the_command_lines_one_line(finished_run, tmp_path, in_process):
     run = copied_run(finished_run, tmp_path, edited_config(width=0))
-    assert_one_line_error(trainer("knn", "--ckpt", run, num_ranks=None, check=False),
+    assert_one_line_error(in_process("knn", "--ckpt", run),
                           f"{run / 'checkpoint-0001' / 'state.pt'} holds a config that the flags refuse: --width must "
                           f"be positive, got 0")
 
@@ -620,12 +627,12 @@ def to_older_format(state):
 
 @pytest.mark.horovod
 def test_a_checkpoint_of_the_older_format_is_refused_naming_a_conversion_that_works(finished_run, tiny_dataset,
-                                                                                     tmp_path):
+                                                                                     tmp_path, in_process):
     run = copied_run(finished_run, tmp_path, to_older_format)
     rewritten(run / "checkpoint-0001" / "shard-0.pt", without("batchnorm"))
     state = run / "checkpoint-0001" / "state.pt"
     for command in ("knn", "resume"):
-        result = trainer(*READERS[command](run, tiny_dataset), num_ranks=None, check=False)
+        result = in_process(*READERS[command](run, tiny_dataset))
         assert_one_line_error(result, f"{state} is of the older checkpoint format (its config an argparse.Namespace)"
                                       f", which is not read: if you trust the file, convert it once with python -c ")
     conversion = result.stderr.strip().split("convert it once with python ")[1]

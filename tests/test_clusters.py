@@ -21,12 +21,9 @@ from run.errors import UsageError
 from run.faults import TEST_FAULT_VARIABLE
 from run.layout import shard_count
 from tests.conftest import ROOT, WORKERS, horovod_job, run_horovod
-from tests.trainer_runs import (SMALL, assert_checkpoints_bitwise_equal, rank_lines, read_metrics, step_losses,
-                                trainer, training_records)
+from tests.trainer_runs import (STEPS_PER_EPOCH, TWO_EPOCHS as RUN, assert_checkpoints_bitwise_equal,
+                                main_in_process, rank_lines, read_metrics, step_losses, trainer, training_records)
 
-# 2 epochs of 15 steps at P = 2 (30 at P = 1), every step logged, a checkpoint after each epoch.
-RUN = [*SMALL, "--epochs", "2", "--save-every", "1", "--log-every", "1", "--knn-every", "0"]
-STEPS_PER_EPOCH = 15
 # A fresh rendezvous store for every attempt of a torchrun job that restarts (run.distributed.restarts_reuse_the_store).
 FRESH_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 ONE_RANK_PER_NODE = {"local_rank": 0, "local_size": 1, "size": 2}
@@ -112,19 +109,15 @@ def assert_one_rank_per_node_and_rank_0_writes(records):
 
 
 @pytest.fixture(scope="module")
-def torch_reference(tiny_dataset, tmp_path_factory):
+def torch_reference(reference_run):
     """The uninterrupted run under torchrun --nproc_per_node 2 (one agent)."""
-    out = tmp_path_factory.mktemp("torch-reference") / "run"
-    torchrun("--data", tiny_dataset, "--out", out, *RUN)
-    return out
+    return reference_run("torchrun")[0]
 
 
 @pytest.fixture(scope="module")
-def horovod_reference(tiny_dataset, tmp_path_factory):
+def horovod_reference(reference_run):
     """The uninterrupted run under horovodrun -np 2 -H localhost:2."""
-    out = tmp_path_factory.mktemp("horovod-reference") / "run"
-    trainer("--data", tiny_dataset, "--out", out, *RUN)
-    return out
+    return reference_run("horovod")[0]
 
 
 @pytest.fixture(scope="module")
@@ -218,12 +211,12 @@ def test_auto_passes_over_a_checkpoint_of_another_rank_count_taken_inside_an_epo
 @pytest.mark.torchrun
 @pytest.mark.horovod  # the resume at P = 1 is a plain process
 def test_a_checkpoint_taken_inside_an_epoch_resumes_at_another_rank_count_from_the_epoch_before(
-        one_rank_resume, tiny_dataset, tmp_path):
+        one_rank_resume, tiny_dataset, tmp_path, monkeypatch, capsys, single_engine):
     out = tmp_path / "run"
     torchrun("--data", tiny_dataset, "--out", out, *RUN, env={TEST_FAULT_VARIABLE: "1:2:3:SIGTERM"}, check=False)
     inside = out / "checkpoint-0001-step-000003"
     assert shard_count(inside) == 2
-    named = trainer("--data", tiny_dataset, "--out", out, *RUN, "--resume", inside, num_ranks=None, check=False)
+    named = main_in_process(monkeypatch, capsys, "--data", tiny_dataset, "--out", out, *RUN, "--resume", inside)
     assert named.returncode == 2 and named.stderr == (
         f"error: cannot resume from {inside}: {inside} was written inside an epoch by 2 ranks: resume it with 2 "
         f"ranks, or resume an epoch's checkpoint with --resume\n")  # the checkpoint the user named, or nothing

@@ -3,6 +3,7 @@ combinations that cannot run, the single engine on a machine without Horovod, th
 Horovod job, checkpoints that move between engines, and the layers of the packages."""
 import ast
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,26 +12,26 @@ import pytest
 from run import distributed
 from run.errors import UsageError
 from run.step_counter import StepCounter
-from tests.conftest import ROOT, run_horovod
-from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, read_metrics, step_losses, trainer
+from tests.conftest import ROOT
+from tests.test_torch_engine import TORCHRUN_VARIABLES
+from tests.trainer_runs import (SMALL, assert_checkpoints_bitwise_equal, main_in_process, read_metrics, step_losses,
+                                trainer)
 
 ONE_EPOCH = [*SMALL, "--epochs", "1", "--warmup-epochs", "0", "--log-every", "1", "--knn-every", "0"]
-LAUNCH_VARIABLES = [name for pair in distributed.HOROVOD_LAUNCH_VARIABLES for name in pair if name]
-
-
-@pytest.fixture
-def no_launcher(monkeypatch):
-    for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def without_horovod(tmp_path):
+@pytest.fixture(scope="module")
+def without_horovod(tmp_path_factory):
     """A PYTHONPATH on which `import horovod` fails, as on a machine where it was never built."""
-    fake = tmp_path / "no-horovod" / "horovod"
-    fake.mkdir(parents=True)
+    fake = tmp_path_factory.mktemp("no-horovod") / "horovod"
+    fake.mkdir()
     (fake / "__init__.py").write_text('raise ImportError("No module named horovod (hidden by the test)")\n')
     return {"PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_dataset, without_horovod, tmp_path_factory):
+    """(run directory, its CompletedProcess) of ONE_EPOCH as one plain process, without Horovod. Tests copy it."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    return out, trainer("--data", tiny_dataset, "--out", out, *ONE_EPOCH, num_ranks=None, env=without_horovod)
 
 
 @pytest.mark.parametrize("requested, environment, expected", [
@@ -85,24 +86,30 @@ def test_single_engine_collectives_are_copies_over_one_rank():
         world.alltoall(tensor, splits=[2])
 
 
-@pytest.mark.horovod
-def test_bad_engine_combinations_stop_the_trainer_with_one_line(without_horovod, tmp_path):
-    out = tmp_path / "never"
-    result = run_horovod(None, ROOT / "trainer.py", "--engine", "horovod", "--out", out, check=False,
-                         env=without_horovod)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: --engine horovod: Horovod cannot be imported")
-    launched = {**{name: None for name in LAUNCH_VARIABLES}, "HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}
-    result = run_horovod(None, ROOT / "trainer.py", "--engine", "single", "--out", out, check=False, env=launched)
-    assert result.returncode == 2 and result.stderr.startswith(
-        "error: --engine single: this process was launched as one of 2 ranks") and result.stderr.count("\n") == 1
-    assert not out.exists()  # nothing was started, nothing written
+@pytest.mark.parametrize("engine, environment, message", [
+    ("horovod", {}, "--engine horovod: Horovod cannot be imported"),
+    ("single", {"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, "--engine single: this process was launched as one of 2 "
+                                                           "ranks"),
+    ("torch", {}, "--engine torch: this process was not started by torchrun"),
+    ("horovod", TORCHRUN_VARIABLES, "--engine horovod: this process was started by torchrun"),
+])
+def test_bad_engine_combinations_stop_the_trainer_with_one_line(engine, environment, message, no_launcher,
+                                                                monkeypatch, capsys, tmp_path):
+    """trainer.py's main() in this process, Horovod hidden as on a machine without it: no launch here needs it."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setitem(sys.modules, "run.horovod_engine", None)  # its import fails as without horovod
+    monkeypatch.setattr(distributed, "_started", None)  # the engine is chosen, and refused, as the run starts
+    result = main_in_process(monkeypatch, capsys, "--engine", engine, "--out", tmp_path / "never")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "never").exists()  # nothing was started, nothing written
 
 
 @pytest.mark.horovod
-def test_single_engine_trains_and_evaluates_without_horovod(tiny_dataset, without_horovod, tmp_path):
-    out = tmp_path / "single"
-    result = trainer("--data", tiny_dataset, "--out", out, *ONE_EPOCH, num_ranks=None, env=without_horovod)
+def test_single_engine_trains_and_evaluates_without_horovod(single_run, without_horovod, tmp_path):
+    out, result = tmp_path / "single", single_run[1]
+    shutil.copytree(single_run[0], out)
     assert result.stdout.startswith("engine single: 1 rank; rank 0 cpu; torch threads 1 (OMP_NUM_THREADS)")
     assert len(step_losses(read_metrics(out), 1)) == 30  # 120 images / 4 per step
     linear = trainer("linear", "--ckpt", out, "--epochs", "1", "--batch-size", "32", num_ranks=None,
@@ -114,22 +121,21 @@ def test_single_engine_trains_and_evaluates_without_horovod(tiny_dataset, withou
 
 
 @pytest.mark.horovod
-def test_single_engine_computes_what_a_one_rank_horovod_job_computes(tiny_dataset, tmp_path):
-    runs = {}
-    for name, num_ranks in (("single", None), ("horovod", 1)):
-        runs[name] = tmp_path / name
-        result = trainer("--data", tiny_dataset, "--out", runs[name], *ONE_EPOCH, num_ranks=num_ranks)
-        assert f"engine {name}: 1 rank;" in result.stdout.splitlines()[0]  # horovodrun prefixes "[0]<stdout>:"
+def test_single_engine_computes_what_a_one_rank_horovod_job_computes(single_run, tiny_dataset, tmp_path):
+    runs = {"single": single_run[0], "horovod": tmp_path / "horovod"}
+    result = trainer("--data", tiny_dataset, "--out", runs["horovod"], *ONE_EPOCH, num_ranks=1)
+    for name, output in (("single", single_run[1].stdout), ("horovod", result.stdout)):
+        assert f"engine {name}: 1 rank;" in output.splitlines()[0]  # horovodrun prefixes "[0]<stdout>:"
     losses = {name: step_losses(read_metrics(out), 1) for name, out in runs.items()}
     assert len(losses["single"]) == 30 and losses["single"] == losses["horovod"]  # bitwise
     assert_checkpoints_bitwise_equal(runs["single"] / "checkpoint-0001", runs["horovod"] / "checkpoint-0001")
 
 
 @pytest.mark.horovod
-def test_a_single_engine_checkpoint_resumes_under_horovodrun(tiny_dataset, tmp_path):
+def test_a_single_engine_checkpoint_resumes_under_horovodrun(single_run, tiny_dataset, tmp_path):
     """The other way (horovodrun -np 2 -> single) is tests/test_trainer.py's one-rank resume."""
     out = tmp_path / "moved"
-    trainer("--data", tiny_dataset, "--out", out, *ONE_EPOCH, num_ranks=None)
+    shutil.copytree(single_run[0], out)
     result = trainer("--data", tiny_dataset, "--out", out, *ONE_EPOCH, "--epochs", "2", num_ranks=2)
     assert "engine horovod: 2 ranks" in result.stdout and "written by 1 ranks" in result.stdout
     assert sorted(p.name for p in (out / "checkpoint-0002").iterdir()) == ["shard-0.pt", "shard-1.pt", "state.pt"]

@@ -92,7 +92,6 @@ def test_a_run_trains_its_encoder_and_classifier_at_its_precision(precision, tmp
         "--arch", "resnet18", "--width", "8", "--small-stem", "--image-size", "16", "--hidden-dim", "16",
         "--feat-dim", "8", "--batch-size", "4", "--precision", precision, "--no-raw-init", "--engine", "single"]))
     check_machine_and_paths(config)
-    single_engine.threads = torch.get_num_threads()  # what start() would have set
     trainer.pretrain(config)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     assert seen == [(dtype, dtype)] * 2

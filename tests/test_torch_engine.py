@@ -1,59 +1,28 @@
 """The torch.distributed engine (run/torch_engine.py) under real torchrun jobs (gloo): the same run as under
-horovodrun, the collectives of a classifier step, the guarantees of a multi-rank run (an agreed stop with a
-checkpoint, a failing rank, rank 0's resume decision), checkpoints that move between engines, and the one-line
-errors of launches that cannot run. The float64 oracle of the classifier under torchrun at P = 1, 2, 3 is in
-tests/test_classifier.py."""
+horovodrun, the collectives of a classifier step, checkpoints that move between engines, and the one-line
+errors of launches that cannot run (through the trainer: tests/test_engines.py). The guarantees of a multi-rank run (an agreed stop with a checkpoint,
+Ctrl-C, a failing rank, rank 0's resume decision) hold under every launcher: tests/test_reliability.py. The
+float64 oracle of the classifier under torchrun at P = 1, 2, 3 is in tests/test_classifier.py."""
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import time
 
 import pytest
 
 from run import distributed
 from run.errors import UsageError
-from run.faults import TEST_FAULT_VARIABLE
-from tests.conftest import ROOT, WORKERS, horovod_job, run_horovod
-from tests.trainer_runs import SMALL, assert_checkpoints_bitwise_equal, read_metrics, step_losses, trainer, \
-    training_records
+from tests.conftest import ROOT, WORKERS, run_horovod
+from tests.trainer_runs import SMALL, STEPS_PER_EPOCH, TWO_EPOCHS, rank_lines, read_metrics, step_losses
 
 pytestmark = pytest.mark.torchrun
-# 2 epochs of 15 steps at P = 2, every step logged, a checkpoint and a kNN monitor after each epoch.
-RUN = [*SMALL, "--epochs", "2", "--save-every", "1", "--log-every", "1", "--knn-every", "1"]
-STEPS_PER_EPOCH = 15
 TORCHRUN_VARIABLES = {"TORCHELASTIC_RUN_ID": "test", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
-LAUNCH_VARIABLES = [*distributed.TORCH_LAUNCH_VARIABLES, "TORCHELASTIC_RUN_ID",
-                    *(name for pair in distributed.HOROVOD_LAUNCH_VARIABLES for name in pair if name)]
 
 
 def torchrun(*args, num_ranks=2, **options):
     return run_horovod(num_ranks, ROOT / "trainer.py", *args, launcher="torchrun", **options)
 
 
-def worker_lines(output, rank):
-    """What local rank `rank` wrote, as torchrun --tee relays it ("[defaultR]:line")."""
-    prefix = f"[default{rank}]:"
-    return [line[len(prefix):] for line in output.splitlines() if line.startswith(prefix)]
-
-
-@pytest.fixture(scope="module")
-def torch_run(tiny_dataset, tmp_path_factory):
-    """The uninterrupted 2-epoch run under torchrun --nproc_per_node 2."""
-    out = tmp_path_factory.mktemp("torchrun") / "run"
-    result = torchrun("--data", tiny_dataset, "--out", out, *RUN)
-    return out, result
-
-
 # -------------------------------------------------------------------------------- choosing the engine
-@pytest.fixture
-def no_launcher(monkeypatch):
-    for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-
-
 def test_torchruns_environment_gives_the_torch_engine(no_launcher, monkeypatch):
     for name, value in TORCHRUN_VARIABLES.items():
         monkeypatch.setenv(name, value)
@@ -74,30 +43,14 @@ def test_torch_outside_torchrun_is_one_line(no_launcher, monkeypatch):
         distributed.resolve_engine("torch")
 
 
-def test_bad_launches_stop_the_trainer_with_one_line(tmp_path):
-    unset = {name: None for name in LAUNCH_VARIABLES}
-    for flags, environment, message in (
-            (["--engine", "torch"], unset, "error: --engine torch: this process was not started by torchrun"),
-            (["--engine", "horovod"], {**unset, **TORCHRUN_VARIABLES},
-             "error: --engine horovod: this process was started by torchrun")):
-        command = [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "trainer.py"), *flags, "--out",
-                   str(tmp_path / "never")]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **environment}
-        result = subprocess.run(command, cwd=ROOT, env={k: v for k, v in env.items() if v is not None},
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
-    assert not (tmp_path / "never").exists()
-
-
 # -------------------------------------------------------------------------------- the same run, the same step
 @pytest.mark.horovod
-def test_torchrun_trains_the_run_horovodrun_trains(torch_run, tiny_dataset, tmp_path):
+def test_torchrun_trains_the_run_horovodrun_trains(reference_run):
     """Per-step losses within 1e-5 relative, kNN within 0.5 points; every rank's loss bit-identical (it is what
     the stop check and the logs read, the same on every rank by construction)."""
-    out, result = torch_run
+    out, result = reference_run("torchrun")
     assert "engine torch: 2 ranks; rank 0 cpu; rank 1 cpu" in result.stdout
-    horovod_out = tmp_path / "horovod"
-    trainer("--data", tiny_dataset, "--out", horovod_out, *RUN)
+    horovod_out, _ = reference_run("horovod")
     for epoch in (1, 2):
         torch_losses, horovod_losses = (step_losses(read_metrics(run), epoch) for run in (out, horovod_out))
         assert len(torch_losses) == STEPS_PER_EPOCH
@@ -151,87 +104,28 @@ def test_two_workers_on_one_gpu_stop_with_one_line_each_before_any_work(tiny_dat
                          check=False, launcher="torchrun")
     host = socket.gethostname()
     for rank in (0, 1):
-        assert worker_lines(result.stderr, rank) == [
+        assert rank_lines(result.stderr, rank, "torchrun") == [
             f"error: ranks 0 and 1 would share one GPU of {host} (GPU-0f0e-test): NCCL runs one rank per GPU; "
             f"launch at most 1 rank on {host} (torchrun --nproc_per_node 1, horovodrun -np 1 -H {host}:1), "
             f"or give each rank a GPU of its own (CUDA_VISIBLE_DEVICES)"], result.stderr
     assert result.returncode != 0 and not (tmp_path / "never").exists()
 
 
-# -------------------------------------------------------------------------------- the guarantees of a run
-def test_a_signal_to_one_worker_stops_both_after_the_same_step_and_the_resume_is_bitwise(torch_run, tiny_dataset,
-                                                                                          tmp_path):
-    reference, _ = torch_run
-    out = tmp_path / "run"
-    result = torchrun("--data", tiny_dataset, "--out", out, *RUN, check=False, env={TEST_FAULT_VARIABLE: "1:1:5:SIGTERM"})
-    checkpoint = out / "checkpoint-0000-step-000005"
-    assert worker_lines(result.stderr, 0) == [f"error: stopped by SIGTERM after epoch 1 step 5: wrote {checkpoint}; "
-                                              f"the same command resumes from it"], result.stderr
-    assert result.returncode != 0 and sorted(p.name for p in checkpoint.iterdir()) == ["shard-0.pt", "shard-1.pt",
-                                                                                       "state.pt"]
-    torchrun("--data", tiny_dataset, "--out", out, *RUN)
-    assert training_records(out) == training_records(reference)
-    assert_checkpoints_bitwise_equal(reference / "checkpoint-0002", out / "checkpoint-0002")
-
-
-def test_ctrl_c_to_torchrun_finishes_the_step_and_writes_a_checkpoint(tiny_dataset, tmp_path):
-    """Ctrl-C: SIGINT to the terminal's foreground process group, torchrun and its workers alike."""
-    out = tmp_path / "run"
-    command, env = horovod_job(2, ROOT / "trainer.py", "--data", tiny_dataset, "--out", out, *RUN,
-                               env={TEST_FAULT_VARIABLE: "0:2:3:pause"}, launcher="torchrun")
-    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
-    record = f'"epoch": 2, "step": {STEPS_PER_EPOCH + 3},'
-    deadline = time.monotonic() + 300
-    while job.poll() is None and time.monotonic() < deadline and not (
-            (out / "metrics.jsonl").is_file() and record in (out / "metrics.jsonl").read_text()):
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGINT)
-    _, stderr = job.communicate(timeout=120)
-    checkpoint = out / "checkpoint-0001-step-000003"
-    assert worker_lines(stderr, 0) == [f"error: stopped by SIGINT after epoch 2 step 3: wrote {checkpoint}; the "
-                                       f"same command resumes from it"], stderr
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["shard-0.pt", "shard-1.pt", "state.pt"]
-
-
-def test_a_failing_worker_ends_the_job_within_seconds_with_its_error(tiny_dataset, tmp_path):
-    started = time.monotonic()
-    result = torchrun("--data", tiny_dataset, "--out", tmp_path / "run", *RUN, check=False,
-                      env={TEST_FAULT_VARIABLE: "1:1:3:raise"})
-    assert result.returncode != 0
-    assert worker_lines(result.stderr, 1)[-1] == "RuntimeError: test fault on rank 1 at epoch 1 step 3", result.stderr
-    assert worker_lines(result.stderr, 0) == ["error: rank 0 stopped: another rank failed (its error is above)"], \
-        result.stderr
-    assert time.monotonic() - started < 120  # the run itself takes ~20 s to the fault; a hang would take minutes
-
-
-def test_every_worker_resumes_what_rank_0_chose_or_every_worker_stops(torch_run, tiny_dataset, tmp_path):
-    for rank in (0, 1):
-        shutil.copytree(torch_run[0], tmp_path / f"rank-{rank}" / "run")
-    shutil.rmtree(tmp_path / "rank-1" / "run" / "checkpoint-0002")
-    result = run_horovod(2, WORKERS / "trainer_in_rank_folder.py", tmp_path, "--data", tiny_dataset, "--out", "run",
-                         *RUN, "--epochs", "3", check=False, launcher="torchrun")
-    assert result.returncode != 0
-    message = "error: rank 1: cannot resume from run/checkpoint-0002: [Errno 2]"
-    assert all(lines and lines[0].startswith(message) for lines in (worker_lines(result.stderr, r) for r in (0, 1)))
-    assert not (tmp_path / "rank-0" / "run" / "checkpoint-0003").exists()
-
-
 # -------------------------------------------------------------------------------- checkpoints between engines
 @pytest.mark.horovod
-def test_checkpoints_move_between_torchrun_horovodrun_and_single(torch_run, tiny_dataset, tmp_path):
+def test_checkpoints_move_between_torchrun_horovodrun_and_single(reference_run, tiny_dataset, tmp_path):
     """torchrun P = 2 -> horovodrun P = 3 and -> single, horovodrun P = 3 -> torchrun P = 2."""
     for launcher, num_ranks in (("horovod", 3), ("horovod", None)):
         out = tmp_path / f"{launcher}-{num_ranks}"
-        shutil.copytree(torch_run[0], out)
+        shutil.copytree(reference_run("torchrun")[0], out)
         shutil.rmtree(out / "checkpoint-0002")
-        result = run_horovod(num_ranks, ROOT / "trainer.py", "--data", tiny_dataset, "--out", out, *RUN,
+        result = run_horovod(num_ranks, ROOT / "trainer.py", "--data", tiny_dataset, "--out", out, *TWO_EPOCHS,
                              "--epochs", "3", launcher=launcher)
         assert "written by 2 ranks" in result.stdout
         assert len(list((out / "checkpoint-0003").glob("shard-*.pt"))) == (num_ranks or 1)
         assert [m["epoch"] for m in read_metrics(out) if "epoch_loss" in m] == [1, 2, 3]
     back = tmp_path / "back"
     shutil.copytree(tmp_path / "horovod-3", back)
-    result = torchrun("--data", tiny_dataset, "--out", back, *RUN, "--epochs", "4")
+    result = torchrun("--data", tiny_dataset, "--out", back, *TWO_EPOCHS, "--epochs", "4")
     assert "written by 3 ranks" in result.stdout and "engine torch: 2 ranks" in result.stdout
     assert len(list((back / "checkpoint-0004").glob("shard-*.pt"))) == 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.trainer_runs import (TINY, assert_checkpoints_bitwise_equal, read_metrics, step_losses,
+from tests.trainer_runs import (TINY, assert_checkpoints_bitwise_equal, main_in_process, read_metrics, step_losses,
                                 trainer, training_records)
 
 
@@ -62,18 +62,6 @@ def test_resume_continues_bitwise_and_metrics_read_as_one_run(run_two_epochs, ti
     assert len(step_losses(read_metrics(resumed), 2)) == 4  # not 8: the replayed steps replaced the first ones
     assert training_records(resumed) == training_records(out)
     assert_checkpoints_bitwise_equal(out / "checkpoint-0002", resumed / "checkpoint-0002")
-
-
-@pytest.mark.horovod
-def test_the_same_run_twice_on_one_machine_is_bitwise_equal(run_two_epochs, tiny_dataset, tmp_path):
-    """What a seed fixes: on one machine a run is a function of its flags and seed (across machines it is not:
-    other CPUs round differently; bench/RESULTS.md, "What a seed fixes")."""
-    out, _ = run_two_epochs
-    again = tmp_path / "again"
-    trainer("--data", tiny_dataset, "--out", again, "--epochs", "2", "--save-every", "1", "--knn-every", "1",
-            "--log-every", "1", *TINY)
-    assert training_records(again) == training_records(out)
-    assert_checkpoints_bitwise_equal(out / "checkpoint-0002", again / "checkpoint-0002")
 
 
 @pytest.mark.horovod
@@ -171,24 +159,29 @@ def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path, sin
     (["--smooth-k", "4000"], "--smooth-k 4000: the K hardest classes are among an image's 3,999 other instances"),
     (["plan", "--instances", "5", "--smooth-k", "5"], "K must be below 5"),
 ])
-@pytest.mark.slow
-def test_bad_flags_and_paths_are_one_line_errors(args, message, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args, *(["--out", str(tmp_path)] if args[0].startswith("--") else [])],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
+def test_bad_flags_and_paths_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys, single_engine):
+    """main() in this process; the run that --smooth-k 4000 starts (the single engine) stops once the built-in
+    index says how many instances there are."""
+    result = main_in_process(monkeypatch, capsys, *args, *(["--out", tmp_path] if args[0].startswith("--") else []))
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+        result.stderr
+
+
+@pytest.mark.slow
+def test_a_bad_flag_ends_the_trainer_process_with_status_2_and_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--batch-size", "0", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr == "error: --batch-size must be positive, got 0\n", result.stderr
 
 
 @pytest.mark.horovod
-def test_export_of_a_small_stem_backbone_is_a_one_line_error(run_two_epochs, tiny_dataset, tmp_path):
-    out = tmp_path / "small"
-    trainer("--data", tiny_dataset, "--out", out, "--epochs", "1", "--knn-every", "0", *TINY, "--small-stem",
-            "--width", "8", "--warmup-epochs", "0", num_ranks=None)
-    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "export", "--ckpt", str(out), "--to",
-                             str(tmp_path / "x.pth")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_export_of_a_small_stem_backbone_is_a_one_line_error(reference_run, tmp_path, monkeypatch, capsys):
+    small_stem_run, _ = reference_run("horovod")  # tests/trainer_runs.py's SMALL flags
+    target = tmp_path / "x.pth"
+    result = main_in_process(monkeypatch, capsys, "export", "--ckpt", small_stem_run, "--to", target)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "small-image stem" in result.stderr
+    assert not target.exists()
 
 
 @pytest.mark.horovod
@@ -203,12 +196,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(run_two_ep
     assert (out / "checkpoint-0002" / "state.pt").is_file() and not (out / "checkpoint-0003").exists()
 
 
-@pytest.mark.slow
-def test_plan_prints_hybrid_and_replicated_memory():
-    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "plan", "--instances", "1281167", "--gpus", "64",
-                             "--batch-size", "64", "--feat-dim", "128"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr
-    weight_row = next(line for line in result.stdout.splitlines() if "classifier weight" in line)
+def test_plan_prints_hybrid_and_replicated_memory(monkeypatch, capsys):
+    import trainer as trainer_module
+    monkeypatch.setenv("COLUMNS", "200")  # the table's rows on one line each
+    trainer_module.plan_command(["--instances", "1281167", "--gpus", "64", "--batch-size", "64", "--feat-dim", "128"])
+    weight_row = next(line for line in capsys.readouterr().out.splitlines() if "classifier weight" in line)
     # ceil(1281167 / 64) = 20019 rows x 128 x 4 bytes = 9.8 MiB per GPU vs 625.6 MiB replicated
     assert "9.8 MiB" in weight_row and "625.6 MiB" in weight_row

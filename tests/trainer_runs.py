@@ -1,8 +1,11 @@
-"""What the trainer tests share: a tiny copy of the built-in data, the flags of tiny runs, a launcher, and
-readers of what a run writes."""
+"""What the trainer tests share: a tiny copy of the built-in data, the flags of tiny runs, a launcher, trainer.py's
+main() in this process, and readers of what a run writes."""
 import json
 import shutil
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, run_horovod
@@ -14,6 +17,13 @@ TINY = ["--image-size", "32", "--arch", "resnet18", "--width", "64", "--no-small
 SMALL = ["--image-size", "32", "--arch", "resnet18", "--width", "8", "--small-stem", "--hidden-dim", "32",
          "--feat-dim", "16", "--batch-size", "4", "--threads", "1", "--warmup-epochs", "1", "--lr", "0.3"]
 TIMING_FIELDS = ("images_per_s", "seconds")  # the only fields of metrics.jsonl that differ between reruns
+# 2 epochs of 15 steps at P = 2, every step logged, a checkpoint after each epoch, the kNN monitor after the last:
+# the run that tests interrupt, kill and resume, held to the same run uninterrupted (conftest.py's reference_run).
+TWO_EPOCHS = [*SMALL, "--epochs", "2", "--save-every", "1", "--log-every", "1", "--knn-every", "0"]
+STEPS_PER_EPOCH = 15  # 120 images / (2 ranks x 4)
+# The launchers of multi-rank jobs, as a parameter of the tests whose behaviour must hold under each.
+LAUNCHERS = [pytest.param("horovod", marks=pytest.mark.horovod, id="horovodrun"),
+             pytest.param("torchrun", marks=pytest.mark.torchrun, id="torchrun")]
 
 
 def copy_tiny_dataset(root):
@@ -32,10 +42,28 @@ def trainer(*args, num_ranks=2, **options):
     return run_horovod(num_ranks, ROOT / "trainer.py", *args, **options)
 
 
-def rank_lines(stderr, rank):
-    """What rank `rank` wrote to its stderr, as horovodrun relays it ("[R]<stderr>:line")."""
-    prefix = f"[{rank}]<stderr>:"
-    return [line[len(prefix):] for line in stderr.splitlines() if line.startswith(prefix)]
+def main_in_process(monkeypatch, capsys, *argv):
+    """trainer.py's main() on argv in this process, as `python trainer.py argv` but for the process start: a
+    CompletedProcess (returncode, stdout, stderr). Its exit_now (os._exit, which would end pytest) raises SystemExit
+    instead; a main() that returns exited 0. A run or evaluation it starts needs the single_engine fixture."""
+    import trainer as trainer_module
+    monkeypatch.setattr(sys, "argv", ["trainer.py", *map(str, argv)])
+    monkeypatch.setattr(trainer_module, "exit_now", sys.exit)
+    capsys.readouterr()
+    try:
+        trainer_module.main()
+        status = 0
+    except SystemExit as exited:
+        status = exited.code
+    written = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, status, written.out, written.err)
+
+
+def rank_lines(output, rank, launcher="horovod"):
+    """What rank `rank` wrote, as the launcher relays it: horovodrun's "[R]<stderr>:line" (of its stderr), torchrun
+    --tee's "[defaultR]:line" (of the stream it relays)."""
+    prefix = f"[{rank}]<stderr>:" if launcher == "horovod" else f"[default{rank}]:"
+    return [line[len(prefix):] for line in output.splitlines() if line.startswith(prefix)]
 
 
 def read_metrics(out):
