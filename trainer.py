@@ -44,7 +44,7 @@ from model.export import export_backbone
 from model.initialisation import raw_feature_init
 from model.plan import plan
 from model.precision import DTYPES, PRECISIONS
-from model.step import train_step
+from model.step import SGD, train_step
 from run import layout
 from run.checkpoint import (APPLY_ERRORS, TrainingState, checkpoint_to_resume, load_state, one_line,
                             resolve_checkpoint, restore_checkpoint, save_and_prune, write_file)
@@ -179,7 +179,7 @@ def pretrain(config):
     encoder_parameters = [*backbone.named_parameters(prefix="backbone"), *head.named_parameters(prefix="head")]
     sgd = dict(lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
     encoder_optimizer = distributed_backbone_optimizer(
-        torch.optim.SGD([p for _, p in encoder_parameters], **sgd), encoder_parameters)
+        SGD([p for _, p in encoder_parameters], **sgd), encoder_parameters)
     training = TrainingState(backbone, head, encoder_optimizer, classifier,
                              ShardSGD(classifier.parameters(), **sgd))  # the shard's optimizer: local, never all-reduced
 

@@ -38,6 +38,7 @@ import torch
 from kernels import NormalizedExchange, seed_rows_, shard_ops, sharded_topk_xent_and_stats
 from kernels.reference import check_options, normalize_rows
 from model.precision import has_bf16_tensor_cores
+from model.step import SGD
 from run.distributed import engine, shard_rows
 
 INIT_BLOCK_ROWS = 65536  # random init is drawn per block of rows of W, so it does not depend on P
@@ -174,8 +175,8 @@ class ShardedInstanceClassifier(torch.nn.Module):
         return seed_rows_(self.weight.data, features_n, ids, self.start, backend=backend)
 
 
-class ShardSGD(torch.optim.SGD):
-    """torch.optim.SGD for the classifier shard (local: never all-reduced) that adds the weight decay to the
+class ShardSGD(SGD):
+    """model.step.SGD (torch.optim.SGD's updates) for the classifier shard (local: never all-reduced) that adds the weight decay to the
     gradient in place. torch's SGD adds it into a new tensor (grad.add(param, alpha=weight_decay)): one more
     [C, D] beside the weight, its gradient and its momentum at the peak of every step, a third more than they
     hold, on the largest state of a run. The same add into the gradient itself: every update is bitwise the

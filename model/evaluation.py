@@ -19,6 +19,7 @@ from data.loaders import eval_loader, linear_train_loader
 from kernels.reference import normalize_rows
 from model.encoder import build_encoder
 from model.initialisation import calibrate_batchnorm
+from model.step import SGD
 from run.distributed import engine
 from run.errors import UsageError
 from run.schedule import set_learning_rate
@@ -140,8 +141,8 @@ def linear_evaluation(backbone, train_index, val_index, config, settings, device
     group = engine()
     group.broadcast_parameters(classifier.state_dict().items(), root=0)
     optimizer = group.data_parallel_optimizer(  # averages: each rank's loss is its own batch mean
-        torch.optim.SGD(classifier.parameters(), lr=settings.lr, momentum=settings.momentum,
-                        weight_decay=settings.weight_decay), classifier.named_parameters(), op="average")
+        SGD(classifier.parameters(), lr=settings.lr, momentum=settings.momentum,
+            weight_decay=settings.weight_decay), classifier.named_parameters(), op="average")
     frozen = {key: value.clone() for key, value in backbone.state_dict().items()}
     backbone.eval()  # frozen: BatchNorm uses the pretrained running statistics
     for epoch in range(settings.epochs):

@@ -6,9 +6,30 @@ output whose `loss` is the global-batch mean loss) gives the loss, and every opt
 caller reads the loss when it needs the number (the trainer once per step, to stop on a non-finite loss
 before anything is saved).
 """
+import inspect
+
 import torch
 
 from model.encoder import embed
+
+
+class SGD(torch.optim.SGD):
+    """torch.optim.SGD, the same updates and the same state, without importing torch's compiler. torch marks an
+    optimizer's methods for torch.compile (`step` breaks the graph, `zero_grad`, `state_dict`, `load_state_dict`
+    and `add_param_group` are "not compiled"), and each mark imports torch._dynamo on its first call: about 1.5 s
+    of CPU in every process that trains, more than `import torch`. Nothing of the trainer is compiled, so these
+    are the marked methods' own functions, `step` under no_grad as its mark sets it for a non-differentiable
+    optimizer (the only kind this class makes)."""
+    step = torch.no_grad()(inspect.unwrap(torch.optim.SGD.step))
+    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
+    state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
+    load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+
+    def __init__(self, params, **options):
+        if options.get("differentiable"):
+            raise ValueError("model.step.SGD is not differentiable: its step runs under no_grad")
+        super().__init__(params, **options)
 
 
 def train_step(backbone, head, criterion, optimizers, views, ids, precision=None):

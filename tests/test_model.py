@@ -6,6 +6,8 @@ derived from our own model could not fail.
 """
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from model import ProjectionHead, build_backbone, expected_torchvision_keys, export_backbone
+from tests.conftest import ROOT
 
 DATA = Path(__file__).parent / "data"
 TORCHVISION_SHAPES = json.loads((DATA / "torchvision_resnet_keys.json").read_text())
@@ -191,3 +194,53 @@ def test_unknown_backbone_and_width_are_refused():
         build_backbone("resnet34")
     with pytest.raises(ValueError, match="width must be a positive int"):
         build_backbone("resnet18", width=0)
+
+
+@pytest.mark.parametrize("options", [dict(momentum=0.9, weight_decay=1e-4), dict(momentum=0.0, weight_decay=0.0)])
+def test_the_trainers_sgd_updates_and_saves_bitwise_as_torch_sgd(options):
+    """model.step.SGD (torch.optim.SGD's methods without their compiler marks): three steps, a state_dict saved
+    and loaded into a fresh optimizer, two more steps; the weights and the saved state bitwise torch's."""
+    from model.step import SGD
+    torch.manual_seed(0)
+    start, gradients = torch.randn(50, 6), [torch.randn(50, 6) for _ in range(5)]
+    results = {}
+    for optimizer_class in (torch.optim.SGD, SGD):
+        weight = nn.Parameter(start.clone())
+        optimizer = optimizer_class([weight], lr=0.3, **options)
+        for number, gradient in enumerate(gradients):
+            if number == 3:
+                saved = optimizer.state_dict()
+                optimizer = optimizer_class([weight], lr=0.3, **options)
+                optimizer.load_state_dict(saved)
+            optimizer.zero_grad()
+            weight.grad = gradient.clone()
+            optimizer.step()
+        results[optimizer_class] = weight.detach(), saved
+    assert torch.equal(results[torch.optim.SGD][0], results[SGD][0])
+    ours, theirs = results[SGD][1], results[torch.optim.SGD][1]
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert {key: {name: value.tolist() if torch.is_tensor(value) else value for name, value in state.items()}
+            for key, state in ours["state"].items()} == \
+        {key: {name: value.tolist() if torch.is_tensor(value) else value for name, value in state.items()}
+         for key, state in theirs["state"].items()}
+
+
+def test_training_with_the_trainers_sgd_imports_no_compiler():
+    """A fresh process that builds, steps, saves and loads model.step.SGD has not imported torch._dynamo (about
+    1.5 s of CPU at every rank's start); torch.optim.SGD's step imports it, or the class has no reason to be."""
+    script = """
+import sys
+import torch
+from model.step import SGD
+def train(optimizer_class):
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = optimizer_class([weight], lr=0.1, momentum=0.9, weight_decay=1e-4)
+    optimizer.zero_grad()
+    weight.sum().backward()
+    optimizer.step()
+    optimizer.load_state_dict(optimizer.state_dict())
+    return "torch._dynamo" in sys.modules
+print(train(SGD), train(torch.optim.SGD))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True"]
