@@ -19,8 +19,11 @@ $(VENV)/.setup-done: requirements.txt .ci/build-horovod.sh .ci/horovod_build_pla
 	bash .ci/build-horovod.sh $(PY)
 	touch $@
 
+# The suite on TEST_WORKERS pytest processes, a test file per process at a time (its module fixtures are built
+# once): 2 keeps the 2-core development machine busy without oversubscribing it with multi-rank jobs.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Pretrain on the built-in MNIST-5k at P = $(NP), then kNN + linear evaluation of the pretrained backbone
 # next to the same architecture at random initialisation. A finished runs/demo is re-evaluated, not retrained

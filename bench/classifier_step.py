@@ -75,18 +75,19 @@ def start_workers_engine():
 def run_layout_worker(layout, instances):
     from kernels import topk_smoothed_xent
     from model.classifier import ShardedInstanceClassifier
+    from model.step import SGD
 
     world = start_workers_engine()
     generator = torch.Generator().manual_seed(world.rank)
     if layout == "hybrid":
         classifier = ShardedInstanceClassifier(instances, args.dim, smooth_k=args.k, smooth_alpha=0.2,
                                                backend=args.backend)
-        optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9)
+        optimizer = SGD(classifier.parameters(), lr=0.1, momentum=0.9)
         loss_of = classifier
     else:
         weight = torch.nn.Parameter(torch.randn(instances, args.dim))
-        optimizer = world.data_parallel_optimizer(torch.optim.SGD([weight], lr=0.1, momentum=0.9),
-                                                  [("weight", weight)], op="average")
+        optimizer = world.data_parallel_optimizer(SGD([weight], lr=0.1, momentum=0.9), [("weight", weight)],
+                                                  op="average")
 
         def loss_of(features, ids):
             return topk_smoothed_xent(features, weight, ids, temperature=0.15, k=args.k, alpha=0.2,

@@ -38,7 +38,7 @@ from bench.harness import peak_memory, provenance, reset_peak_memory, time_ms  #
 from data.synthetic import SyntheticLoader  # noqa: E402
 from model.classifier import ShardedInstanceClassifier, ShardSGD, distributed_backbone_optimizer  # noqa: E402
 from model.encoder import build_encoder  # noqa: E402
-from model.step import train_step  # noqa: E402
+from model.step import SGD, train_step  # noqa: E402
 from run.distributed import ENGINES, engine, exit_now, start  # noqa: E402
 
 SHAPES = {  # per mode: encoder config, images per rank, views, and the instance-classifier sizes N
@@ -84,12 +84,12 @@ def build_head(name, rows, shape, backbone, head, device, kernels):
     if name == "linear":
         criterion = LinearCrossEntropy(shape["feat_dim"], rows).to(device)
         named += list(criterion.named_parameters(prefix="linear"))
-        optimizer = engine().data_parallel_optimizer(torch.optim.SGD([p for _, p in named], **sgd), named,
+        optimizer = engine().data_parallel_optimizer(SGD([p for _, p in named], **sgd), named,
                                                      op="average")
         return criterion, [optimizer]
     criterion = ShardedInstanceClassifier(rows, shape["feat_dim"], temperature=0.15, smooth_k=5,
                                           smooth_alpha=0.2, **kernels).to(device)
-    encoder_optimizer = distributed_backbone_optimizer(torch.optim.SGD([p for _, p in named], **sgd), named)
+    encoder_optimizer = distributed_backbone_optimizer(SGD([p for _, p in named], **sgd), named)
     return criterion, [encoder_optimizer, ShardSGD(criterion.parameters(), **sgd)]
 
 
