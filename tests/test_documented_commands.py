@@ -51,6 +51,7 @@ class Command:
     source: str
     env: dict = field(default_factory=dict)
     make_target: str = None
+    make_variables: list = field(default_factory=list)  # `make TARGET NAME=value`: the NAME=value words
     launcher: str = None  # horovodrun, torchrun, or None: a plain interpreter
     launcher_args: list = field(default_factory=list)
     args: list = field(default_factory=list)  # the trainer's arguments
@@ -64,7 +65,8 @@ class Command:
 
     def key(self):
         """What makes two printed commands the same launch (environment and interpreter paths aside)."""
-        return self.make_target or (self.launcher, tuple(self.launcher_args), tuple(self.args))
+        return ((self.make_target, *self.make_variables) if self.make_target else
+                (self.launcher, tuple(self.launcher_args), tuple(self.args)))
 
 
 def printed_commands():
@@ -96,8 +98,8 @@ def parse(source, text):
     while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
         name, value = words.pop(0).split("=", 1)
         command.env[name] = value
-    if words[:1] == ["make"] and len(words) == 2:
-        command.make_target = words[1]
+    if words[:1] == ["make"] and len(words) >= 2 and all(re.match(r"^[A-Z_][A-Z0-9_]*=\S", word) for word in words[2:]):
+        command.make_target, command.make_variables = words[1], words[2:]
         return command
     names = [Path(word).name for word in words]
     if "trainer.py" not in names:
@@ -194,8 +196,13 @@ def test_commands_that_need_the_users_data_parse_and_pass_the_settings_check(com
 
 @pytest.mark.parametrize("command", MAKE, ids=lambda command: command.text)
 def test_make_targets_dry_run(command):
-    result = subprocess.run(["make", "-n", command.make_target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    """`make -n` of the target prints what it would run; a variable set on the command line is one the recipe
+    reads (its value appears in what it would run)."""
+    result = subprocess.run(["make", "-n", command.make_target, *command.make_variables], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    for variable in command.make_variables:
+        assert f" {variable.split('=', 1)[1]} " in result.stdout, (variable, result.stdout)
 
 
 def substituted(args, sizes):
