@@ -176,11 +176,12 @@ class ShardedInstanceClassifier(torch.nn.Module):
 
 
 class ShardSGD(SGD):
-    """model.step.SGD (torch.optim.SGD's updates) for the classifier shard (local: never all-reduced) that adds the weight decay to the
-    gradient in place. torch's SGD adds it into a new tensor (grad.add(param, alpha=weight_decay)): one more
-    [C, D] beside the weight, its gradient and its momentum at the peak of every step, a third more than they
-    hold, on the largest state of a run. The same add into the gradient itself: every update is bitwise the
-    one torch.optim.SGD makes. No closure and no maximize (the trainer uses neither)."""
+    """model.step.SGD (torch.optim.SGD's updates) for the classifier shard (local: never all-reduced) that adds
+    the weight decay to the gradient in place. torch's SGD adds it into a new tensor (grad.add(param,
+    alpha=weight_decay)): one more [C, D] beside the weight, its gradient and its momentum at the peak of every
+    step, a third more than they hold, on the largest state of a run. The same add into the gradient itself:
+    every update is bitwise the one torch.optim.SGD makes. No closure and no maximize (the trainer uses
+    neither)."""
 
     def __init__(self, params, **options):
         if options.get("maximize"):
