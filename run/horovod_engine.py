@@ -4,6 +4,7 @@ Every collective keeps the name it is given, so Horovod's response cache recogni
 of negotiating it again (tests/test_kernels_classifier.py runs with the cache cut to four entries).
 """
 import os
+import time
 
 import horovod.torch as hvd
 import torch
@@ -24,6 +25,12 @@ from run.process_group import Engine
 GPU_CYCLE_TIME_MS = "0.1"
 CPU_CYCLE_TIME_MS = "5"
 OPS = {"sum": hvd.Sum, "average": hvd.Average, "min": hvd.Min, "max": hvd.Max}
+# hvd.synchronize waits for a collective by spinning (poll, yield, poll): on a CPU rank the spin takes the core
+# from the compute threads of the ranks still working towards the same collective, and the job's CPU time grows
+# with every wait. CPU ranks therefore sleep between polls, from FIRST_PAUSE_S doubling to LONGEST_PAUSE_S, well
+# under the CPU cycle, so a wait ends at most that much after its collective. GPU ranks keep Horovod's spin: there
+# the host has no compute threads to disturb, and a sleep would add its wake-up to each of the step's waits.
+FIRST_PAUSE_S, LONGEST_PAUSE_S = 50e-6, 1e-3
 
 
 def default_horovod_environment():
@@ -42,21 +49,37 @@ class HorovodEngine(Engine):
 
     def __init__(self):
         self.settings = default_horovod_environment()
+        self.sleeps_while_waiting = not torch.cuda.is_available()
         hvd.init()
         self.rank, self.size = hvd.rank(), hvd.size()
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
 
+    def sleep_until_done(self, handle):
+        """Return once the collective of `handle` has finished (hvd.synchronize then collects it at once);
+        on a CPU rank asleep between polls (see LONGEST_PAUSE_S), on a GPU rank at once, leaving the wait to
+        Horovod's spin."""
+        pause = FIRST_PAUSE_S
+        while self.sleeps_while_waiting and not hvd.poll(handle):
+            time.sleep(pause)
+            pause = min(2 * pause, LONGEST_PAUSE_S)
+
+    def _result(self, handle):
+        self.sleep_until_done(handle)
+        return hvd.synchronize(handle)
+
+    # The asynchronous forms, which skip Horovod's autograd functions: no caller differentiates through a
+    # collective (the classifier's backward sends dE back by an alltoall of its own).
     def _allreduce(self, tensor, op, name):
-        return hvd.allreduce(tensor, op=OPS[op], name=name)
+        return self._result(hvd.allreduce_async(tensor, op=OPS[op], name=name))
 
     def _grouped_allreduce(self, tensors, op, name):
-        return hvd.grouped_allreduce(tensors, op=OPS[op], name=name)
+        return self._result(hvd.grouped_allreduce_async(tensors, op=OPS[op], name=name))
 
     def _allgather(self, tensor, name, same_shape):
-        return hvd.allgather(tensor, name=name)
+        return self._result(hvd.allgather_async(tensor, name=name))
 
     def _alltoall(self, tensor, splits, name, received):
-        return hvd.alltoall(tensor, splits=splits, name=name)
+        return self._result(hvd.alltoall_async(tensor, splits=splits, name=name))
 
     def _broadcast_parameters(self, named_tensors, root):
         hvd.broadcast_parameters(named_tensors, root_rank=root)
@@ -68,7 +91,19 @@ class HorovodEngine(Engine):
         return hvd.allgather_object(obj, name=name)
 
     def _data_parallel_optimizer(self, optimizer, named_parameters, op):
-        return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, op=OPS[op])
+        distributed = hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, op=OPS[op])
+        collect_gradients = distributed.synchronize  # what step() calls first; it would spin on each all-reduce
+
+        def synchronize():
+            # The gradients' all-reduces, started by backward's hooks, are in Horovod's private _handles
+            # {parameter or group: (handle, context)}; the handle is None (or a function) for one not started.
+            for handle, _ in list(distributed._handles.values()):
+                if isinstance(handle, int):
+                    self.sleep_until_done(handle)
+            collect_gradients()
+
+        distributed.synchronize = synchronize
+        return distributed
 
     def is_peer_failure(self, error):
         return isinstance(error, HorovodInternalError)
