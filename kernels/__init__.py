@@ -19,7 +19,7 @@ reference.accumulation_dtype (fp32 at least). All round the products' operands t
 when given. 'auto' is Triton on CUDA and chunked elsewhere. Weight seeding: `seed_rows_`.
 Names (B, C, N, batch, classes) as defined in kernels.reference.
 """
-from kernels import reference, triton_seed
+from kernels import reference
 from kernels.exchange import merge_shard_stats
 from kernels.reference import pack_shard_stats
 from kernels.topk_xent import (NormalizedExchange, SingleDevice, shard_ops, sharded_topk_xent,
@@ -35,10 +35,12 @@ def seed_rows_(weight, features, ids, shard_start, *, backend="auto"):
     """
     if backend == "auto":
         backend = "triton" if weight.is_cuda else "reference"
-    seeders = {"reference": reference.seed_rows_, "triton": triton_seed.seed_rows_}
-    if backend not in seeders:
+    if backend == "triton":
+        from kernels import triton_seed  # imports Triton: on first use, as kernels.topk_xent.triton_ops says why
+        return triton_seed.seed_rows_(weight, features, ids, shard_start)
+    if backend != "reference":
         raise ValueError(f"unknown seeding backend {backend!r}; expected auto, reference or triton")
-    return seeders[backend](weight, features, ids, shard_start)
+    return reference.seed_rows_(weight, features, ids, shard_start)
 
 
 __all__ = ["NormalizedExchange", "SingleDevice", "merge_shard_stats", "pack_shard_stats", "seed_rows_", "shard_ops",

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kernels import chunked, exchange, reference, triton_exchange, triton_topk_xent
+from kernels import chunked, exchange, reference
 from kernels.reference import effective_alpha, effective_k
 
 TORCH_GLUE = dict(merge_shard_stats=exchange.merge_shard_stats, pack_features=exchange.pack_features,
@@ -38,11 +38,6 @@ BACKENDS = {
                                  shard_backward=reference.shard_backward, **TORCH_GLUE),
     "chunked": SimpleNamespace(shard_forward_stats=chunked.shard_forward_stats, shard_backward=chunked.shard_backward,
                                **TORCH_GLUE),
-    "triton": SimpleNamespace(shard_forward_stats=triton_topk_xent.shard_forward_stats,
-                              shard_backward=triton_topk_xent.shard_backward,
-                              merge_shard_stats=triton_exchange.merge_shard_stats,
-                              pack_features=triton_exchange.pack_features,
-                              features_backward=triton_exchange.features_backward),
 }
 MAX_CLASSES = 2**31  # class ids travel as int32 bits in the fp32 statistics
 
@@ -52,9 +47,22 @@ def shard_ops(backend, device):
     'triton'; 'auto' is Triton on CUDA and the chunked torch path elsewhere."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "chunked"
+    if backend == "triton":
+        return triton_ops()
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; expected auto, reference, chunked or triton")
     return BACKENDS[backend]
+
+
+def triton_ops():
+    """The 'triton' backend's functions. Triton is imported here, on first use, not with the package: its import
+    costs each process a noticeable start-up, and a CPU rank (the chunked backend) never launches a kernel."""
+    from kernels import triton_exchange, triton_topk_xent
+    return SimpleNamespace(shard_forward_stats=triton_topk_xent.shard_forward_stats,
+                           shard_backward=triton_topk_xent.shard_backward,
+                           merge_shard_stats=triton_exchange.merge_shard_stats,
+                           pack_features=triton_exchange.pack_features,
+                           features_backward=triton_exchange.features_backward)
 
 
 class SingleDevice:

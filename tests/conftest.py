@@ -1,5 +1,7 @@
 """Shared test helpers: launching real multi-process Horovod and torchrun jobs (gloo, localhost, no ssh)."""
+import fcntl
 import os
+import pickle
 import subprocess
 from pathlib import Path
 
@@ -86,12 +88,29 @@ def single_engine(monkeypatch):
     return engine
 
 
+def built_once(tmp_path_factory, name, build):
+    """build(directory) -> value, run once per test session by whichever pytest-xdist worker asks first: the
+    others wait for it (a file lock) and get the same directory and value (pickled), instead of building their own.
+    A build that raises leaves nothing behind, so the next worker to ask builds again (and fails the same way)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    built = root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        if not built.exists():
+            directory = root / name
+            directory.mkdir()
+            built.write_bytes(pickle.dumps(build(directory)))
+        return pickle.loads(built.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """12 train and 4 val images per digit of the built-in data (tests/trainer_runs.py), one copy that every test
     reads and none writes into: the run directories of reference_run index it."""
     from tests.trainer_runs import copy_tiny_dataset  # trainer_runs imports this module
-    return copy_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")
+    return built_once(tmp_path_factory, "tiny", lambda directory: copy_tiny_dataset(directory / "data"))
 
 
 @pytest.fixture(scope="session")
@@ -101,14 +120,12 @@ def reference_run(tiny_dataset, tmp_path_factory):
     session when a test first asks for it: what interrupted, killed and resumed runs must reproduce. Tests copy
     the directory; none writes into it."""
     from tests.trainer_runs import TWO_EPOCHS, trainer
-    runs = {}
 
-    def run(launcher):
-        if launcher not in runs:
-            out = tmp_path_factory.mktemp(f"{launcher}-reference") / "run"
-            runs[launcher] = out, trainer("--data", tiny_dataset, "--out", out, *TWO_EPOCHS, launcher=launcher)
-        return runs[launcher]
-    return run
+    def train(launcher, directory):
+        out = directory / "run"
+        return out, trainer("--data", tiny_dataset, "--out", out, *TWO_EPOCHS, launcher=launcher)
+    return lambda launcher: built_once(tmp_path_factory, f"{launcher}-reference",
+                                       lambda directory: train(launcher, directory))
 
 
 def load_bench_script(name):

@@ -225,6 +225,24 @@ def test_importing_run_imports_no_triton():
     assert found.stdout.strip() == "[]", f"importing {modules} imported Triton"
 
 
+def test_a_classifier_step_on_the_cpu_imports_no_triton():
+    """kernels/ imports Triton only for its Triton backend: a CPU rank is spared its import."""
+    script = """if True:
+        import sys, torch, trainer, kernels
+        from run.distributed import start
+        start(announce=False)  # the single engine: a plain process
+        from model.classifier import ShardedInstanceClassifier
+        classifier = ShardedInstanceClassifier(20, 8, smooth_k=2, smooth_alpha=0.1)  # backend auto: chunked here
+        features = torch.randn(4, 8, requires_grad=True)
+        kernels.seed_rows_(classifier.weight.detach(), features.detach(), torch.arange(4), 0)
+        classifier(features, torch.arange(4)).loss.backward()
+        assert features.grad is not None
+        print(sorted(m for m in sys.modules if m.startswith('triton')))"""
+    found = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]", "a CPU classifier step imported Triton"
+
+
 def test_only_the_engine_module_imports_horovod():
     importers = [str(path.relative_to(ROOT)) for path in project_files()
                  if any(name.split(".")[0] == "horovod" for name in imported_modules(path))]

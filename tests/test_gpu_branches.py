@@ -37,6 +37,9 @@ LEDGER = {
         "session: torchrun_trainer", "session: collectives"],
     "run/horovod_engine.py::default_horovod_environment": [
         "tests/test_classifier.py::test_default_horovod_environment", "session: horovod_trainer"],
+    "run/horovod_engine.py::HorovodEngine.__init__": [
+        "tests/test_engines.py::test_a_rank_waiting_for_a_collective_leaves_the_cpu_to_the_others",
+        "session: horovod_trainer"],
     # settings judged against the machine
     "settings.py::check_machine_and_paths": [
         "tests/test_reliability.py::test_gpu_only_settings_are_refused_without_cuda", "session: trainer"],
