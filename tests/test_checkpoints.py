@@ -294,8 +294,14 @@ def test_keep_checkpoints_at_p2_counts_a_stop_inside_an_epoch_as_the_newest(tiny
 
 
 @pytest.mark.horovod
-def test_a_failed_write_on_one_rank_is_one_line_on_every_rank_and_the_resume_finishes(tiny_dataset, tmp_path):
-    out = tmp_path / "run"
+def test_a_failed_write_and_a_full_file_system_at_p2_are_one_line_on_every_rank_and_the_resume_finishes(
+        tiny_dataset, small_file_system):
+    """--out on a tmpfs. First a write that fails on rank 1 (tests/workers/trainer_full_disk.py) at the second
+    checkpoint: one line on every rank, nothing of it kept. Then, the tmpfs cut to room for 1.5 checkpoints, the
+    second is refused on every rank with the real free space before any write. Once the file system is grown,
+    --resume auto finishes the run from the first checkpoint, intact throughout, with every epoch once in
+    metrics.jsonl."""
+    out = small_file_system.path / "run"
     result = run_horovod(2, WORKERS / "trainer_full_disk.py", "1", "checkpoint-0002", "--data", tiny_dataset,
                          "--out", out, *RUN, "--epochs", "2", check=False)
     assert result.returncode != 0
@@ -309,25 +315,9 @@ def test_a_failed_write_on_one_rank_is_one_line_on_every_rank_and_the_resume_fin
                                  f"space (or lower --keep-checkpoints) and --resume auto continues from it"), lines
     assert names(out) == ["checkpoint-0001"] and not hidden_checkpoints(out)
     before = digest(first)
-    result = trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2")
-    assert f"resumed from {first}" in result.stdout
-    assert names(out) == ["checkpoint-0001", "checkpoint-0002"] and digest(first) == before
-    assert training_epochs(out) == [1, 2]
 
-
-@pytest.mark.horovod
-def test_a_full_file_system_at_p2_is_one_line_on_every_rank_and_the_resume_finishes(tiny_dataset,
-                                                                                    small_file_system):
-    """--out on a tmpfs with room for 1.5 checkpoints: the second is refused on every rank with the real free
-    space; once the file system is grown, --resume auto finishes the run with every epoch once in metrics.jsonl.
-    (The sizes come from a first run, cut back to its first checkpoint.)"""
-    out = small_file_system.path / "run"
-    trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2")
-    shutil.rmtree(out / "checkpoint-0002")
-    first = out / "checkpoint-0001"
     size, used = checkpoints.checkpoint_bytes(first), shutil.disk_usage(small_file_system.path).used
     small_file_system.resize(f"{(used + size // 2) // 1024 + 1}k")
-    before = digest(first)
     result = trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2", check=False)
     assert result.returncode != 0
     free = human_bytes(small_file_system.free())  # nothing was written since the check
@@ -339,9 +329,12 @@ def test_a_full_file_system_at_p2_is_one_line_on_every_rank_and_the_resume_finis
                             f"checkpoint-0001 is intact: free some space \\(or lower --keep-checkpoints\\) and "
                             f"--resume auto continues from it", lines[0]), lines
     assert names(out) == ["checkpoint-0001"] and digest(first) == before and not hidden_checkpoints(out)
+
     small_file_system.resize("64m")
-    trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2")
-    assert names(out) == ["checkpoint-0001", "checkpoint-0002"] and training_epochs(out) == [1, 2]
+    result = trainer("--data", tiny_dataset, "--out", out, *RUN, "--epochs", "2")
+    assert f"resumed from {first}" in result.stdout
+    assert names(out) == ["checkpoint-0001", "checkpoint-0002"] and digest(first) == before
+    assert training_epochs(out) == [1, 2]
 
 
 # -------------------------------------------------------------------------------- the files of a run on a GPU

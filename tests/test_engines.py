@@ -1,9 +1,7 @@
 """The process-group seam (run/distributed.py): which engine a launch gets, the one-line errors of the
 combinations that cannot run, the single engine on a machine without Horovod, the same numbers as a 1-rank
-Horovod job, checkpoints that move between engines, what a wait for a collective costs, and the layers of the
-packages."""
+Horovod job, checkpoints that move between engines, and the layers of the packages."""
 import ast
-import json
 import os
 import shutil
 import subprocess
@@ -14,9 +12,9 @@ import pytest
 from run import distributed
 from run.errors import UsageError
 from run.step_counter import StepCounter
-from tests.conftest import ROOT, WORKERS, run_horovod
+from tests.conftest import ROOT
 from tests.test_torch_engine import TORCHRUN_VARIABLES
-from tests.trainer_runs import (LAUNCHERS, SMALL, assert_checkpoints_bitwise_equal, main_in_process, read_metrics, step_losses,
+from tests.trainer_runs import (SMALL, assert_checkpoints_bitwise_equal, main_in_process, read_metrics, step_losses,
                                 trainer)
 
 ONE_EPOCH = [*SMALL, "--epochs", "1", "--warmup-epochs", "0", "--log-every", "1", "--knn-every", "0"]
@@ -106,18 +104,6 @@ def test_bad_engine_combinations_stop_the_trainer_with_one_line(engine, environm
     assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "never").exists()  # nothing was started, nothing written
-
-
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_rank_waiting_for_a_collective_leaves_the_cpu_to_the_others(launcher, tmp_path):
-    """On CPU ranks the compute threads of a late rank need the cores its peers would spin on while they wait:
-    each wait of rank 0 for rank 1 (0.4 s late) costs it little CPU time, the data-parallel optimizer's too."""
-    run_horovod(2, WORKERS / "collective_waits.py", tmp_path, launcher=launcher)
-    costs = json.loads((tmp_path / "rank0.json").read_text())
-    assert len(costs) == 5
-    for operation, (cpu, wall) in costs.items():
-        assert wall > 0.3, (operation, wall)  # it did wait for rank 1
-        assert cpu < 0.25 * wall, f"{operation}: {cpu:.3f} CPU-s in a {wall:.3f} s wait"
 
 
 @pytest.mark.horovod

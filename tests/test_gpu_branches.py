@@ -38,7 +38,7 @@ LEDGER = {
     "run/horovod_engine.py::default_horovod_environment": [
         "tests/test_classifier.py::test_default_horovod_environment", "session: horovod_trainer"],
     "run/horovod_engine.py::HorovodEngine.__init__": [
-        "tests/test_engines.py::test_a_rank_waiting_for_a_collective_leaves_the_cpu_to_the_others",
+        "tests/test_torch_engine.py::test_a_rank_waiting_for_a_collective_leaves_the_cpu_to_the_others",
         "session: horovod_trainer"],
     # settings judged against the machine
     "settings.py::check_machine_and_paths": [

@@ -1,8 +1,9 @@
 """The torch.distributed engine (run/torch_engine.py) under real torchrun jobs (gloo): the same run as under
-horovodrun, the collectives of a classifier step, checkpoints that move between engines, and the one-line
-errors of launches that cannot run (through the trainer: tests/test_engines.py). The guarantees of a multi-rank run (an agreed stop with a checkpoint,
-Ctrl-C, a failing rank, rank 0's resume decision) hold under every launcher: tests/test_reliability.py. The
-float64 oracle of the classifier under torchrun at P = 1, 2, 3 is in tests/test_classifier.py."""
+horovodrun, the collectives of a classifier step and what waiting for one costs, checkpoints that move between
+engines, and the one-line errors of launches that cannot run (through the trainer: tests/test_engines.py). The
+guarantees of a multi-rank run (an agreed stop with a checkpoint, Ctrl-C, a failing rank, rank 0's resume decision)
+hold under every launcher: tests/test_reliability.py. The float64 oracle of the classifier under torchrun at
+P = 1, 2, 3 is in tests/test_classifier.py."""
 import json
 import shutil
 import socket
@@ -61,21 +62,26 @@ def test_torchrun_trains_the_run_horovodrun_trains(reference_run):
     assert json.loads((out / "config.json").read_text())["engine"] == "torch"
 
 
-def classifier_collectives(tmp_path, launcher, num_ranks):
-    tmp_path.mkdir()
-    run_horovod(num_ranks, WORKERS / "classifier_collectives.py", tmp_path, launcher=launcher)
-    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(num_ranks or 1)]
+@pytest.fixture(scope="module")
+def classifier_collectives(tmp_path_factory):
+    """{engine: [rank 0's, rank 1's report]} of tests/workers/classifier_collectives.py at P = 2 under torchrun
+    and under horovodrun."""
+    runs = {}
+    for launcher, engine in (("torchrun", "torch"), ("horovod", "horovod")):
+        out = tmp_path_factory.mktemp(f"collectives-{engine}")
+        run_horovod(2, WORKERS / "classifier_collectives.py", out, launcher=launcher)
+        runs[engine] = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return runs
 
 
 @pytest.mark.horovod
-def test_a_classifier_step_is_three_collectives_under_every_engine(tmp_path):
+def test_a_classifier_step_is_three_collectives_under_every_engine(classifier_collectives):
     """Three exchanges (features with ids, statistics, dE), the same loss as under Horovod. Under torch the
     features' alltoall first exchanges the split sizes on the host (torch needs them to allocate what it
     receives): torch.distributed sees that and the three."""
     expected = ["alltoall classifier.features", "allgather classifier.stats", "alltoall classifier.grad_features"]
-    runs = {}
-    for launcher, engine in (("torchrun", "torch"), ("horovod", "horovod")):
-        runs[engine] = classifier_collectives(tmp_path / engine, launcher, 2)
+    runs = classifier_collectives
+    for engine in ("torch", "horovod"):
         for rank in runs[engine]:
             assert rank["engine"] == engine and rank["collectives"] == expected
     for rank in runs["torch"]:
@@ -84,6 +90,18 @@ def test_a_classifier_step_is_three_collectives_under_every_engine(tmp_path):
     assert [rank["loss"] for rank in runs["torch"]] == [rank["loss"] for rank in runs["horovod"]]
     # The engine reads its host integers inside the collective, and the chunked path reads none: no host sync.
     assert [rank["syncs"] for rank in runs["torch"]] == [rank["syncs"] for rank in runs["horovod"]] == [[], []]
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("engine", ["torch", "horovod"])
+def test_a_rank_waiting_for_a_collective_leaves_the_cpu_to_the_others(classifier_collectives, engine):
+    """On CPU ranks the compute threads of a late rank need the cores its peers would spin on while they wait:
+    each wait of rank 0 for rank 1 (0.4 s late) costs it little CPU time, the data-parallel optimizer's too."""
+    waits = classifier_collectives[engine][0]["waits"]
+    assert len(waits) == 5
+    for operation, (cpu, wall) in waits.items():
+        assert wall > 0.3, (operation, wall)  # it did wait for rank 1
+        assert cpu < 0.25 * wall, f"{operation}: {cpu:.3f} CPU-s in a {wall:.3f} s wait"
 
 
 def test_every_collective_of_a_run_and_its_evaluation_keeps_host_tensors_off_nccl(tiny_dataset, tmp_path):
