@@ -1,16 +1,17 @@
 """The one launcher of multi-rank jobs (tests, bench scripts, the Makefile): the command line and environment that
 start `script argv` under an engine at a number of ranks.
 
-  horovod  horovodrun --gloo -np RANKS -H HOSTS python script argv   (HOSTS: localhost:RANKS unless given)
+  horovod  horovodrun --gloo -np RANKS -H HOSTS python script argv   (HOSTS: localhost:RANKS unless given), as
+           run/horovodrun.py: horovodrun's own code, its build check remembered instead of asked per job
   torch    python -m torch.distributed.run (torchrun) --standalone --nproc_per_node RANKS script argv, or with
            nodes= one agent of a c10d rendezvous at rendezvous= (--nnodes NODES --rdzv-backend c10d
            --rdzv-endpoint ... --rdzv-id ...)
   single   python script argv: one process, no launcher (ranks must be 1)
 
-horovodrun is the one beside the interpreter (a virtual environment's bin/), torchrun the interpreter's module, so
-no PATH is needed. Command line, for the Makefile and shell scripts: the launcher's options, then ENGINE RANKS
-SCRIPT and the script's own arguments, passed on untouched (an option after SCRIPT is the script's). It replaces
-itself with the job, whose exit status is its own:
+Both launchers run under the interpreter (horovodrun as run/horovodrun.py, torchrun as its module), so no PATH is
+needed. Command line, for the Makefile and shell scripts: the launcher's options, then ENGINE RANKS SCRIPT and the
+script's own arguments, passed on untouched (an option after SCRIPT is the script's). It replaces itself with the
+job, whose exit status is its own:
 
     python -m run.launch horovod 2 trainer.py --out runs/demo
     python -m run.launch --max-restarts 3 torch 2 trainer.py --engine torch
@@ -38,11 +39,10 @@ def launch(engine, ranks, script, *argv, hosts=None, nodes=None, rendezvous=None
         raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
     if ranks < 1 or (engine == "single" and ranks != 1):
         raise ValueError(f"{ranks} ranks under engine {engine}: a positive number, 1 for single")
-    launchers = Path(python).parent
     job = [str(script), *map(str, argv)]
     if engine == "horovod":
-        command = [str(launchers / "horovodrun"), "--gloo", "-np", str(ranks), "-H", hosts or f"localhost:{ranks}",
-                   str(python), *job]
+        command = [str(python), str(Path(__file__).with_name("horovodrun.py")), "--gloo", "-np", str(ranks),
+                   "-H", hosts or f"localhost:{ranks}", str(python), *job]
     elif engine == "torch":
         if nodes is None:
             placement = ["--standalone"]

@@ -306,6 +306,6 @@ def test_make_demo_takes_one_rank_per_gpu_and_two_on_a_cpu(gpus, ranks, monkeypa
     monkeypatch.chdir(ROOT)  # the recipe's paths are the root's
     launches = [command_line(line[line.index("run.launch") + 1:])[0] for line in words]
     assert len(launches) == 2, result.stdout
-    assert all(Path(command[0]).name == "horovodrun" and command[1:6] == ["--gloo", "-np", str(ranks), "-H",
-                                                                          f"localhost:{ranks}"]
-               and Path(command[7]).name == "trainer.py" for command in launches), launches
+    assert all(command[1] == str(ROOT / "run" / "horovodrun.py") and command[2:7] == ["--gloo", "-np", str(ranks),
+                                                                                      "-H", f"localhost:{ranks}"]
+               and Path(command[8]).name == "trainer.py" for command in launches), launches

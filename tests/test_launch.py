@@ -96,3 +96,26 @@ def test_a_two_rank_job_from_the_command_line(engine, tmp_path):
 def test_the_job_replaces_the_launcher_and_its_exit_status_is_the_commands(tmp_path):
     result = run_command_line(tmp_path, "single", "1", env={**os.environ, "EXIT_STATUS": "3"})
     assert result.returncode == 3 and result.stdout == "rank 0 of 1: []\n", result
+
+
+def test_horovodrun_remembers_that_horovod_has_gloo_per_build_and_asks_again_otherwise(tmp_path, monkeypatch):
+    """run/horovodrun.py answers horovodrun's build check from the cache after one yes; a no is not remembered,
+    and another build of the extension (its modification time changed) is asked again."""
+    horovodrun = pytest.importorskip("run.horovodrun", reason="Horovod is not installed here")
+    extension = tmp_path / "horovod" / "torch" / "mpi_lib_v2.cpython-311-x86_64-linux-gnu.so"
+    extension.parent.mkdir(parents=True)
+    extension.write_bytes(b"a build")
+    spec = type("Spec", (), {"origin": str(extension.parent / "__init__.py")})
+    monkeypatch.setattr(horovodrun.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    answers, asked = [False, True, True], []
+
+    def gloo_built(verbose=False):
+        asked.append(verbose)
+        return answers[len(asked) - 1]
+    monkeypatch.setattr(horovodrun, "gloo_built", gloo_built)
+    assert [horovodrun.remembered_gloo_built() for _ in range(3)] == [False, True, True]
+    assert len(asked) == 2  # the no asked again, the yes remembered
+    os.utime(extension, ns=(0, 0))  # another build of the extension
+    assert horovodrun.remembered_gloo_built() is True and len(asked) == 3
+    assert len(list((tmp_path / "cache" / "instance-classifier").iterdir())) == 2  # one answer per build
