@@ -25,11 +25,12 @@ from run.process_group import Engine
 GPU_CYCLE_TIME_MS = "0.1"
 CPU_CYCLE_TIME_MS = "5"
 OPS = {"sum": hvd.Sum, "average": hvd.Average, "min": hvd.Min, "max": hvd.Max}
-# hvd.synchronize waits for a collective by spinning (poll, yield, poll): on a CPU rank the spin takes the core
-# from the compute threads of the ranks still working towards the same collective, and the job's CPU time grows
-# with every wait. CPU ranks therefore sleep between polls, from FIRST_PAUSE_S doubling to LONGEST_PAUSE_S, well
-# under the CPU cycle, so a wait ends at most that much after its collective. GPU ranks keep Horovod's spin: there
-# the host has no compute threads to disturb, and a sleep would add its wake-up to each of the step's waits.
+# hvd.synchronize waits for a collective by spinning (poll, yield, poll): a CPU rank waiting for a slower one
+# burns a core on system calls for the whole wait, which the yields hand back to the slower rank but which other
+# work sharing the cores (another job, a second launch on the machine) competes with. CPU ranks therefore sleep
+# between polls, from FIRST_PAUSE_S doubling to LONGEST_PAUSE_S, well under the CPU cycle, so a wait ends at most
+# that much after its collective. GPU ranks keep Horovod's spin: there the host has no compute threads to
+# disturb, and a sleep would add its wake-up to each of the step's waits.
 FIRST_PAUSE_S, LONGEST_PAUSE_S = 50e-6, 1e-3
 
 
