@@ -19,9 +19,12 @@ Evaluation view: resize the shorter side to round(image_size / crop_ratio), cent
 resized crop with area U(0.08, 1), flip (when `flip` is on), normalize (the standard supervised ImageNet recipe).
 
 The random choices with a probability are `if`s on a per-sample coin: the pipeline must be defined with
-`enable_conditionals=True`, and DALI then runs each branch only on the samples that take it.
+`enable_conditionals=True`, and DALI then runs each branch only on the samples that take it. DALI's autograph
+rewrites every function such a pipeline calls, at each process's first build; the pieces without a coin are
+`do_not_convert`, left as they are, which saves much of that build's CPU time.
 """
 from nvidia.dali import fn, types
+from nvidia.dali.pipeline import do_not_convert
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]  # of 0..255 pixels, RGB
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -62,32 +65,38 @@ def random_blur(views, image_size):
     return views
 
 
+@do_not_convert
 def linear_train_view(images, image_size, flip):
     """Random resized crop (area 0.08..1) and, if `flip`, a random flip of each decoded image -> [3, S, S] float."""
     return normalize(random_crop(images, image_size, LINEAR_MIN_SCALE), mirror=random_mirror(flip))
 
 
+@do_not_convert
 def center_view(images, image_size, crop_ratio):
     """Deterministic view: shorter side to round(S / crop_ratio), center crop S x S -> [3, S, S] float."""
     resized = fn.resize(images, resize_shorter=round(image_size / crop_ratio))
     return normalize(resized, crop=(image_size, image_size))
 
 
+@do_not_convert
 def random_crop(images, image_size, min_scale):
     return fn.random_resized_crop(images, size=[image_size, image_size], random_area=[min_scale, 1.0],
                                   random_aspect_ratio=ASPECT_RATIO_RANGE)
 
 
+@do_not_convert
 def random_mirror(flip):
     """A per-sample coin (mirror with p = 0.5) if `flip`, else 0 (never mirror)."""
     return fn.random.coin_flip() if flip else 0
 
 
+@do_not_convert
 def blur_window(image_size):
     """Odd window of about BLUR_WINDOW_FRACTION of the side, at least 3: 5 at 32 pixels, 23 at 224."""
     return max(3, 2 * round(BLUR_WINDOW_FRACTION * image_size / 2) + 1)
 
 
+@do_not_convert
 def normalize(images, mirror=0, crop=None):
     """HWC uint8 -> CHW float32 standardized with the ImageNet statistics, optionally flipped or center-cropped."""
     return fn.crop_mirror_normalize(images, crop=crop, mirror=mirror, mean=IMAGENET_MEAN, std=IMAGENET_STD,

@@ -37,6 +37,7 @@ import weakref
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data import augment
@@ -68,6 +69,7 @@ def eval_pipeline(index, rank, world_size, decoder, shuffle_seed, image_size, cr
     return augment.center_view(images, image_size, crop_ratio), ids
 
 
+@do_not_convert  # no per-sample `if`: autograph may leave it as it is (data/augment.py)
 def read_and_decode(index, rank, world_size, decoder, shuffle_seed):
     """This rank's shard as (decoded HWC uint8 RGB images, ids), reshuffled every epoch unless shuffle_seed is None;
     `decoder` holds the arguments of the image decoder (data/decoder.py)."""
