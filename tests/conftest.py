@@ -2,6 +2,7 @@
 import fcntl
 import os
 import pickle
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def single_engine(monkeypatch):
 def built_once(tmp_path_factory, name, build):
     """build(directory) -> value, run once per test session by whichever pytest-xdist worker asks first: the
     others wait for it (a file lock) and get the same directory and value (pickled), instead of building their own.
-    A build that raises leaves nothing behind, so the next worker to ask builds again (and fails the same way)."""
+    A build that raises leaves no pickle, so the next worker to ask builds again, in an emptied directory (and fails
+    the same way)."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the session's folder, above each worker's own
@@ -100,6 +102,7 @@ def built_once(tmp_path_factory, name, build):
         fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
         if not built.exists():
             directory = root / name
+            shutil.rmtree(directory, ignore_errors=True)  # what a failed build left
             directory.mkdir()
             built.write_bytes(pickle.dumps(build(directory)))
         return pickle.loads(built.read_bytes())
