@@ -1,5 +1,6 @@
 """Shared test helpers: launching real multi-process Horovod and torchrun jobs (gloo, localhost, no ssh)."""
 import fcntl
+import functools
 import os
 import pickle
 import shutil
@@ -127,8 +128,9 @@ def reference_run(tiny_dataset, tmp_path_factory):
     def train(launcher, directory):
         out = directory / "run"
         return out, trainer("--data", tiny_dataset, "--out", out, *TWO_EPOCHS, launcher=launcher)
-    return lambda launcher: built_once(tmp_path_factory, f"{launcher}-reference",
-                                       lambda directory: train(launcher, directory))
+    # functools.cache: this worker reads the shared result once, not at every test that asks
+    return functools.cache(lambda launcher: built_once(tmp_path_factory, f"{launcher}-reference",
+                                                       lambda directory: train(launcher, directory)))
 
 
 def load_bench_script(name):
