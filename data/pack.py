@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cache import private_temporary
 from data.formats import HEAD_BYTES, image_format
 from data.index import scan_folder
 from data.run_index import dataset_folders, dataset_root
 from data.shards import LABEL_EXTENSION, SOURCE_EXTENSION
 from run.errors import UsageError
+from run.files import private_temporary
 
 SHARD_NAME_DIGITS = 5
 KEY_DIGITS = 6

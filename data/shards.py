@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cache import private_temporary, write_text_atomically
 from data.formats import IMAGE_EXTENSIONS, image_problem
 from data.index import describe_excluded, report_excluded, saved_description, write_description
+from run.files import private_temporary, write_text_atomically
 
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz", ".tar.zst")

@@ -8,12 +8,16 @@ and modification time) in the project's cache folder; anything else is asked aga
 """
 import hashlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # run by path (run/launch.py): the project's root on the path, not run/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import horovod.runner.launch as horovodrun  # Horovod's launcher alone: it imports no framework
 from horovod.common.util import gloo_built
+
+from run.files import cache_root, write_text_atomically
 
 
 def remembered_gloo_built(verbose=False):
@@ -23,18 +27,13 @@ def remembered_gloo_built(verbose=False):
         return gloo_built(verbose=verbose)  # not built for torch: horovodrun's own check says what it finds
     stat = extensions[0].stat()
     build = hashlib.sha256(f"{extensions[0]} {stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    # The project's cache folder, as data.cache.cache_root says (run/ sits below data/ and does not import it).
-    remembered = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "instance-classifier" \
-        / f"horovod-gloo-built-{build}"
+    remembered = cache_root() / f"horovod-gloo-built-{build}"
     if remembered.is_file():
         return True
     built = gloo_built(verbose=verbose)
     if built:
         try:
-            remembered.parent.mkdir(parents=True, exist_ok=True)
-            partial = remembered.with_name(f".{remembered.name}.{os.getpid()}")
-            partial.write_text("yes\n")
-            partial.replace(remembered)  # atomic: launches at the same time read it whole or not at all
+            write_text_atomically(remembered, "yes\n")  # launches at the same time read it whole or not at all
         except OSError:
             pass  # a cache that cannot be written only costs the next launch the question again
     return built

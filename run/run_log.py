@@ -10,13 +10,13 @@ compiles, cuDNN's algorithm search, the new epoch's loader), so a rate from the 
 step's speed. It is None (null) until a step after the warm-up has ended.
 """
 import json
-import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from run.files import write_text_atomically
 from run.layout import METRICS
 
 WARMUP_STEPS = 5  # steps of each epoch left out of its images/s
@@ -47,9 +47,7 @@ class RunLog:
         if len(kept) <= lines:
             return
         kept = kept[:lines] + [line for line in kept[lines:] if is_evaluation_record(line)]
-        partial = self.metrics.with_name(f".{self.metrics.name}.partial")
-        partial.write_text("".join(kept))
-        os.replace(partial, self.metrics)  # atomic: a crash now leaves the old file or the new one
+        write_text_atomically(self.metrics, "".join(kept))  # a crash now leaves the old file or the new one
         self.lines = len(kept)
 
     def table(self, title, columns, rows):

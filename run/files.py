@@ -1,10 +1,11 @@
-"""Where derived data lives on disk, and how several ranks write it without tearing.
+"""Where derived files live on disk, and how several processes write one without tearing.
 
-Derived files (the built-in dataset, instance indexes made without an output folder) go under
-`$XDG_CACHE_HOME/instance-classifier` (default `~/.cache/instance-classifier`), keyed so that the same source
-always maps to the same place. Every write is a private temporary followed by `os.replace`/`os.rename`, which
-POSIX makes atomic within one file system: a reader sees the old content or the new one, never a half-written
-file, even when all ranks of a job write the same thing at once.
+Derived files (the built-in dataset, instance indexes made without an output folder, what run/horovodrun.py
+remembers) go under `$XDG_CACHE_HOME/instance-classifier` (default `~/.cache/instance-classifier`), keyed so that
+the same source always maps to the same place. Every write is a private temporary followed by
+`os.replace`/`os.rename`, which POSIX makes atomic within one file system: a reader sees the old content or the new
+one, never a half-written file, even when all ranks of a job write the same thing at once. Standard library only:
+a launcher (run/horovodrun.py) uses it without importing torch.
 """
 import hashlib
 import os
