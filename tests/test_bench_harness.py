@@ -1,15 +1,19 @@
 """bench/harness.py, what every benchmark measures with: the timing loop (warm-up dropped, the hooks around the
 clock, the GPU's events on CUDA), the memory readers (the process's resident set on the CPU, torch's allocator on
-CUDA through a stand-in) and the provenance line."""
+CUDA through a stand-in) and the provenance line; and bench/suite_ledger.py's account of the suite's processes."""
 import ast
+import json
+import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from bench import harness
+from bench import harness, suite_ledger
 from tests.conftest import ROOT
 
 
@@ -164,3 +168,23 @@ def test_the_data_bench_rate_is_the_timed_images_over_their_total_time_and_build
         assert len(synchronized) == 10 and result["gpu_peak"] == 70 and result["pools"] is not None
     else:
         assert synchronized == [] and result["gpu_peak"] is None and result["pools"] is None
+
+
+def test_the_suite_ledger_has_a_line_from_every_exit_and_names_the_part_of_each_process(tmp_path):
+    hook, ledger = tmp_path / "hook.py", tmp_path / "ledger.jsonl"
+    hook.write_text(suite_ledger.HOOK)
+    # A normal exit (atexit), os._exit (which skips atexit; the trainer's ranks end so), and one with torch loaded.
+    for ending in ("pass", "os._exit(3)", "sys.modules['torch'] = sys"):
+        subprocess.run([sys.executable, "-c", f"import os, sys; exec(open({str(hook)!r}).read(), {{}}); {ending}"],
+                       env={**os.environ, "SUITE_LEDGER": str(ledger)})
+    lines = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [(line["argv"], line["torch"]) for line in lines] == [(["-c"], False), (["-c"], False), (["-c"], True)]
+    assert len({line["pid"] for line in lines}) == 3 and all(0 < line["cpu"] < 5 for line in lines)
+    venv = str(ROOT / ".venv/lib/python3.11/site-packages")
+    assert [suite_ledger.kind(argv) for argv in (
+        [str(ROOT / "trainer.py"), "--data"], [str(ROOT / "tests/workers/row_norms.py"), "out"],
+        [str(ROOT / "bench/kernel.py"), "cpu"], [f"{venv}/torch/distributed/run.py", "--standalone"],
+        [str(ROOT / "run/horovodrun.py"), "--gloo"], [f"{venv}/horovod/runner/run_task.py"], ["-c"], [])] == [
+        "trainer.py ranks and runs", "tests/workers/ scripts", "bench/ scripts", "torchrun agents",
+        "horovodrun and its helpers", "horovodrun and its helpers", "pytest, its workers, `python -c`",
+        "pytest, its workers, `python -c`"]
