@@ -8,9 +8,9 @@ While the suite runs, every Python process of this interpreter's environment (py
 job, the launchers and their helpers) appends one line to a ledger as it exits: its own CPU time and whether it
 imported torch. A line in a `.pth` file of site-packages does it, inert without the ledger's variable and removed
 at the end, so that jobs whose environment names another PYTHONPATH are counted too. A process killed by SIGKILL
-writes no line: what the table misses is the total's "not in the ledger" row. Then `import torch` alone, in 5
-fresh processes after the suite (the machine otherwise idle), less an empty interpreter's start: the processes
-that imported torch times that cost is the import's share of the suite's CPU. Run it with nothing else running.
+writes no line: what the table misses is the total's "not in the ledger" row. And `import torch` alone, in 5
+fresh processes before the suite and 5 after, each less an empty interpreter's start: the processes that
+imported torch times the median is the import's share of the suite's CPU. Run it with nothing else running.
 """
 import collections
 import json
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.harness import ROOT, provenance  # noqa: E402
 
 DEFAULT_PYTEST = ["-q", "-n", "2", "--dist", "loadfile", "tests"]  # the Makefile's test target
-IMPORT_SAMPLES = 5
+IMPORT_SAMPLES = 5  # before the suite, and as many after
 # What each process writes as it exits (atexit, and os._exit, which the trainer's ranks use, skips atexit).
 HOOK = """
 import atexit, json, os, resource, sys
@@ -63,17 +63,17 @@ def kind(argv):
     return "pytest, its workers, `python -c`"
 
 
-def import_cost():
-    """Median CPU-s of `python -c "import torch"` less that of `python -c pass`, each in fresh processes."""
-    def median_cpu(code):
-        costs = []
-        for _ in range(IMPORT_SAMPLES):
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            subprocess.run([sys.executable, "-c", code], check=True)
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            costs.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-        return statistics.median(costs)
-    return median_cpu("import torch") - median_cpu("pass")
+def process_cpu(code):
+    """CPU-s of `python -c code` in a fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def import_costs():
+    """IMPORT_SAMPLES costs of `import torch` alone: a fresh process's CPU-s less an empty one's."""
+    return [process_cpu("import torch") - process_cpu("pass") for _ in range(IMPORT_SAMPLES)]
 
 
 def main():
@@ -82,8 +82,9 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         ledger, hook = Path(scratch) / "ledger.jsonl", Path(scratch) / "hook.py"
         hook.write_text(HOOK)
-        hook_line.write_text("import os; os.environ.get('SUITE_LEDGER') and exec(open(os.environ['SUITE_LEDGER_HOOK'])"
-                             ".read(), {})\n")
+        costs = import_costs()  # before the suite and after: the VM's speed drifts under a long load
+        hook_line.write_text("import os; os.environ.get('SUITE_LEDGER_HOOK') and "
+                             "exec(open(os.environ['SUITE_LEDGER_HOOK']).read(), {})\n")
         try:
             start, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
             suite = subprocess.run([sys.executable, "-m", "pytest", *arguments], cwd=ROOT,
@@ -91,14 +92,12 @@ def main():
             wall, after = time.monotonic() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
         finally:
             hook_line.unlink()
-        lines = {}
-        for line in ledger.read_text().splitlines():
-            entry = json.loads(line)
-            lines[entry["pid"]] = entry  # a process that both exits through os._exit and atexit: its last line
+        lines = [json.loads(line) for line in ledger.read_text().splitlines()]
     total = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    cost = import_cost()
+    costs += import_costs()
+    cost = statistics.median(costs)
     parts = collections.defaultdict(lambda: [0, 0, 0.0])
-    for entry in lines.values():
+    for entry in lines:
         part = parts[kind(entry["argv"])]
         part[0] += 1
         part[1] += entry["torch"]
@@ -110,7 +109,8 @@ def main():
         print(f"| {name} | {count} | {torch_count} | {cpu:.1f} |")
     print(f"| not in the ledger | | | {total - sum(part[2] for part in parts.values()):.1f} |")
     importers = sum(part[1] for part in parts.values())
-    print(f"\n`import torch` alone: {cost:.2f} CPU-s (median of {IMPORT_SAMPLES}, less an empty interpreter's start); "
+    print(f"\n`import torch` alone: {cost:.2f} CPU-s (median of {len(costs)}, {min(costs):.2f}-{max(costs):.2f}, half "
+          f"before the suite, half after; less an empty interpreter's start); "
           f"{importers} processes x {cost:.2f} = {importers * cost:.1f} CPU-s, {100 * importers * cost / total:.0f}% of "
           f"the suite's {total:.1f}; without it {total - importers * cost:.1f} CPU-s, "
           f"{(total - importers * cost) / os.cpu_count():.1f} s on {os.cpu_count()} cores at best")
