@@ -142,8 +142,8 @@ group.add_argument("--knn-every", type=int, default=5, help="kNN monitor every N
 group.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default: 10)")
 group.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order (default: 0)")
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[flags])
+parser = argparse.ArgumentParser(prog="trainer.py", description=__doc__, parents=[flags],  # as its subcommands'
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
 # -------------------------------------------------------------------------------- pretraining
 def pretrain(config):

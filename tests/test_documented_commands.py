@@ -14,7 +14,8 @@ indented lines and its backticked subcommands (`knn --ckpt RUN` is `python train
                           steps, instances and ranks (at most 2) are substituted, and the rest of the command is as
                           printed: its launcher (horovodrun, or torchrun when the trainer has a torch engine), its
                           flags, its output folder (in a scratch directory). A command that writes a run another
-                          command reads (`--out runs/demo`, then `linear --ckpt runs/demo`) runs first.
+                          command reads (`--out runs/demo`, then `linear --ckpt runs/demo`) runs first; help
+                          (`-h`) and `plan` without a launcher run as main() in this process.
 A launcher this file does not know, or a command that is not a trainer launch nor a make target, fails with the
 line that names it: there is no silent skip.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.trainer_runs import copy_tiny_dataset
+from tests.trainer_runs import copy_tiny_dataset, main_in_process
 
 LAUNCHERS = ("horovodrun", "torchrun")
 INTERPRETERS = ("python", "python3")
@@ -275,6 +276,13 @@ def run_command(workdir):
     return run
 
 
+def in_process(command):
+    """Help and `plan` without a launcher run as trainer.py's main() in this process: parsing and arithmetic, to
+    which a process start adds nothing (the plain `python trainer.py` runs among the commands check the script as a
+    process)."""
+    return command.launcher is None and not command.env and ("-h" in command.args or command.subcommand == "plan")
+
+
 def run_marks(command):
     marks = [pytest.mark.slow]
     if command.launcher == "horovodrun" or any(other.launcher == "horovodrun" and other.flag("--out", DEFAULT_OUT)
@@ -285,8 +293,9 @@ def run_marks(command):
 
 @pytest.mark.parametrize("command", [pytest.param(command, marks=run_marks(command)) for command in RUN],
                          ids=lambda command: command.text)
-def test_commands_on_the_builtin_data_or_synthetic_input_run_at_tiny_sizes(command, run_command, workdir):
-    result = run_command(command)
+def test_commands_on_the_builtin_data_or_synthetic_input_run_at_tiny_sizes(command, run_command, workdir,
+                                                                            monkeypatch, capsys):
+    result = main_in_process(monkeypatch, capsys, *command.args) if in_process(command) else run_command(command)
     assert result.returncode == 0, f"{command.text}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     if "-h" in command.args:
         assert "usage: trainer.py" in result.stdout
