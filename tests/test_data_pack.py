@@ -2,8 +2,6 @@
 across them, with their class and source file; reproducible bytes; the run index of the shards maps each id to
 the folder's file and label; bad files and bad requests."""
 import filecmp
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -13,7 +11,7 @@ from data.index import build_index
 from data.pack import pack
 from data.shards import build_shard_index
 from run.errors import UsageError
-from tests.conftest import ROOT
+from tests.trainer_runs import main_in_process
 from tests.workers.data_images import write_images
 
 PER_SHARD = 4
@@ -120,14 +118,12 @@ def test_bad_requests_are_one_line_errors(dataset, tmp_path):
     assert not (tmp_path / "new").exists() and not (tmp_path / "strict").exists()
 
 
-@pytest.mark.slow
-def test_trainer_pack_writes_shards_and_reports_errors_in_one_line(dataset, tmp_path):
-    command = [sys.executable, str(ROOT / "trainer.py"), "pack", "--data", str(dataset), "--to", str(tmp_path / "s"),
-               "--samples-per-shard", "10"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_trainer_pack_writes_shards_and_reports_errors_in_one_line(dataset, tmp_path, monkeypatch, capsys):
+    command = ["pack", "--data", dataset, "--to", tmp_path / "s", "--samples-per-shard", "10"]
+    done = main_in_process(monkeypatch, capsys, *command)
     assert done.returncode == 0, done.stderr
     assert sorted(path.name for path in (tmp_path / "s" / "train").iterdir()) == ["00000.tar", "00001.tar"]
     assert "packed 6 images of" in done.stdout
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = main_in_process(monkeypatch, capsys, *command)
     assert again.returncode == 2 and again.stderr.strip().splitlines() == [
         f"error: --to {tmp_path / 's'} exists and is not an empty folder: pack writes into a new one"]

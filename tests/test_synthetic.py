@@ -2,9 +2,6 @@
 its defaults suit a throughput run and its images/s leaves the warm-up steps out; bench/train_step.py's CPU mode
 runs."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from data.synthetic import SyntheticLoader
 from run.errors import UsageError
 from run.run_log import WARMUP_STEPS, Throughput
 from tests.conftest import ROOT, WORKERS, run_horovod
+from tests.trainer_runs import main_in_process
 
 
 @pytest.mark.parametrize("num_instances,world_size,batch_size", [(100, 3, 8), (64, 2, 16), (7, 1, 4)])
@@ -65,17 +63,6 @@ def test_trainer_runs_on_synthetic_data_without_dali(tmp_path):
     assert [(s["start"], s["stop"]) for s in shards] == [(0, 25), (25, 50)]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "synthetic", "--instances", "1"], "--instances must be at least 2"),
-    (["--steps-per-epoch", "3"], "with --data synthetic only"),
-])
-@pytest.mark.slow
-def test_synthetic_flags_are_judged_first(args, message, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args, "--out", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
-
-
 @pytest.mark.horovod
 def test_train_step_bench_cpu_mode_prints_both_heads():
     result = run_horovod(2, ROOT / "bench" / "train_step.py", "cpu", "--instances", "500", "--steps", "1",
@@ -111,13 +98,12 @@ def test_throughput_counts_only_the_steps_after_the_warmup():
 
 
 @pytest.mark.slow
-def test_trainer_images_per_s_is_null_in_the_warmup_and_a_rate_after(tmp_path):
+def test_trainer_images_per_s_is_null_in_the_warmup_and_a_rate_after(tmp_path, monkeypatch, capsys, single_engine):
     out = tmp_path / "run"
     steps = WARMUP_STEPS + 3
-    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--data", "synthetic", "--instances", "64",
-                             "--epochs", "1", "--steps-per-epoch", str(steps), "--out", str(out), "--engine", "single",
-                             *TINY_SHAPE, "--log-every", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = main_in_process(monkeypatch, capsys, "--data", "synthetic", "--instances", "64", "--epochs", "1",
+                             "--steps-per-epoch", steps, "--out", out, "--engine", "single", *TINY_SHAPE,
+                             "--log-every", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [m["images_per_s"] for m in metrics if "step" in m]

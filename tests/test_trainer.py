@@ -158,6 +158,8 @@ def test_raw_feature_init_writes_each_images_feature(tiny_dataset, tmp_path, sin
     (["plan", "--gpus", "0"], "must be positive"),
     (["--smooth-k", "4000"], "--smooth-k 4000: the K hardest classes are among an image's 3,999 other instances"),
     (["plan", "--instances", "5", "--smooth-k", "5"], "K must be below 5"),
+    (["--data", "synthetic", "--instances", "1"], "--instances must be at least 2"),
+    (["--steps-per-epoch", "3"], "with --data synthetic only"),  # before the built-in data is read
 ])
 def test_bad_flags_and_paths_are_one_line_errors(args, message, tmp_path, monkeypatch, capsys, single_engine):
     """main() in this process; the run that --smooth-k 4000 starts (the single engine) stops once the built-in
