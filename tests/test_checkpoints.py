@@ -631,13 +631,14 @@ def test_a_checkpoint_of_the_older_format_is_refused_naming_a_conversion_that_wo
     conversion = result.stderr.strip().split("convert it once with python ")[1]
     assert conversion.endswith(f" {state}")
     subprocess.run(f"{sys.executable} {conversion}", shell=True, check=True)
-    assert "kNN of" in trainer(*READERS["knn"](run, tiny_dataset), num_ranks=None).stdout
-    assert f"resumed from {state.parent}" in trainer(*READERS["resume"](run, tiny_dataset), num_ranks=None).stdout
+    knn, resume = (in_process(*READERS[command](run, tiny_dataset)) for command in ("knn", "resume"))
+    assert knn.returncode == 0 and "kNN of" in knn.stdout, knn.stderr
+    assert resume.returncode == 0 and f"resumed from {state.parent}" in resume.stdout, resume.stderr
     assert names(run) == ["checkpoint-0001", "checkpoint-0002"]
 
 
 @pytest.mark.horovod
-def test_nothing_read_back_makes_a_run_write_outside_its_out(finished_run, tiny_dataset, tmp_path):
+def test_nothing_read_back_makes_a_run_write_outside_its_out(finished_run, tiny_dataset, tmp_path, in_process):
     """The paths a checkpoint's config names (its --out, --resume, --data) point elsewhere: a resume from it into
     another --out and a kNN of it write nothing there, and the resume leaves the checkpoint read untouched."""
     elsewhere = tmp_path / "elsewhere"
@@ -645,8 +646,9 @@ def test_nothing_read_back_makes_a_run_write_outside_its_out(finished_run, tiny_
                                                             data=str(elsewhere / "data")))
     before = digest(run / "checkpoint-0001")
     out = tmp_path / "resumed"
-    trainer("--data", tiny_dataset, "--out", out, *ONE_PROCESS_RUN, "--epochs", "2", "--resume",
-            run / "checkpoint-0001", num_ranks=None)
-    trainer("knn", "--ckpt", run, num_ranks=None)
+    for argv in (["--data", tiny_dataset, "--out", out, *ONE_PROCESS_RUN, "--epochs", "2", "--resume",
+                  run / "checkpoint-0001"], ["knn", "--ckpt", run]):
+        result = in_process(*argv)
+        assert result.returncode == 0, result.stderr
     assert not elsewhere.exists() and digest(run / "checkpoint-0001") == before and names(run) == ["checkpoint-0001"]
     assert names(out) == ["checkpoint-0002"]

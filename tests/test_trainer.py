@@ -83,18 +83,21 @@ def test_checkpoint_of_two_ranks_reshards_exactly(run_two_epochs):
 
 
 @pytest.mark.horovod
-def test_resume_with_one_rank_from_two_rank_checkpoint(run_two_epochs, tiny_dataset, tmp_path):
-    """A plain-python (P = 1) resume trains on from the rows the two ranks wrote."""
+def test_resume_with_one_rank_from_two_rank_checkpoint(run_two_epochs, tiny_dataset, tmp_path, monkeypatch, capsys,
+                                                       single_engine):
+    """A one-process (P = 1) resume trains on from the rows the two ranks wrote."""
     resumed = tmp_path / "resumed1"
     shutil.copytree(run_two_epochs[0], resumed)
-    result = trainer("--data", tiny_dataset, "--out", resumed, "--epochs", "3", "--knn-every", "0", *TINY, num_ranks=None)
+    result = main_in_process(monkeypatch, capsys, "--data", tiny_dataset, "--out", resumed, "--epochs", "3",
+                             "--knn-every", "0", *TINY)
+    assert result.returncode == 0, result.stderr
     assert "written by 2 ranks" in result.stdout
     assert sorted(p.name for p in (resumed / "checkpoint-0003").iterdir()) == ["shard-0.pt", "state.pt"]
     assert [m["epoch"] for m in read_metrics(resumed) if "epoch_loss" in m] == [1, 2, 3]
 
 
 @pytest.mark.horovod
-def test_linear_evaluation_knn_and_export(run_two_epochs, tmp_path):
+def test_linear_evaluation_knn_and_export(run_two_epochs, tmp_path, monkeypatch, capsys, single_engine):
     from model import expected_torchvision_keys
     out, _ = run_two_epochs
     result = trainer("linear", "--ckpt", out, "--epochs", "2", "--batch-size", "32", "--baseline")
@@ -103,10 +106,11 @@ def test_linear_evaluation_knn_and_export(run_two_epochs, tmp_path):
         assert 0 <= evaluation[f"{backbone}/linear_top1"] <= evaluation[f"{backbone}/linear_top5"] <= 100
         assert 0 <= evaluation[f"{backbone}/knn20_top1"] <= 100
     assert "pretrained" in result.stdout and "random init" in result.stdout
-    trainer("knn", "--ckpt", out / "checkpoint-0001", num_ranks=None)
-    assert "kNN of" in [m for m in read_metrics(out) if "evaluation" in m][-1]["evaluation"]
     target = tmp_path / "exported" / "backbone.pth"
-    trainer("export", "--ckpt", out, "--to", target, num_ranks=None)
+    for argv in (["knn", "--ckpt", out / "checkpoint-0001"], ["export", "--ckpt", out, "--to", target]):
+        done = main_in_process(monkeypatch, capsys, *argv)  # one process, as `python trainer.py ...`
+        assert done.returncode == 0, done.stderr
+    assert "kNN of" in [m for m in read_metrics(out) if "evaluation" in m][-1]["evaluation"]
     exported = torch.load(target)
     assert list(exported) == expected_torchvision_keys(18)
     state = torch.load(out / "checkpoint-0002" / "state.pt", weights_only=False)
