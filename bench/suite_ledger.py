@@ -29,20 +29,20 @@ from bench.harness import ROOT, provenance  # noqa: E402
 
 DEFAULT_PYTEST = ["-q", "-n", "2", "--dist", "loadfile", "tests"]  # the Makefile's test target
 IMPORT_SAMPLES = 5  # before the suite, and as many after
-# What each process writes as it exits (atexit, and os._exit, which the trainer's ranks use, skips atexit).
+# What each process writes as it exits (atexit, and os._exit, which the trainer's ranks use, skips atexit). Once
+# per process: Python's start-up runs each line of this venv's .pth files twice.
 HOOK = """
 import atexit, json, os, resource, sys
+if not hasattr(sys, "suite_ledger_hooked"):
+    sys.suite_ledger_hooked = True
+    atexit.register(lambda: _ledger_line())
+    os._exit = lambda status, _exit=os._exit: (_ledger_line(), _exit(status))
 def _ledger_line(_path=os.environ["SUITE_LEDGER"]):
     usage = resource.getrusage(resource.RUSAGE_SELF)
     line = json.dumps({"pid": os.getpid(), "argv": sys.argv[:2], "cpu": usage.ru_utime + usage.ru_stime,
                        "torch": "torch" in sys.modules})
     with open(_path, "a") as ledger:
         ledger.write(line + "\\n")
-def _exit_with_line(status, _exit=os._exit):
-    _ledger_line()
-    _exit(status)
-atexit.register(_ledger_line)
-os._exit = _exit_with_line
 """
 
 

@@ -174,8 +174,10 @@ def test_the_suite_ledger_has_a_line_from_every_exit_and_names_the_part_of_each_
     hook, ledger = tmp_path / "hook.py", tmp_path / "ledger.jsonl"
     hook.write_text(suite_ledger.HOOK)
     # A normal exit (atexit), os._exit (which skips atexit; the trainer's ranks end so), and one with torch loaded.
+    # The hook run twice, as Python's start-up runs a .pth line: still one line a process.
+    hooked = f"import os, sys; exec(open({str(hook)!r}).read(), {{}}); exec(open({str(hook)!r}).read(), {{}})"
     for ending in ("pass", "os._exit(3)", "sys.modules['torch'] = sys"):
-        subprocess.run([sys.executable, "-c", f"import os, sys; exec(open({str(hook)!r}).read(), {{}}); {ending}"],
+        subprocess.run([sys.executable, "-c", f"{hooked}; {ending}"],
                        env={**{name: value for name, value in os.environ.items() if name != "SUITE_LEDGER_HOOK"},
                             "SUITE_LEDGER": str(ledger)})  # under suite_ledger.py itself: its own hook off
     lines = [json.loads(line) for line in ledger.read_text().splitlines()]
