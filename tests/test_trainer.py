@@ -191,12 +191,12 @@ def test_export_of_a_small_stem_backbone_is_a_one_line_error(reference_run, tmp_
 
 
 @pytest.mark.horovod
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(run_two_epochs, tiny_dataset, tmp_path):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(run_two_epochs, tiny_dataset, tmp_path,
+                                                                       monkeypatch, capsys, single_engine):
     out = tmp_path / "diverge"
     shutil.copytree(run_two_epochs[0], out)
-    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--data", str(tiny_dataset), "--out", str(out),
-                             "--epochs", "3", *TINY, "--lr", "1e30"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = main_in_process(monkeypatch, capsys, "--data", tiny_dataset, "--out", out, "--epochs", "3", *TINY,
+                             "--lr", "1e30")
     assert result.returncode == 2, result.stderr
     assert "at epoch 3 step" in result.stderr and "Traceback" not in result.stderr
     assert (out / "checkpoint-0002" / "state.pt").is_file() and not (out / "checkpoint-0003").exists()
