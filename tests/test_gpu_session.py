@@ -71,7 +71,8 @@ def test_the_whole_session_runs_dry_on_the_cpu(tmp_path):
 
 @pytest.mark.horovod
 def test_the_horovod_steps_run_dry_with_the_build_plan(tmp_path):
-    """--with-horovod: the build becomes the build plan's dry run; the trainer runs under horovodrun -np 1."""
+    """--with-horovod: the build becomes the build plan's dry run; the trainer runs under horovodrun -np 1, started
+    by the project's launcher."""
     out = tmp_path / "out"
     result = session(out, "--dry-run", "--with-horovod", "--steps", "horovod_setup,horovod_trainer")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
@@ -79,6 +80,7 @@ def test_the_horovod_steps_run_dry_with_the_build_plan(tmp_path):
     assert list(steps) == ["horovod_setup", "horovod_trainer", "session"]
     assert "budget 2480 s (the GPU's x 4)" in result.stdout
     assert "cache entry:" in (out / "summary.md").read_text() and "[0]<stdout>:engine horovod: 1 rank" in result.stdout
+    assert " -m run.launch horovod 1 trainer.py --data synthetic --engine horovod " in result.stdout
     assert sorted(path.name for path in out.iterdir()) == ["horovod-trainer-metrics.jsonl", "session.log", "summary.md"]
 
 

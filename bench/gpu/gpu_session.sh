@@ -187,9 +187,9 @@ if [[ $with_horovod == 1 ]]; then
     fi
     built=$?
     if [[ $built -eq 0 ]]; then  # (also when --steps left the build out: Horovod is there already)
-        # horovodrun through the interpreter that has Horovod: no PATH to its script needed.
-        run_step horovod_trainer 30 "$PYTHON" -m horovod.runner.launch --gloo -np 1 -H localhost:1 \
-            "$PYTHON" trainer.py --data synthetic --engine horovod --out "$RUN_DIR/horovod" --resume none \
+        # The project's launcher, as the torchrun steps: horovodrun as run/horovodrun.py under $PYTHON.
+        run_step horovod_trainer 30 "$PYTHON" -m run.launch horovod 1 \
+            trainer.py --data synthetic --engine horovod --out "$RUN_DIR/horovod" --resume none \
             --instances 100000 --epochs 1 --steps-per-epoch 10 --log-every 5 "${tiny[@]}"
         keep_metrics horovod horovod-trainer
     elif [[ -z $only || ",$only," == *",horovod_trainer,"* ]]; then
