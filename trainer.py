@@ -207,25 +207,27 @@ def pretrain(config):
     epoch_losses, knn = [], {}
     labels = None if train_index is None else torch.from_numpy(train_index.labels)
     stop_on_signals()
-    for epoch in range(start_epoch, config.epochs):
-        loader = pretrain_loader(train_index, config, epoch)
-        diagnostics = EpochDiagnostics(labels, device, resumed_totals if epoch == start_epoch else None)
-        try:
-            epoch_losses.append(train_one_epoch(epoch, loader, training, config, log, diagnostics,
-                                                resumed_losses if epoch == start_epoch else []))
-        except Preempted as stop:
-            exit_preempted(stop, save_and_prune(out, epoch, config, training, log, step_losses=stop.step_losses,
-                                                diagnostics=diagnostics.totals.tolist()), master)
-        del loader  # its prefetched batches and decoder go before the kNN pass and the next epoch's pipeline
-        last = epoch + 1 == config.epochs
-        if (config.knn_every and (epoch + 1) % config.knn_every == 0) or last:
-            knn = knn_monitor(backbone, bank_index, val_index, config, device)
-            if knn:
-                log.print(f"epoch {epoch + 1} kNN: " + ", ".join(f"{k} {v:.2f}%" for k, v in knn.items()))
-                log.record(epoch=epoch + 1, **knn)
-        if (epoch + 1) % config.save_every == 0 or last:
-            save_and_prune(out, epoch + 1, config, training, log)
-    default_signals()
+    try:  # the handlers restored however the loop ends: main() may run in a process that goes on (tests)
+        for epoch in range(start_epoch, config.epochs):
+            loader = pretrain_loader(train_index, config, epoch)
+            diagnostics = EpochDiagnostics(labels, device, resumed_totals if epoch == start_epoch else None)
+            try:
+                epoch_losses.append(train_one_epoch(epoch, loader, training, config, log, diagnostics,
+                                                    resumed_losses if epoch == start_epoch else []))
+            except Preempted as stop:
+                exit_preempted(stop, save_and_prune(out, epoch, config, training, log, step_losses=stop.step_losses,
+                                                    diagnostics=diagnostics.totals.tolist()), master)
+            del loader  # its prefetched batches and decoder go before the kNN pass and the next epoch's pipeline
+            last = epoch + 1 == config.epochs
+            if (config.knn_every and (epoch + 1) % config.knn_every == 0) or last:
+                knn = knn_monitor(backbone, bank_index, val_index, config, device)
+                if knn:
+                    log.print(f"epoch {epoch + 1} kNN: " + ", ".join(f"{k} {v:.2f}%" for k, v in knn.items()))
+                    log.record(epoch=epoch + 1, **knn)
+            if (epoch + 1) % config.save_every == 0 or last:
+                save_and_prune(out, epoch + 1, config, training, log)
+    finally:
+        default_signals()
 
     # Export the backbone (torchvision layout when it is a standard ResNet) and summarise.
     if master and config.epochs > start_epoch:

@@ -3,6 +3,7 @@ import argparse
 import copy
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -195,9 +196,12 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(run_two_ep
                                                                        monkeypatch, capsys, single_engine):
     out = tmp_path / "diverge"
     shutil.copytree(run_two_epochs[0], out)
+    handlers = [signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)]
     result = main_in_process(monkeypatch, capsys, "--data", tiny_dataset, "--out", out, "--epochs", "3", *TINY,
                              "--lr", "1e30")
     assert result.returncode == 2, result.stderr
+    # The training loop's stop handlers are gone with it, though it ended in an error: this process goes on.
+    assert [signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)] == handlers
     assert "at epoch 3 step" in result.stderr and "Traceback" not in result.stderr
     assert (out / "checkpoint-0002" / "state.pt").is_file() and not (out / "checkpoint-0003").exists()
 
