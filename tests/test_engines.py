@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -148,7 +149,7 @@ PACKAGES = ("kernels", "run", "data", "model")
 # data know nothing of the network.
 FORBIDDEN = {"kernels": {"run", "data", "model", "settings", "trainer"}, "run": {"data", "model", "settings", "trainer"},
              "data": {"model", "settings", "trainer"}, "model": {"settings", "trainer"}}
-HOROVOD_IMPORTER = ["run/horovod_engine.py", "run/horovodrun.py"]  # the engine, and the launcher run/launch.py starts
+HOROVOD_IMPORTERS = ["run/horovod_engine.py", "run/horovodrun.py"]  # the engine, and the launcher run/launch.py starts
 
 
 def imported_modules(path):
@@ -202,19 +203,17 @@ def test_the_modules_of_run_import_each_other_without_a_circle():
     assert {"run.distributed", "run.faults", "run.torch_engine", "run.horovod_engine"} <= set(placed)
 
 
-def test_importing_run_imports_no_triton():
-    # StepCounter (run/step_counter.py) counts Triton launches: it alone of run/ may import Triton.
-    modules = [f"run.{path.stem}" for path in sorted((ROOT / "run").glob("*.py"))
-               if path.stem not in ("__init__", "step_counter", "horovod_engine")]
-    script = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m.startswith('triton')))"
-    found = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert found.stdout.strip() == "[]", f"importing {modules} imported Triton"
-
-
-def test_a_classifier_step_on_the_cpu_imports_no_triton():
-    """kernels/ imports Triton only for its Triton backend: a CPU rank is spared its import."""
-    script = """if True:
-        import sys, torch, trainer, kernels
+def test_importing_run_and_a_classifier_step_on_the_cpu_import_no_triton():
+    """Every module of run/ but StepCounter (run/step_counter.py counts Triton launches: it alone may import Triton)
+    and Horovod's importers, then a CPU classifier step: kernels/ imports Triton only for its Triton backend, so a
+    CPU rank is spared its import."""
+    modules = [f"run.{path.stem}" for path in sorted((ROOT / "run").glob("*.py")) if path.stem not in
+               ("__init__", "step_counter", *(Path(importer).stem for importer in HOROVOD_IMPORTERS))]
+    script = f"""if True:
+        import sys
+        import {', '.join(modules)}
+        print(sorted(m for m in sys.modules if m.startswith('triton')))
+        import torch, trainer, kernels
         from run.distributed import start
         start(announce=False)  # the single engine: a plain process
         from model.classifier import ShardedInstanceClassifier
@@ -226,10 +225,12 @@ def test_a_classifier_step_on_the_cpu_imports_no_triton():
         print(sorted(m for m in sys.modules if m.startswith('triton')))"""
     found = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert found.returncode == 0, found.stderr
-    assert found.stdout.strip() == "[]", "a CPU classifier step imported Triton"
+    after_the_imports, after_the_step = found.stdout.splitlines()
+    assert after_the_imports == "[]", f"importing {modules} imported Triton"
+    assert after_the_step == "[]", "a CPU classifier step imported Triton"
 
 
 def test_only_the_engine_module_imports_horovod():
     importers = [str(path.relative_to(ROOT)) for path in project_files()
                  if any(name.split(".")[0] == "horovod" for name in imported_modules(path))]
-    assert importers == HOROVOD_IMPORTER
+    assert importers == HOROVOD_IMPORTERS
