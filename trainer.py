@@ -51,7 +51,7 @@ from run.checkpoint import (APPLY_ERRORS, TrainingState, checkpoint_to_resume, l
 from run.diagnostics import EpochDiagnostics
 from run.distributed import ENGINES, average_batchnorm_statistics, barrier, exit_now, start
 from run.errors import UsageError
-from run.faults import Preempted, default_signals, end_of_step, exit_preempted, stop_on_signals
+from run.faults import Preempted, end_of_step, exit_preempted, stop_on_signals
 from run.run_log import WARMUP_STEPS, RunLog, Throughput
 from run.schedule import set_learning_rate, warmup_cosine
 from settings import (BUILTIN_DEFAULTS, DATASET_DEFAULTS, SYNTHETIC_ONLY, check_dali_device, check_fits_data,
@@ -206,8 +206,7 @@ def pretrain(config):
     # SIGTERM / Ctrl-C: every rank finishes the same step, writes a checkpoint and exits (run/faults.py).
     epoch_losses, knn = [], {}
     labels = None if train_index is None else torch.from_numpy(train_index.labels)
-    stop_on_signals()
-    try:  # the handlers restored however the loop ends: main() may run in a process that goes on (tests)
+    with stop_on_signals():
         for epoch in range(start_epoch, config.epochs):
             loader = pretrain_loader(train_index, config, epoch)
             diagnostics = EpochDiagnostics(labels, device, resumed_totals if epoch == start_epoch else None)
@@ -226,8 +225,6 @@ def pretrain(config):
                     log.record(epoch=epoch + 1, **knn)
             if (epoch + 1) % config.save_every == 0 or last:
                 save_and_prune(out, epoch + 1, config, training, log)
-    finally:
-        default_signals()
 
     # Export the backbone (torchvision layout when it is a standard ResNet) and summarise.
     if master and config.epochs > start_epoch:

@@ -32,6 +32,7 @@ trace, as on a dead node) in the first attempt of the job only: not in the worke
 (TORCHELASTIC_RESTART_COUNT > 0), so that the restart can finish. Read only in `end_of_step`;
 tests/test_reliability.py, tests/test_clusters.py and bench/experiments/restarts.py use it. Never set it in a real run.
 """
+import contextlib
 import os
 import signal
 import sys
@@ -59,12 +60,8 @@ class Preempted(Exception):
 
 
 class _StopRequest:
-    """The first stop signal this rank received (0 = none); the handlers and wakeup fd that stop_on_signals()
-    replaced, and the pipe it reads signals from."""
+    """The first stop signal this rank received (0 = none)."""
     signal_number = 0
-    previous_handlers = {}
-    previous_wakeup_fd = -1
-    wakeup_fds = None
 
 
 def _note_signal(signal_number, frame=None):
@@ -75,7 +72,7 @@ def _note_signal(signal_number, frame=None):
 def _watch_signals(read_fd):
     """Count stop signals as the C-level handler reports them; the second one ends the process now."""
     count = 0
-    while data := os.read(read_fd, 64):  # empty: the write end was closed by default_signals()
+    while data := os.read(read_fd, 64):  # empty: stop_on_signals() closed the write end
         for signal_number in data:
             if signal_number in STOP_SIGNALS:
                 count += 1
@@ -87,24 +84,23 @@ def _watch_signals(read_fd):
     os.close(read_fd)
 
 
+@contextlib.contextmanager
 def stop_on_signals():
-    """From now on SIGTERM and SIGINT request a stop at the end of the current step (see end_of_step)."""
+    """Inside, SIGTERM and SIGINT request a stop at the end of the current step (see end_of_step); on leaving,
+    however it is left, the handlers before are back: after training there is no step to finish, and the process
+    may go on (main() run by a test)."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)  # the C-level handler must never block
-    _StopRequest.previous_handlers = {number: signal.signal(number, _note_signal) for number in STOP_SIGNALS}
-    _StopRequest.previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    _StopRequest.wakeup_fds = (read_fd, write_fd)
+    previous_handlers = {number: signal.signal(number, _note_signal) for number in STOP_SIGNALS}
+    previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     threading.Thread(target=_watch_signals, args=(read_fd,), name="stop-signals", daemon=True).start()
-
-
-def default_signals():
-    """Back to the handlers before stop_on_signals(): after training there is no step to finish."""
-    for number, handler in _StopRequest.previous_handlers.items():
-        signal.signal(number, handler)
-    signal.set_wakeup_fd(_StopRequest.previous_wakeup_fd)
-    if _StopRequest.wakeup_fds is not None:
-        os.close(_StopRequest.wakeup_fds[1])  # the watcher reads EOF and ends
-    _StopRequest.previous_handlers, _StopRequest.wakeup_fds = {}, None
+    try:
+        yield
+    finally:
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
+        signal.set_wakeup_fd(previous_wakeup_fd)
+        os.close(write_fd)  # the watcher reads EOF and ends
 
 
 def end_of_step(epoch, step_losses):
